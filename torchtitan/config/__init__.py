@@ -1,0 +1,47 @@
+"""Typed, validated job configuration from TOML and command line (see docs/config.md)."""
+
+from torchtitan.config.job_config import (
+    ActivationCheckpoint,
+    Checkpoint,
+    Comm,
+    Compile,
+    ConfigError,
+    Experimental,
+    Float8,
+    Job,
+    JobConfig,
+    LRScheduler,
+    MemoryEstimation,
+    Metrics,
+    Model,
+    Optimizer,
+    Parallelism,
+    Profiling,
+    Training,
+)
+from torchtitan.config.manager import ALIASES, ConfigManager, dump_toml, format_config, to_toml
+
+__all__ = [
+    "ALIASES",
+    "ActivationCheckpoint",
+    "Checkpoint",
+    "Comm",
+    "Compile",
+    "ConfigError",
+    "ConfigManager",
+    "Experimental",
+    "Float8",
+    "Job",
+    "JobConfig",
+    "LRScheduler",
+    "MemoryEstimation",
+    "Metrics",
+    "Model",
+    "Optimizer",
+    "Parallelism",
+    "Profiling",
+    "Training",
+    "dump_toml",
+    "format_config",
+    "to_toml",
+]

@@ -1,0 +1,93 @@
+"""Warmup, then a stable phase, then decay to a floor (warmup-stable-decay).
+
+The factor for the k-th optimizer step (k = 1 .. steps) is:
+- warmup (k <= W):            k / W
+- stable (W < k <= W + S):    1
+- decay  (k > W + S):         floor + (1 - floor) * shape(p),  p = (k - W - S) / D in (0, 1]
+where D = round((steps - W) * decay_ratio) (all remaining steps when decay_ratio is None),
+S = steps - W - D, and shape is linear (1 - p), sqrt (1 - sqrt p) or cosine (½(1 + cos πp)).
+The last step therefore runs exactly at lr * min_lr_factor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torch.optim.lr_scheduler import LambdaLR
+
+from torchtitan.components.optimizer import OptimizersContainer
+
+
+@dataclass
+class LRScheduleSettings:
+    warmup_steps: int = 200
+    decay_ratio: float | None = None
+    decay_type: str = "linear"
+    min_lr_factor: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LRScheduleSettings":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+def lr_factor(step: int, *, total_steps: int, s: LRScheduleSettings) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (1-based)."""
+    warmup = min(s.warmup_steps, total_steps)
+    remaining = total_steps - warmup
+    decay = remaining if s.decay_ratio is None else round(remaining * s.decay_ratio)
+    stable = remaining - decay
+    if step <= warmup:
+        return step / warmup
+    if step <= warmup + stable or decay == 0:
+        return 1.0
+    progress = min((step - warmup - stable) / decay, 1.0)
+    if s.decay_type == "linear":
+        shape = 1.0 - progress
+    elif s.decay_type == "sqrt":
+        shape = 1.0 - math.sqrt(progress)
+    elif s.decay_type == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"lr_scheduler.decay_type {s.decay_type!r}: use linear, sqrt or cosine")
+    return s.min_lr_factor + (1.0 - s.min_lr_factor) * shape
+
+
+def _lambda(last_epoch: int, total_steps: int, settings: LRScheduleSettings) -> float:
+    # LambdaLR evaluates at last_epoch = 0 for the first step.
+    return lr_factor(last_epoch + 1, total_steps=total_steps, s=settings)
+
+
+class LRSchedulersContainer:
+    """One LambdaLR per optimizer; they always move in lockstep."""
+
+    def __init__(self, optimizers: OptimizersContainer, total_steps: int, settings: LRScheduleSettings):
+        fn = functools.partial(_lambda, total_steps=total_steps, settings=settings)
+        self.schedulers = [LambdaLR(opt, fn) for opt in optimizers]
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def get_last_lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        # All schedulers share one position; saving it once keeps the checkpoint layout-independent.
+        return {"last_epoch": self.schedulers[0].last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for s in self.schedulers:
+            s.last_epoch = state_dict["last_epoch"]
+            s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+            for group, base in zip(s.optimizer.param_groups, s.base_lrs):
+                group["lr"] = base * s.lr_lambdas[0](s.last_epoch)
+            s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+
+
+def build_lr_schedulers(
+    optimizers: OptimizersContainer, total_steps: int, settings: LRScheduleSettings
+) -> LRSchedulersContainer:
+    return LRSchedulersContainer(optimizers, total_steps, settings)

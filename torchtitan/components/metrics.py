@@ -1,0 +1,173 @@
+"""Per-step training metrics: the console line, TensorBoard and Weights & Biases.
+
+Throughput is measured between two log steps: tokens this rank processed divided by wall
+time, so tokens/s is per device. TFLOP/s uses the model's FLOPs per token (6N plus the
+attention term); MFU divides by the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from torchtitan.tools.device_info import DeviceMemoryMonitor
+from torchtitan.tools.logging import logger
+
+
+class _Color:
+    def __init__(self, enabled: bool):
+        on = enabled
+        self.cyan = "\033[36m" if on else ""
+        self.green = "\033[32m" if on else ""
+        self.yellow = "\033[33m" if on else ""
+        self.blue = "\033[34m" if on else ""
+        self.magenta = "\033[35m" if on else ""
+        self.red = "\033[31m" if on else ""
+        self.reset = "\033[39m" if on else ""
+
+
+class _TensorBoardLogger:
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir, max_queue=1000)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandBLogger:
+    def __init__(self, log_dir: str, project: str, mode: str, config: dict[str, Any] | None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(
+                "metrics.enable_wandb needs the wandb package: pip install 'torchtitan[wandb]'"
+            ) from e
+        self.wandb = wandb
+        self.run = wandb.init(project=project, dir=log_dir, mode=mode, config=config)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+@dataclass
+class _Window:
+    """Counters since the last log line."""
+
+    tokens: int = 0
+    data_loading_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+class MetricsProcessor:
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        log_freq: int,
+        flops_per_token: int,
+        peak_flops: float | None,
+        color: bool = False,
+        tb_dir: str | None = None,
+        wandb_dir: str | None = None,
+        wandb_project: str = "torchtitan",
+        wandb_mode: str = "online",
+        config_for_wandb: dict[str, Any] | None = None,
+    ):
+        self.device = device
+        self.log_freq = log_freq
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.color = _Color(color)
+        self.memory = DeviceMemoryMonitor(device)
+        self.window = _Window()
+        self.loggers: list[Any] = []
+        if tb_dir:
+            os.makedirs(tb_dir, exist_ok=True)
+            self.loggers.append(_TensorBoardLogger(tb_dir))
+        if wandb_dir:
+            os.makedirs(wandb_dir, exist_ok=True)
+            self.loggers.append(_WandBLogger(wandb_dir, wandb_project, wandb_mode, config_for_wandb))
+        # Summary over the run: tokens/s of each window after the first (warm-up) one.
+        self.tps_history: list[float] = []
+        self.last: dict[str, float] = {}
+
+    def should_log(self, step: int) -> bool:
+        return step == 1 or step % self.log_freq == 0
+
+    def add_tokens(self, n: int) -> None:
+        self.window.tokens += n
+
+    def add_data_loading_time(self, seconds: float) -> None:
+        self.window.data_loading_s += seconds
+
+    def log(
+        self, step: int, *, loss: float, grad_norm: float, lr: float, extra: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.window.start, 1e-9)
+        tps = self.window.tokens / elapsed
+        tflops = self.flops_per_token * tps / 1e12
+        mfu = 100 * self.flops_per_token * tps / self.peak_flops if self.peak_flops else None
+        mem_active, mem_active_pct, mem_reserved, mem_reserved_pct = self.memory.peak()
+        data_pct = 100 * self.window.data_loading_s / elapsed
+        metrics = {
+            "loss_metrics/global_avg_loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "throughput(tps)": tps,
+            "tflops": tflops,
+            "time_metrics/data_loading(s)": self.window.data_loading_s,
+            "time_metrics/data_loading(%)": data_pct,
+            "memory/max_active(GiB)": mem_active,
+            "memory/max_active(%)": mem_active_pct,
+            "memory/max_reserved(GiB)": mem_reserved,
+            "memory/max_reserved(%)": mem_reserved_pct,
+        }
+        if mfu is not None:
+            metrics["mfu(%)"] = mfu
+        if extra:
+            metrics.update(extra)
+        for lg in self.loggers:
+            lg.log(metrics, step)
+        if step > 1:
+            self.tps_history.append(tps)
+
+        c = self.color
+        mfu_txt = f"{mfu:.2f}%" if mfu is not None else "n/a"
+        logger.info(
+            f"{c.red}step: {step:2}  "
+            f"{c.green}loss: {loss:.8g}  "
+            f"{c.yellow}grad_norm: {grad_norm:.4f}  "
+            f"{c.cyan}lr: {lr:.4e}  "
+            f"{c.blue}memory: {mem_reserved:.2f}GiB({mem_reserved_pct:.2f}%)  "
+            f"{c.magenta}tps: {round(tps):,}  tflops: {tflops:.2f}  mfu: {mfu_txt}  "
+            f"data: {data_pct:.1f}%{c.reset}"
+        )
+        self.window = _Window()
+        self.memory.reset_peak()
+        self.last = metrics
+        return metrics
+
+    def summary(self) -> str:
+        if not self.tps_history:
+            return "no throughput window after warm-up"
+        mean = sum(self.tps_history) / len(self.tps_history)
+        tflops = self.flops_per_token * mean / 1e12
+        mfu = f", mfu {100 * self.flops_per_token * mean / self.peak_flops:.2f}%" if self.peak_flops else ""
+        return f"mean tokens/s per device (after the first window) {mean:,.0f}, tflops {tflops:.2f}{mfu}"
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()

@@ -1,0 +1,117 @@
+"""Optimizers over one or more model parts (several when pipeline stages live on one rank).
+
+A container keeps one optimizer per model part so that each part's parameters (possibly
+DTensors on different meshes) step together, while the trainer and the checkpoint manager
+see a single object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from torchtitan.tools.logging import logger
+
+_OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
+
+
+@dataclass
+class OptimizerSettings:
+    """What the optimizer needs from ``[optimizer]``; keeps the builder free of JobConfig."""
+
+    name: str = "AdamW"
+    lr: float = 8e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    implementation: str = "fused"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "OptimizerSettings":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+def _implementation_kwargs(implementation: str, params: list[torch.Tensor]) -> dict:
+    if implementation == "for-loop":
+        return {"foreach": False, "fused": False}
+    if implementation == "foreach":
+        return {"foreach": True}
+    # fused: supported for floating-point params on CUDA and (torch >= 2.4) CPU.
+    devices = {p.device.type for p in params}
+    if devices <= {"cuda", "cpu"}:
+        return {"fused": True}
+    return {"foreach": True}
+
+
+class OptimizersContainer:
+    """One optimizer per model part, stepped and checkpointed together."""
+
+    def __init__(self, model_parts: list[nn.Module], settings: OptimizerSettings):
+        if settings.name not in _OPTIMIZERS:
+            raise ValueError(
+                f"optimizer.name {settings.name!r} is not supported; use one of {sorted(_OPTIMIZERS)}"
+            )
+        self.model_parts = model_parts
+        self.optimizers: list[torch.optim.Optimizer] = []
+        cls = _OPTIMIZERS[settings.name]
+        for part in model_parts:
+            params = [p for p in part.parameters() if p.requires_grad]
+            kwargs = dict(
+                lr=settings.lr,
+                betas=(settings.beta1, settings.beta2),
+                eps=settings.eps,
+                weight_decay=settings.weight_decay,
+                **_implementation_kwargs(settings.implementation, params),
+            )
+            try:
+                opt = cls(params, **kwargs)
+            except RuntimeError as e:  # fused kernel unavailable for these params
+                logger.warning(f"fused {settings.name} unavailable ({e}); using foreach")
+                kwargs.pop("fused", None)
+                kwargs["foreach"] = True
+                opt = cls(params, **kwargs)
+            self.optimizers.append(opt)
+
+    def __iter__(self):
+        return iter(self.optimizers)
+
+    def __len__(self) -> int:
+        return len(self.optimizers)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flattened, layout-independent keys (FQN based), merged over model parts."""
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        merged: dict[str, Any] = {}
+        for part, opt in zip(self.model_parts, self.optimizers):
+            merged.update(get_optimizer_state_dict(part, opt, options=options))
+        return merged
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        options = StateDictOptions(flatten_optimizer_state_dict=True)
+        for part, opt in zip(self.model_parts, self.optimizers):
+            set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=options)
+
+
+def build_optimizers(model_parts: list[nn.Module], settings: OptimizerSettings) -> OptimizersContainer:
+    return OptimizersContainer(model_parts, settings)

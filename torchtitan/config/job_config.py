@@ -1,0 +1,621 @@
+"""Typed job configuration: one dataclass per TOML section.
+
+Each field here is the single source of truth for an option: its name, type, default,
+one-line help (printed by ``--help``) and, where the value is one of a fixed set, its
+choices. Loading from TOML and the command line lives in ``manager.py``; the rules a value
+must obey live next to the fields, so ``JobConfig.validate()`` checks a config however it
+was built (parsed, or assembled in code by a test).
+
+This module must not import torch: ``--help`` and config errors have to be instant.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A bad option value, file or command line; the message is one line naming the fix."""
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its ``--help`` text and allowed values (for lists: per item)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    if isinstance(default, list):
+        frozen = tuple(default)
+        return field(default_factory=lambda: list(frozen), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --- small type helpers shared with manager.py -------------------------------------------
+
+
+def optional_inner(tp: Any) -> Any | None:
+    """``X`` for ``X | None`` (or ``Optional[X]``), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def list_item(tp: Any) -> Any | None:
+    """``X`` for ``list[X]``, else None."""
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0]
+    return None
+
+
+def type_name(tp: Any) -> str:
+    inner = optional_inner(tp)
+    if inner is not None:
+        return f"{type_name(inner)} | None"
+    item = list_item(tp)
+    if item is not None:
+        return f"list[{type_name(item)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def matches_type(value: Any, tp: Any) -> bool:
+    """isinstance for the handful of option types (bool is not an int; an int is a float)."""
+    inner = optional_inner(tp)
+    if inner is not None:
+        return value is None or matches_type(value, inner)
+    item = list_item(tp)
+    if item is not None:
+        return isinstance(value, list) and all(matches_type(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass (this module uses postponed annotations)."""
+    return typing.get_type_hints(cls)
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+class Section:
+    """Base of every section: type and choice checks from the field metadata, then ``check``."""
+
+    _section: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        hints = field_types(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            tp = hints[f.name]
+            if not matches_type(value, tp):
+                self._fail(f.name, f"expected {type_name(tp)}")
+            choices = f.metadata.get("choices")
+            if choices:
+                items = value if isinstance(value, list) else [value]
+                for item in items:
+                    if item is not None and item not in choices:
+                        self._fail(f.name, f"must be one of {', '.join(choices)}")
+        self.check()
+
+    def check(self) -> None:
+        """Value rules beyond type and choices; overridden per section."""
+
+    # helpers for ``check``
+    def _fail(self, key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self._section}.{key} = {getattr(self, key)!r}: {message}")
+
+    def _at_least(self, key: str, low: float) -> None:
+        if not getattr(self, key) >= low:  # also rejects nan
+            self._fail(key, f"must be >= {low}")
+
+    def _positive(self, key: str) -> None:
+        if not getattr(self, key) > 0:
+            self._fail(key, "must be > 0")
+
+    def _between(self, key: str, low: float, high: float) -> None:
+        if not low <= getattr(self, key) <= high:
+            self._fail(key, f"must be in [{low}, {high}]")
+
+    def _nonempty(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if isinstance(value, list):
+                if any(not v for v in value):
+                    self._fail(key, "entries must be non-empty")
+            elif not value:
+                self._fail(key, "must not be empty")
+
+
+@dataclass
+class Job(Section):
+    """Where the run writes its outputs and how it is described."""
+
+    _section: ClassVar[str] = "job"
+    config_file: str | None = _opt(None, "TOML file to read options from (CLI options override it)")
+    dump_folder: str = _opt("./outputs", "folder for checkpoints, traces and TensorBoard logs")
+    description: str = _opt("default job", "free-text description of this run")
+    print_config: bool = _opt(True, "print the final config at start on rank 0")
+
+    def check(self) -> None:
+        self._nonempty("dump_folder")
+
+
+@dataclass
+class Profiling(Section):
+    """PyTorch profiler traces and CUDA memory snapshots."""
+
+    _section: ClassVar[str] = "profiling"
+    enable_profiling: bool = _opt(False, "record profiler traces")
+    save_traces_folder: str = _opt("profile_traces", "trace folder, inside job.dump_folder")
+    profile_freq: int = _opt(10, "record one trace every this many steps")
+    profiler_warmup: int = _opt(3, "profiler warmup steps before each active window")
+    profiler_active: int = _opt(1, "steps recorded in each trace")
+    enable_memory_snapshot: bool = _opt(False, "record CUDA memory history and dump snapshots")
+    save_memory_snapshot_folder: str = _opt(
+        "memory_snapshot", "memory snapshot folder, inside job.dump_folder"
+    )
+    memory_snapshot_step: int = _opt(
+        -1, "step at which to dump a memory snapshot; -1 = only on OOM"
+    )
+
+    def check(self) -> None:
+        self._positive("profile_freq")
+        self._at_least("profiler_warmup", 0)
+        self._at_least("profiler_active", 1)
+        if self.profiler_warmup + self.profiler_active > self.profile_freq:
+            self._fail(
+                "profiler_active", "profiler_warmup + profiler_active must be <= profile_freq"
+            )
+        self._at_least("memory_snapshot_step", -1)
+        self._nonempty("save_traces_folder", "save_memory_snapshot_folder")
+
+
+@dataclass
+class Metrics(Section):
+    """Training metrics: console, TensorBoard, Weights & Biases, MFU."""
+
+    _section: ClassVar[str] = "metrics"
+    log_freq: int = _opt(10, "log metrics every this many steps")
+    enable_tensorboard: bool = _opt(False, "write TensorBoard event files")
+    save_tb_folder: str = _opt("tb", "TensorBoard folder, inside job.dump_folder")
+    enable_wandb: bool = _opt(False, "log to Weights & Biases")
+    wandb_project: str = _opt("torchtitan", "Weights & Biases project name")
+    wandb_mode: str = _opt(
+        "online", "Weights & Biases mode", choices=("online", "offline", "disabled")
+    )
+    rank_0_only: bool = _opt(True, "only rank 0 logs (else every rank writes its own logs)")
+    enable_color_printing: bool = _opt(False, "colour the console metrics line")
+    peak_tflops: float = _opt(
+        0.0, "peak bf16 TFLOP/s of one device for MFU; 0 = look the GPU up in the peak table"
+    )
+
+    def check(self) -> None:
+        self._positive("log_freq")
+        self._nonempty("save_tb_folder", "wandb_project")
+        self._at_least("peak_tflops", 0.0)
+        if math.isinf(self.peak_tflops):
+            self._fail("peak_tflops", "must be finite")
+
+
+@dataclass
+class Model(Section):
+    """Which model to build and the converters applied to it before parallelizing."""
+
+    _section: ClassVar[str] = "model"
+    name: str = _opt("llama3", "model family, a key of the model registry")
+    flavor: str = _opt("debugmodel", "model size, a key of the family's flavors")
+    tokenizer_path: str = _opt("./tests/assets/test_tiktoken.model", "tokenizer file")
+    converters: list[str] = _opt(
+        [], "module swaps applied before parallelizing", choices=("float8",)
+    )
+    print_after_conversion: bool = _opt(False, "print the model after the converters ran")
+
+    def check(self) -> None:
+        self._nonempty("name", "flavor", "tokenizer_path")
+        if len(set(self.converters)) != len(self.converters):
+            self._fail("converters", "entries must not repeat")
+
+
+@dataclass
+class Optimizer(Section):
+    """The optimizer and its hyper-parameters."""
+
+    _section: ClassVar[str] = "optimizer"
+    name: str = _opt("AdamW", "optimizer", choices=("AdamW", "Adam"))
+    lr: float = _opt(8e-4, "peak learning rate")
+    beta1: float = _opt(0.9, "Adam beta1")
+    beta2: float = _opt(0.95, "Adam beta2")
+    eps: float = _opt(1e-8, "Adam epsilon")
+    weight_decay: float = _opt(0.1, "weight decay (decoupled for AdamW)")
+    implementation: str = _opt(
+        "fused",
+        "kernel: fused (falls back where unsupported), foreach or for-loop",
+        choices=("fused", "foreach", "for-loop"),
+    )
+
+    def check(self) -> None:
+        for key in ("lr", "eps"):
+            self._positive(key)
+            if math.isinf(getattr(self, key)):
+                self._fail(key, "must be finite")
+        self._between("beta1", 0.0, 1.0)
+        self._between("beta2", 0.0, 1.0)
+        for key in ("beta1", "beta2"):
+            if getattr(self, key) == 1.0:
+                self._fail(key, "must be < 1")
+        self._at_least("weight_decay", 0.0)
+        if math.isinf(self.weight_decay):
+            self._fail("weight_decay", "must be finite")
+
+
+@dataclass
+class LRScheduler(Section):
+    """Learning-rate schedule: linear warmup, optional stable phase, then decay."""
+
+    _section: ClassVar[str] = "lr_scheduler"
+    warmup_steps: int = _opt(200, "steps of linear warmup from ~0 to optimizer.lr")
+    decay_ratio: float | None = _opt(
+        None, "fraction in [0, 1] of the post-warmup steps spent decaying; none = all of them"
+    )
+    decay_type: str = _opt("linear", "decay curve", choices=("linear", "cosine", "sqrt"))
+    min_lr_factor: float = _opt(0.0, "lr decays to optimizer.lr * min_lr_factor, in [0, 1]")
+
+    def check(self) -> None:
+        self._at_least("warmup_steps", 0)
+        if self.decay_ratio is not None:
+            self._between("decay_ratio", 0.0, 1.0)
+        self._between("min_lr_factor", 0.0, 1.0)
+
+
+@dataclass
+class Training(Section):
+    """Data, batch shape, step count, precision and reproducibility."""
+
+    _section: ClassVar[str] = "training"
+    dataset: str = _opt("c4", "dataset name, a key of the dataset registry")
+    dataset_path: str | None = _opt(None, "local path or hub id overriding the dataset's default")
+    dataset_text_field: str = _opt("text", "field of each sample holding the text")
+    dataset_infinite: bool = _opt(True, "loop over the dataset instead of stopping at its end")
+    dataset_shards: int = _opt(
+        0,
+        "0 = one data shard per dp rank; N > 0 = N fixed shards so the global batch does not "
+        "depend on the dp degree (dp must divide N)",
+    )
+    local_batch_size: int = _opt(8, "samples per data-parallel rank per microstep")
+    global_batch_size: int = _opt(
+        -1, "samples per optimizer step; -1 = local_batch_size x dp degree (no accumulation)"
+    )
+    seq_len: int = _opt(2048, "tokens per sample")
+    max_norm: float = _opt(1.0, "gradient-norm clipping threshold; <= 0 disables clipping")
+    steps: int = _opt(10000, "optimizer steps to train for")
+    enable_cpu_offload: bool = _opt(False, "keep FSDP parameters and optimizer state on the CPU")
+    mixed_precision_param: str = _opt(
+        "bfloat16", "dtype of FSDP's unsharded parameters", choices=("bfloat16", "float32")
+    )
+    mixed_precision_reduce: str = _opt(
+        "float32", "dtype of FSDP's gradient reduce-scatter", choices=("float32", "bfloat16")
+    )
+    gc_freq: int = _opt(50, "run Python's garbage collector every this many steps")
+    seed: int | None = _opt(None, "random seed; none = not seeded")
+    deterministic: bool = _opt(False, "use deterministic algorithms (slower)")
+
+    def check(self) -> None:
+        self._nonempty("dataset", "dataset_text_field")
+        if self.dataset_path is not None:
+            self._nonempty("dataset_path")
+        self._at_least("dataset_shards", 0)
+        self._at_least("local_batch_size", 1)
+        gbs = self.global_batch_size
+        if gbs != -1 and not (gbs > 0 and gbs % self.local_batch_size == 0):
+            self._fail(
+                "global_batch_size",
+                f"must be -1 or a positive multiple of training.local_batch_size "
+                f"({self.local_batch_size})",
+            )
+        self._at_least("seq_len", 1)
+        if math.isnan(self.max_norm):
+            self._fail("max_norm", "must be a number (<= 0 disables clipping)")
+        self._at_least("steps", 1)
+        self._at_least("gc_freq", 1)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            self._fail("seed", "must be in [0, 2**63)")
+
+
+@dataclass
+class Parallelism(Section):
+    """Degrees of each parallelism and their settings; degrees multiply to the world size."""
+
+    _section: ClassVar[str] = "parallelism"
+    data_parallel_replicate_degree: int = _opt(1, "DDP / HSDP replica groups")
+    data_parallel_shard_degree: int = _opt(-1, "FSDP shard group size; -1 = what is left over")
+    tensor_parallel_degree: int = _opt(1, "tensor parallel degree")
+    pipeline_parallel_degree: int = _opt(1, "pipeline parallel stages (over ranks)")
+    context_parallel_degree: int = _opt(1, "context parallel degree (sequence split)")
+    fsdp_reshard_after_forward: str = _opt(
+        "default",
+        "free unsharded params after forward: default (yes unless PP), always, never",
+        choices=("default", "always", "never"),
+    )
+    disable_loss_parallel: bool = _opt(False, "gather logits instead of a vocab-parallel loss")
+    enable_async_tensor_parallel: bool = _opt(
+        False, "overlap TP comms with compute (needs compile)"
+    )
+    enable_compiled_autograd: bool = _opt(
+        False, "compile the backward graph with compiled autograd"
+    )
+    pipeline_parallel_schedule: str = _opt(
+        "1F1B",
+        "schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, "
+        "DualPipeV (any name when pipeline_parallel_schedule_csv is set)",
+    )
+    pipeline_parallel_schedule_csv: str = _opt("", "CSV file describing a custom schedule")
+    pipeline_parallel_split_points: list[str] = _opt(
+        [], "module names starting each stage after the first, e.g. layers.4,layers.8"
+    )
+    pipeline_parallel_layers_per_stage: int | None = _opt(
+        None, "transformer layers per stage, instead of split points"
+    )
+    pipeline_parallel_microbatch_size: int = _opt(1, "samples per pipeline microbatch")
+    pipeline_parallel_microbatches: int | None = _opt(
+        None, "microbatch count; overrides pipeline_parallel_microbatch_size when set"
+    )
+    context_parallel_rotate_method: str = _opt(
+        "allgather", "how CP exchanges keys/values", choices=("allgather", "alltoall")
+    )
+    context_parallel_load_balance: bool = _opt(True, "reorder the sequence to balance causal work")
+
+    SCHEDULES: ClassVar[tuple[str, ...]] = (
+        "GPipe",
+        "1F1B",
+        "Interleaved1F1B",
+        "LoopedBFS",
+        "InterleavedZeroBubble",
+        "ZBVZeroBubble",
+        "DualPipeV",
+    )
+
+    def check(self) -> None:
+        for key in (
+            "data_parallel_replicate_degree",
+            "tensor_parallel_degree",
+            "pipeline_parallel_degree",
+            "context_parallel_degree",
+        ):
+            self._at_least(key, 1)
+        if self.data_parallel_shard_degree != -1:
+            if not self.data_parallel_shard_degree >= 1:
+                self._fail("data_parallel_shard_degree", "must be -1 (auto) or >= 1")
+        if not self.pipeline_parallel_schedule_csv:
+            if self.pipeline_parallel_schedule not in self.SCHEDULES:
+                self._fail(
+                    "pipeline_parallel_schedule",
+                    f"must be one of {', '.join(self.SCHEDULES)} "
+                    "(or set pipeline_parallel_schedule_csv)",
+                )
+        self._nonempty("pipeline_parallel_split_points")
+        if self.pipeline_parallel_layers_per_stage is not None:
+            self._at_least("pipeline_parallel_layers_per_stage", 1)
+            if self.pipeline_parallel_split_points:
+                self._fail(
+                    "pipeline_parallel_layers_per_stage",
+                    "set either this or pipeline_parallel_split_points, not both",
+                )
+        self._at_least("pipeline_parallel_microbatch_size", 1)
+        if self.pipeline_parallel_microbatches is not None:
+            self._at_least("pipeline_parallel_microbatches", 1)
+
+
+@dataclass
+class Checkpoint(Section):
+    """Distributed checkpointing (DCP): what to save, when, and what to load."""
+
+    _section: ClassVar[str] = "checkpoint"
+    enable: bool = _opt(False, "save and resume checkpoints")
+    folder: str = _opt("checkpoint", "checkpoint folder, inside job.dump_folder")
+    interval: int = _opt(500, "save every this many steps")
+    initial_load_path: str | None = _opt(
+        None, "checkpoint to start from when the folder has none"
+    )
+    initial_load_model_weights_only: bool = _opt(
+        True, "load only model weights from initial_load_path"
+    )
+    model_weights_only: bool = _opt(False, "the last checkpoint holds model weights only")
+    export_dtype: str = _opt(
+        "float32",
+        "dtype of a model_weights_only checkpoint",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    async_mode: str = _opt(
+        "disabled",
+        "save in the background: disabled, async, async_with_pinned_mem",
+        choices=("disabled", "async", "async_with_pinned_mem"),
+    )
+    keep_latest_k: int = _opt(10, "keep only the newest k checkpoints; 0 = keep all")
+    load_step: int = _opt(-1, "step to resume from; -1 = the latest")
+    exclude_from_loading: list[str] = _opt([], "state keys not to load, e.g. optimizer,dataloader")
+    create_seed_checkpoint: bool = _opt(
+        False, "write a step-0 checkpoint of the initialised model and exit (one rank)"
+    )
+    fail_on_save_error: bool = _opt(True, "stop training if a save fails (else log and go on)")
+
+    def check(self) -> None:
+        self._nonempty("folder", "exclude_from_loading")
+        if self.initial_load_path is not None:
+            self._nonempty("initial_load_path")
+        self._at_least("interval", 1)
+        self._at_least("keep_latest_k", 0)
+        self._at_least("load_step", -1)
+        if self.create_seed_checkpoint and not self.enable:
+            self._fail("create_seed_checkpoint", "needs checkpoint.enable = true")
+
+
+@dataclass
+class ActivationCheckpoint(Section):
+    """Activation checkpointing: trade recompute for memory."""
+
+    _section: ClassVar[str] = "activation_checkpoint"
+    mode: str = _opt("selective", "none, full or selective", choices=("none", "full", "selective"))
+    selective_ac_option: str = _opt(
+        "2", '"op" (save selected op outputs) or N (checkpoint every N-th block)'
+    )
+
+    def check(self) -> None:
+        option = self.selective_ac_option
+        if option != "op" and not (option.isdigit() and int(option) >= 1):
+            self._fail("selective_ac_option", 'must be "op" or a positive integer such as "2"')
+
+
+@dataclass
+class Compile(Section):
+    """torch.compile of model blocks and loss."""
+
+    _section: ClassVar[str] = "compile"
+    enable: bool = _opt(False, "torch.compile the components below")
+    components: list[str] = _opt(
+        ["model", "loss"], "what to compile: model (per block), loss", choices=("model", "loss")
+    )
+    backend: str = _opt("inductor", "torch.compile backend")
+
+    def check(self) -> None:
+        self._nonempty("backend")
+        if len(set(self.components)) != len(self.components):
+            self._fail("components", "entries must not repeat")
+
+
+@dataclass
+class Float8(Section):
+    """Float8 training settings (enable it with model.converters = ["float8"])."""
+
+    _section: ClassVar[str] = "float8"
+    enable_fsdp_float8_all_gather: bool = _opt(False, "all-gather FSDP weights in float8")
+    precompute_float8_dynamic_scale_for_fsdp: bool = _opt(
+        False, "one fused amax for all float8 weights after each step"
+    )
+    recipe_name: str | None = _opt(
+        None,
+        "scaling recipe: tensorwise, rowwise, rowwise_with_gw_hp; none = tensorwise",
+        choices=("tensorwise", "rowwise", "rowwise_with_gw_hp"),
+    )
+    filter_fqns: list[str] = _opt(
+        ["output"], "linear layers (by name fragment) kept in high precision"
+    )
+    emulate: bool = _opt(False, "emulate float8 matmuls (for CPU tests and older GPUs)")
+    force_recompute_fp8_weight_in_bwd: bool = _opt(
+        False, "recompute the float8 weight in backward instead of saving it"
+    )
+
+    def check(self) -> None:
+        self._nonempty("filter_fqns")
+        if self.precompute_float8_dynamic_scale_for_fsdp and not self.enable_fsdp_float8_all_gather:
+            self._fail(
+                "precompute_float8_dynamic_scale_for_fsdp",
+                "needs float8.enable_fsdp_float8_all_gather = true",
+            )
+        if self.enable_fsdp_float8_all_gather and self.recipe_name not in (None, "tensorwise"):
+            self._fail(
+                "enable_fsdp_float8_all_gather", "works only with recipe_name tensorwise (or none)"
+            )
+
+
+@dataclass
+class Comm(Section):
+    """Collective communication timeouts and the NCCL Flight Recorder."""
+
+    _section: ClassVar[str] = "comm"
+    init_timeout_seconds: int = _opt(300, "collective timeout until the first step ends")
+    train_timeout_seconds: int = _opt(100, "collective timeout after the first step")
+    trace_buf_size: int = _opt(20000, "Flight Recorder entries kept per rank; 0 = off")
+
+    def check(self) -> None:
+        self._positive("init_timeout_seconds")
+        self._positive("train_timeout_seconds")
+        self._at_least("trace_buf_size", 0)
+
+
+@dataclass
+class MemoryEstimation(Section):
+    """Estimate peak memory before training, on fake tensors."""
+
+    _section: ClassVar[str] = "memory_estimation"
+    enabled: bool = _opt(False, "run the memory estimator before training")
+    disable_fake_mode: bool = _opt(False, "estimate with real tensors instead of fake ones")
+
+
+@dataclass
+class Experimental(Section):
+    """Extension hooks."""
+
+    _section: ClassVar[str] = "experimental"
+    custom_import: str = _opt("", "module to import before building (registers models/datasets)")
+
+    def check(self) -> None:
+        name = self.custom_import
+        if name and not all(part.isidentifier() for part in name.split(".")):
+            self._fail("custom_import", "must be a dotted module name such as my_pkg.my_model")
+
+
+@dataclass
+class JobConfig:
+    """The whole run's configuration: one attribute per TOML section."""
+
+    job: Job = field(default_factory=Job)
+    profiling: Profiling = field(default_factory=Profiling)
+    metrics: Metrics = field(default_factory=Metrics)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
+    comm: Comm = field(default_factory=Comm)
+    memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    experimental: Experimental = field(default_factory=Experimental)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """``{section: {key: value}}``, deep-copied."""
+        return asdict(self)
+
+    def sections(self) -> dict[str, Section]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def validate(self) -> None:
+        """Every option's own rule, then the rules that tie sections together.
+
+        Checks that need the world size (degrees multiplying to it, dp dividing
+        training.dataset_shards or the global batch) happen when the trainer builds ParallelDims.
+        """
+        for section in self.sections().values():
+            section.validate()
+        training, par = self.training, self.parallelism
+        if par.pipeline_parallel_degree > 1:
+            what = "pipeline_parallel_microbatch_size"
+            if par.pipeline_parallel_microbatches is not None:
+                what = "pipeline_parallel_microbatches"
+            count = getattr(par, what)
+            if training.local_batch_size % count != 0:
+                raise ConfigError(
+                    f"training.local_batch_size = {training.local_batch_size} must be divisible "
+                    f"by parallelism.{what} = {count}"
+                )
+        cp = par.context_parallel_degree
+        if cp > 1:
+            chunks = 2 * cp if par.context_parallel_load_balance else cp
+            if training.seq_len % chunks != 0:
+                raise ConfigError(
+                    f"training.seq_len = {training.seq_len} must be divisible by {chunks} "
+                    f"(context_parallel_degree {cp}"
+                    + (" x 2 for load balancing)" if par.context_parallel_load_balance else ")")
+                )

@@ -1,0 +1,101 @@
+"""Facts about the accelerator: dense bf16 peak FLOP/s (for MFU) and memory use."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from torchtitan.tools.logging import warn_once
+
+# Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets.
+# Order matters: more specific names first (e.g. "H100 NVL" before "H100").
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("GB200", 2.5e15),
+    ("B200", 2.25e15),
+    ("H200", 989.5e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.5e12),  # SXM (HBM3), the common case; also "H100 80GB HBM3"
+    ("H800", 989.5e12),
+    ("H20", 148e12),
+    ("GH200", 989.5e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("A10G", 70e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("MI355X", 2.5e15),
+    ("MI325X", 1307.4e12),
+    ("MI300X", 1307.4e12),
+    ("MI300A", 980.6e12),
+    ("MI250X", 191.5e12),  # per GCD, as each GCD appears as one device
+]
+
+
+def lookup_peak_flops(device_name: str) -> float | None:
+    """Peak bf16 FLOP/s for a device name as torch reports it, or None if unknown."""
+    name = device_name.upper()
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.upper() in name:
+            if key == "H100" and "PCIE" in name:
+                return dict(PEAK_BF16_FLOPS)["H100 PCIe"]
+            return flops
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """Peak FLOP/s for MFU: the override when set, else the table; None (no MFU) if unknown."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    flops = lookup_peak_flops(name)
+    if flops is None:
+        warn_once(
+            f"unknown GPU {name!r}: MFU is not reported; set metrics.peak_tflops to its dense bf16 peak"
+        )
+    return flops
+
+
+class DeviceMemoryMonitor:
+    """Peak memory since the last reset, in GiB and as a share of the device's capacity."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.capacity = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            import os
+
+            self.capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    def peak(self) -> tuple[float, float, float, float]:
+        """(max active GiB, % of capacity, max reserved GiB, % of capacity)."""
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            active = stats.get("active_bytes.all.peak", 0)
+            reserved = stats.get("reserved_bytes.all.peak", 0)
+        else:  # process peak RSS: the best the CPU offers
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            active = reserved = rss * (1 if sys.platform == "darwin" else 1024)
+        gib = 1024**3
+        return (
+            active / gib,
+            100 * active / self.capacity,
+            reserved / gib,
+            100 * reserved / self.capacity,
+        )
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
