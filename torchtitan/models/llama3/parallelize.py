@@ -1,0 +1,95 @@
+"""Apply N-D parallelism to a Llama 3 model (on meta) in the one legal order.
+
+TP (+SP, loss parallel) → activation checkpointing → compile (per block) → FSDP / HSDP, or
+DDP when only ``data_parallel_replicate_degree`` > 1. Each step is a generic function in
+``torchtitan.distributed`` that receives a sub-mesh and the few settings it needs; this file
+only reads the JobConfig and decides which ones run.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torchtitan.config import ConfigError, JobConfig
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.compile import apply_compile
+from torchtitan.distributed.fsdp import apply_ddp, apply_fsdp
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.tensor_parallel import apply_tp
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP, device_type
+from torchtitan.tools.logging import logger
+
+__all__ = ["parallelize_llama"]
+
+
+def _float8_tensorwise(job_config: JobConfig) -> bool:
+    return "float8" in job_config.model.converters and job_config.float8.recipe_name in (None, "tensorwise")
+
+
+def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    """Parallelize ``model`` in place according to ``parallel_dims`` and ``job_config``."""
+    p = job_config.parallelism
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    backend = job_config.compile.backend
+
+    if parallel_dims.tp_enabled:
+        if p.enable_async_tensor_parallel:
+            if not compile_model:
+                raise ConfigError(
+                    "parallelism.enable_async_tensor_parallel needs compile.enable = true with "
+                    "'model' in compile.components (inductor fuses the overlapped collectives)"
+                )
+            if device_type != "cuda":
+                raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA GPUs")
+        apply_tp(
+            model,
+            parallel_dims.get_mesh("tp"),
+            loss_parallel=parallel_dims.loss_parallel_enabled,
+            enable_async_tp=p.enable_async_tensor_parallel,
+            enable_float8_tensorwise_tp=_float8_tensorwise(job_config),
+        )
+        logger.info(
+            f"applied tensor parallelism (degree {parallel_dims.tp}, loss parallel "
+            f"{parallel_dims.loss_parallel_enabled}, async {p.enable_async_tensor_parallel})"
+        )
+
+    ac = job_config.activation_checkpoint
+    if ac.mode != "none":
+        apply_ac(model, ac.mode, ac.selective_ac_option)
+        logger.info(f"applied {ac.mode} activation checkpointing ({ac.selective_ac_option})")
+
+    if compile_model:
+        apply_compile(model, backend)
+        logger.info(f"compiled each transformer block with backend {backend!r}")
+
+    t = job_config.training
+    if parallel_dims.fsdp_enabled:
+        if parallel_dims.dp_replicate_enabled:
+            dp_mesh = parallel_dims.get_mesh(("dp_replicate", "dp_shard_cp"))
+        else:
+            dp_mesh = parallel_dims.get_mesh("dp_shard_cp")
+        apply_fsdp(
+            model,
+            dp_mesh,
+            param_dtype=TORCH_DTYPE_MAP[t.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[t.mixed_precision_reduce],
+            pp_enabled=parallel_dims.pp_enabled,
+            cpu_offload=t.enable_cpu_offload,
+            reshard_after_forward_policy=p.fsdp_reshard_after_forward,
+        )
+        kind = "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP"
+        logger.info(f"applied {kind} over mesh {dp_mesh.mesh_dim_names} {tuple(dp_mesh.shape)}")
+    elif parallel_dims.dp_replicate_enabled:
+        if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
+            raise ConfigError(
+                "parallelism.data_parallel_replicate_degree > 1 with tensor or context parallelism "
+                "needs FSDP: set data_parallel_shard_degree > 1 (HSDP) instead of pure DDP"
+            )
+        apply_ddp(
+            model,
+            parallel_dims.get_mesh("dp_replicate"),
+            enable_compile=compile_model,
+            enable_compiled_autograd=p.enable_compiled_autograd,
+        )
+        logger.info(f"applied DDP over {parallel_dims.dp_replicate} replicas")
+    return model
