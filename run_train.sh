@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Launch training with torchrun on this machine.
+#
+#   ./run_train.sh                                   # debug model on the bundled data
+#   NGPU=8 CONFIG_FILE=./train_configs/llama3_8b.toml ./run_train.sh --training.steps 100
+#
+# NGPU        processes to start (default: the number of visible GPUs, or 1 without a GPU;
+#             without a GPU every process trains on the CPU over gloo, so any layout can be
+#             tried on a laptop, e.g. NGPU=4 ./run_train.sh --parallelism.tensor_parallel_degree 2)
+# CONFIG_FILE TOML file (default ./train_configs/debug_model.toml)
+# LOG_RANK    comma-separated ranks whose output is shown (default 0)
+# MAX_RESTARTS how many times torchrun restarts a failed job (default 0)
+# Extra arguments are passed to the trainer (--section.key value).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ -z "${NGPU:-}" ]; then
+  NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+fi
+CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
+LOG_RANK=${LOG_RANK:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# One intra-op thread per CPU process unless told otherwise, so ranks do not oversubscribe cores.
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
+fi
+
+exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+  --max-restarts="${MAX_RESTARTS}" --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 \
+  -m torchtitan.train --job.config_file "${CONFIG_FILE}" "$@"

@@ -1,0 +1,308 @@
+"""The trainer: build everything from a JobConfig, then run the loop.
+
+    python -m torchtitan.train --job.config_file train_configs/debug_model.toml
+    torchrun --nproc_per_node 8 -m torchtitan.train --job.config_file ...
+
+Build order (the legal one, see docs/composability.md): config → process group and mesh →
+tokenizer and data → model on meta → parallelize (TP, AC, compile, FSDP/DDP) → materialise
+and init → optimizer and lr schedule → loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import sys
+import time
+from typing import Iterator
+
+import torch
+
+from torchtitan.components.data import build_dataloader
+from torchtitan.components.loss import build_loss_fn
+from torchtitan.components.lr_scheduler import LRScheduleSettings, build_lr_schedulers
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.optimizer import OptimizerSettings, build_optimizers
+from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.config import ConfigError, ConfigManager, JobConfig
+from torchtitan.config.manager import dump_toml, format_config
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.models import get_model_args, get_model_spec
+from torchtitan.tools.device_info import peak_flops
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.tools.profiling import MemorySnapshotter, maybe_enable_profiling
+
+
+class Trainer:
+    def __init__(self, job_config: JobConfig):
+        self.job_config = cfg = job_config
+        if cfg.experimental.custom_import:
+            importlib.import_module(cfg.experimental.custom_import)
+        self._reject_unbuilt_features(cfg)
+
+        # Process group, device, mesh.
+        world_size = dist_utils.init_distributed(
+            init_timeout_seconds=cfg.comm.init_timeout_seconds,
+            trace_buf_size=cfg.comm.trace_buf_size,
+            dump_folder=cfg.job.dump_folder,
+        )
+        self.rank = int(os.environ.get("RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        dev = dist_utils.device_type
+        self.device = torch.device(f"{dev}:{local_rank}" if dev == "cuda" else dev)
+        p = cfg.parallelism
+        self.parallel_dims = pd = ParallelDims(
+            dp_replicate=p.data_parallel_replicate_degree,
+            dp_shard=p.data_parallel_shard_degree,
+            cp=p.context_parallel_degree,
+            tp=p.tensor_parallel_degree,
+            pp=p.pipeline_parallel_degree,
+            world_size=world_size,
+            enable_loss_parallel=not p.disable_loss_parallel,
+        )
+        self.world_mesh = pd.build_mesh(dev)
+        dp_rank, dp_degree = pd.dp_rank_and_size(self.world_mesh)
+        dist_utils.set_determinism(self.world_mesh, self.device, cfg.training.seed, cfg.training.deterministic)
+        self._resolve_cpu_precision(cfg)
+
+        # Batch arithmetic: global = local × dp × accumulation.
+        t = cfg.training
+        global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp_degree
+        if global_batch % (t.local_batch_size * dp_degree) != 0:
+            raise ConfigError(
+                f"training.global_batch_size {global_batch} is not a multiple of local_batch_size "
+                f"{t.local_batch_size} × data-parallel degree {dp_degree}; use a multiple of "
+                f"{t.local_batch_size * dp_degree}"
+            )
+        self.grad_accumulation_steps = global_batch // (t.local_batch_size * dp_degree)
+        self.global_batch_size = global_batch
+
+        # Tokenizer, data.
+        self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+        self.dataloader = build_dataloader(
+            dataset=t.dataset,
+            dataset_path=t.dataset_path,
+            tokenizer=self.tokenizer,
+            seq_len=t.seq_len,
+            local_batch_size=t.local_batch_size,
+            global_batch_size=global_batch,
+            dp_rank=dp_rank,
+            dp_world_size=dp_degree,
+            text_field=t.dataset_text_field,
+            num_shards=t.dataset_shards,
+            infinite=t.dataset_infinite,
+            seed=t.seed or 0,
+        )
+
+        # Model on meta, then parallelize, then materialise.
+        self.model_spec = get_model_spec(cfg.model.name)
+        self.model_args = get_model_args(cfg.model.name, cfg.model.flavor)
+        self.model_args.update_from_config(cfg, self.tokenizer)
+        logger.info(f"building {cfg.model.name} {cfg.model.flavor}: {self.model_args}")
+        with torch.device("meta"):
+            model = self.model_spec.model_cls(self.model_args)
+        nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(model, t.seq_len)
+        logger.info(f"model has {nparams:,} parameters, {self.flops_per_token:,} FLOPs per token")
+
+        model = self.model_spec.parallelize_fn(model, pd, cfg)
+        init_device = "cpu" if t.enable_cpu_offload else self.device
+        model.to_empty(device=init_device)
+        with torch.no_grad():
+            model.init_weights(buffer_device=self.device if t.enable_cpu_offload else None)
+        model.train()
+        self.model_parts = [model]
+
+        self.optimizers = build_optimizers(self.model_parts, OptimizerSettings.from_config(cfg.optimizer))
+        self.lr_schedulers = build_lr_schedulers(
+            self.optimizers, t.steps, LRScheduleSettings.from_config(cfg.lr_scheduler)
+        )
+        self.loss_fn = build_loss_fn(
+            compile_loss=cfg.compile.enable and "loss" in cfg.compile.components,
+            backend=cfg.compile.backend,
+        )
+        self.train_context = dist_utils.get_train_context(
+            pd.loss_parallel_enabled, p.enable_compiled_autograd
+        )
+        self.amp_context = dist_utils.maybe_enable_amp(pd, t.mixed_precision_param, dev)
+
+        log_here = self.rank == 0 or not cfg.metrics.rank_0_only
+        dump = cfg.job.dump_folder
+        self.metrics = MetricsProcessor(
+            device=self.device,
+            log_freq=cfg.metrics.log_freq,
+            flops_per_token=self.flops_per_token,
+            peak_flops=peak_flops(self.device, cfg.metrics.peak_tflops),
+            color=cfg.metrics.enable_color_printing,
+            tb_dir=os.path.join(dump, cfg.metrics.save_tb_folder, f"rank_{self.rank}")
+            if cfg.metrics.enable_tensorboard and log_here
+            else None,
+            wandb_dir=dump if cfg.metrics.enable_wandb and self.rank == 0 else None,
+            wandb_project=cfg.metrics.wandb_project,
+            wandb_mode=cfg.metrics.wandb_mode,
+            config_for_wandb=cfg.to_dict() if cfg.metrics.enable_wandb else None,
+        )
+        self.step = 0
+        logger.info(
+            f"device {self.device}, world {world_size}, mesh {self.world_mesh}, global batch "
+            f"{global_batch} = local {t.local_batch_size} × dp {dp_degree} × accumulation "
+            f"{self.grad_accumulation_steps}, seq_len {t.seq_len}"
+        )
+
+    @staticmethod
+    def _reject_unbuilt_features(cfg: JobConfig) -> None:
+        """Options whose machinery is not in this build fail loudly, never silently."""
+        unbuilt = []
+        if cfg.model.converters:
+            unbuilt.append(f"model.converters={cfg.model.converters}")
+        if cfg.checkpoint.enable or cfg.checkpoint.create_seed_checkpoint:
+            unbuilt.append("checkpoint.enable / checkpoint.create_seed_checkpoint")
+        if cfg.parallelism.pipeline_parallel_degree > 1:
+            unbuilt.append("parallelism.pipeline_parallel_degree > 1")
+        if cfg.parallelism.context_parallel_degree > 1:
+            unbuilt.append("parallelism.context_parallel_degree > 1")
+        if unbuilt:
+            raise ConfigError(f"not available in this version of torchtitan yet: {', '.join(unbuilt)}")
+
+    def _resolve_cpu_precision(self, cfg: JobConfig) -> None:
+        """bf16 matmuls on a CPU without native bf16 support run ~10× slower than fp32:
+        train in fp32 there, and say so, rather than crawl."""
+        t = cfg.training
+        if self.device.type != "cpu" or t.mixed_precision_param == "float32":
+            return
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return
+        logger.warning(
+            "this CPU has no native bf16 matmul: training.mixed_precision_param "
+            f"{t.mixed_precision_param} -> float32 for this run (bf16 is used on GPUs)"
+        )
+        t.mixed_precision_param = "float32"
+
+    # ---- one step -------------------------------------------------------------------
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        model = self.model_parts[0]
+        with self.train_context():
+            with self.amp_context:
+                pred = model(inputs)
+                loss = self.loss_fn(pred, labels) / self.grad_accumulation_steps
+            del pred
+            loss.backward()
+        return loss.detach()
+
+    def train_step(self, data_iterator: Iterator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        self.optimizers.zero_grad()
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accumulation_steps):
+            t0 = time.perf_counter()
+            inputs, labels = next(data_iterator)
+            self.metrics.add_data_loading_time(time.perf_counter() - t0)
+            self.metrics.add_tokens(labels.numel())
+            inputs = inputs.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            loss_sum += self.forward_backward(inputs, labels)
+
+        params = [p for m in self.model_parts for p in m.parameters()]
+        max_norm = self.job_config.training.max_norm
+        grad_norm = dist_utils.clip_grad_norm_(
+            params, max_norm if max_norm > 0 else float("inf"), foreach=True
+        )
+        lr = self.lr_schedulers.get_last_lr()
+        self.optimizers.step()
+        self.lr_schedulers.step()
+        return loss_sum, grad_norm, lr
+
+    # ---- the loop -------------------------------------------------------------------
+    def train(self) -> list[float]:
+        cfg = self.job_config
+        t = cfg.training
+        losses: list[float] = []
+        gc.disable()  # collect on our schedule, identically on every rank
+        gc.collect(1)
+        data_iterator = iter(self.dataloader)
+        prof_cfg = cfg.profiling
+        snapshotter = MemorySnapshotter(
+            enable=prof_cfg.enable_memory_snapshot,
+            folder=os.path.join(cfg.job.dump_folder, prof_cfg.save_memory_snapshot_folder),
+            rank=self.rank,
+            at_step=prof_cfg.memory_snapshot_step,
+        )
+        logger.info(f"training {t.steps} steps")
+        with maybe_enable_profiling(
+            enable=prof_cfg.enable_profiling,
+            trace_dir=os.path.join(cfg.job.dump_folder, prof_cfg.save_traces_folder),
+            profile_freq=prof_cfg.profile_freq,
+            warmup=prof_cfg.profiler_warmup,
+            active=prof_cfg.profiler_active,
+            rank=self.rank,
+            start_step=self.step,
+        ) as profiler:
+            while self.step < t.steps:
+                self.step += 1
+                if t.gc_freq > 0 and self.step % t.gc_freq == 0:
+                    gc.collect(1)
+                try:
+                    loss, grad_norm, lr = self.train_step(data_iterator)
+                except torch.OutOfMemoryError:
+                    snapshotter.dump(f"oom_step_{self.step}")
+                    raise
+                except StopIteration:
+                    logger.warning(f"data exhausted at step {self.step} (training.dataset_infinite is off)")
+                    break
+                if self.metrics.should_log(self.step):
+                    global_loss = dist_utils.dist_mean(loss, self._loss_mesh())
+                    gn = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
+                    losses.append(global_loss)
+                    if self.rank == 0 or not cfg.metrics.rank_0_only:
+                        self.metrics.log(self.step, loss=global_loss, grad_norm=gn, lr=lr)
+                if profiler is not None:
+                    profiler.step()
+                snapshotter.step(self.step)
+        gc.enable()
+        if self.rank == 0 or not cfg.metrics.rank_0_only:
+            logger.info(f"training done: {self.metrics.summary()}")
+        return losses
+
+    def _loss_mesh(self):
+        """The mesh the loss is averaged over (dp × cp), or None when there is one replica."""
+        return self.parallel_dims.get_mesh("dp_cp") if self.parallel_dims.dp_cp_enabled else None
+
+    def close(self) -> None:
+        self.metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _fail(message: str) -> None:
+    print(f"torchtitan: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    init_logger()
+    try:
+        cfg = ConfigManager().parse_args(argv)
+    except ConfigError as e:
+        _fail(str(e))
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        os.makedirs(cfg.job.dump_folder, exist_ok=True)
+        dump_toml(cfg, os.path.join(cfg.job.dump_folder, "config.toml"))
+        if cfg.job.print_config:
+            logger.info("job config:\n" + format_config(cfg))
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Bad input discovered while building (layout, tokenizer, dataset): one line, exit 2.
+        if os.environ.get("TORCHTITAN_TRACEBACK"):
+            raise
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()
