@@ -68,7 +68,7 @@ class _Window:
 
     tokens: int = 0
     data_loading_s: float = 0.0
-    start: float = field(default_factory=time.perf_counter)
+    start: float = field(default_factory=lambda: time.perf_counter())
 
 
 class MetricsProcessor:
