@@ -1,0 +1,363 @@
+"""Rank-side code of the parity tests: train a small Llama 3 under a layout and compare it
+with one process that sees the same global batch.
+
+Every rank builds the same initial weights (same seed, no communication), trains the
+parallelized model for a few AdamW steps with gradient clipping (each data-parallel rank
+on its slice of the global batch), and gathers the final parameters with ``full_tensor()``.
+Rank 0 also trains the unsharded reference and reports relative errors; the pytest side
+decides pass/fail, so a failure prints the numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchtitan.config import JobConfig
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.models.llama3 import Transformer, llama3_configs
+from torchtitan.models.llama3.parallelize import parallelize_llama
+
+STEPS = 5
+GLOBAL_BATCH = 8
+SEQ_LEN = 32
+LR = 2e-3
+EPS = 1e-6  # see test_llama_parity.py: keeps Adam from amplifying fp32 noise in ~0 gradients
+MAX_NORM = 0.5  # small enough that clipping is active on every step of this model
+
+# The debug flavor, shrunk: 4 layers, dim 64, 4 query / 2 key-value heads, vocab 256.
+ARGS = dataclasses.replace(
+    copy.deepcopy(llama3_configs["debugmodel"]),
+    dim=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=256,
+    multiple_of=16,
+    max_seq_len=SEQ_LEN,
+)
+
+
+def device() -> torch.device:
+    """CPU when the harness hides GPUs (the default); else this rank's GPU (the gpu tests)."""
+    if dist_utils.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclasses.dataclass
+class Layout:
+    name: str
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    loss_parallel: bool = True
+    ac_mode: str = "none"
+    ac_option: str = "2"
+    mixed_precision: str = "float32"
+    compile_backend: str | None = None
+    n_kv_heads: int | None = None  # override, to provoke the tp / kv-heads check
+    async_tp: bool = False
+
+
+# ---- shared pieces -------------------------------------------------------------------
+def initial_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    model.init_weights()
+    return {k: v.detach().clone().to(device()) for k, v in model.state_dict().items()}
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, ARGS.vocab_size, (STEPS, GLOBAL_BATCH, SEQ_LEN + 1), generator=g)
+    tokens = tokens.to(device())
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+
+def loss_fn(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
+
+
+def clean_name(name: str) -> str:
+    """Parameter name without the wrappers' segments (AC, compile, DDP)."""
+    for seg in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+        name = name.replace(seg, "")
+    return name
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into (possibly sharded) parameters; every rank holds ``state``."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = state[clean_name(name)]
+            if isinstance(param, DTensor):
+                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        clean_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts aten ops by name (used to see what backward recomputes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _job_config(layout: Layout) -> JobConfig:
+    jc = JobConfig()
+    jc.parallelism.data_parallel_replicate_degree = layout.dp_replicate
+    jc.parallelism.data_parallel_shard_degree = layout.dp_shard
+    jc.parallelism.tensor_parallel_degree = layout.tp
+    jc.parallelism.disable_loss_parallel = not layout.loss_parallel
+    jc.parallelism.enable_async_tensor_parallel = layout.async_tp
+    jc.activation_checkpoint.mode = layout.ac_mode
+    jc.activation_checkpoint.selective_ac_option = layout.ac_option
+    jc.training.mixed_precision_param = layout.mixed_precision
+    jc.training.mixed_precision_reduce = "float32"
+    jc.compile.enable = layout.compile_backend is not None
+    jc.compile.components = ["model"]
+    jc.compile.backend = layout.compile_backend or "inductor"
+    return jc
+
+
+# ---- training ------------------------------------------------------------------------
+def train_reference(state: dict[str, torch.Tensor], mixed_precision: str) -> dict[str, Any]:
+    """One process, the whole global batch, torch's own clip_grad_norm_."""
+    with device():
+        model = Transformer(ARGS)
+    model.load_state_dict(state)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=EPS)
+    amp = (
+        torch.autocast(device().type, dtype=torch.bfloat16)
+        if mixed_precision == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    losses, norms = [], []
+    for inputs, labels in batches():
+        opt.zero_grad()
+        with amp:
+            loss = loss_fn(model(inputs), labels)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms, "params": full_params(model)}
+
+
+def build_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> tuple[nn.Module, ParallelDims]:
+    pd = ParallelDims(
+        dp_replicate=layout.dp_replicate,
+        dp_shard=layout.dp_shard,
+        cp=1,
+        tp=layout.tp,
+        pp=1,
+        world_size=dist.get_world_size(),
+        enable_loss_parallel=layout.loss_parallel,
+    )
+    pd.build_mesh(device().type)
+    args = ARGS if layout.n_kv_heads is None else dataclasses.replace(ARGS, n_kv_heads=layout.n_kv_heads)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = parallelize_llama(model, pd, _job_config(layout))
+    model.to_empty(device=device())
+    with torch.no_grad():
+        model.init_weights()
+    load_full_state(model, state)
+    return model, pd
+
+
+def train_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model, pd = build_parallel(layout, state)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=EPS)
+    train_context = dist_utils.get_train_context(pd.loss_parallel_enabled, False)
+    amp = dist_utils.maybe_enable_amp(pd, layout.mixed_precision, device().type)
+    dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
+    rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
+    losses, norms, backward_ops = [], [], None
+    logits_dtype = None
+    for step, (inputs, labels) in enumerate(batches()):
+        opt.zero_grad()
+        with train_context():
+            with amp:
+                pred = model(inputs[rows])
+                logits_dtype = pred.dtype
+                loss = loss_fn(pred, labels[rows])
+            if step == 0:
+                with _CountOps() as counter:
+                    loss.backward()
+                backward_ops = dict(counter.counts)
+            else:
+                loss.backward()
+        norms.append(dist_utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True).item())
+        opt.step()
+        if isinstance(loss, DTensor):
+            loss = loss.full_tensor()
+        losses.append(dist_utils.dist_mean(loss.detach(), pd.get_mesh("dp_cp")))
+    return {
+        "losses": losses,
+        "norms": norms,
+        "params": full_params(model),
+        "backward_ops": backward_ops,
+        "logits_dtype": str(logits_dtype),
+        "dynamo_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Worst relative errors: per-step loss, per-step grad norm, final parameters (norm-wise)."""
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
+    norm_err = max(abs(a - b) / abs(b) for a, b in zip(result["norms"], reference["norms"]))
+    missing = set(reference["params"]) ^ set(result["params"])
+    common = set(reference["params"]) & set(result["params"])
+    param_err = max((_rel(result["params"][k], reference["params"][k]) for k in common), default=math.inf)
+    return {
+        "loss_rel_err": loss_err,
+        "grad_norm_rel_err": norm_err,
+        "param_rel_err": param_err,
+        "param_names_differ": sorted(missing),
+        "losses": result["losses"],
+        "ref_losses": reference["losses"],
+        "backward_ops": result["backward_ops"],
+        "logits_dtype": result["logits_dtype"],
+        "dynamo_graphs": result["dynamo_graphs"],
+    }
+
+
+def run_layouts(layouts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Entry point of a launch: every layout on every rank; rank 0 returns the comparisons."""
+    state = initial_state()
+    rank = dist.get_rank()
+    references: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {}
+    for spec in layouts:
+        layout = Layout(**spec)
+        try:
+            result = train_parallel(layout, state)
+        except ValueError as e:  # a rejected layout (ConfigError) is a result, on every rank
+            report[layout.name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        if rank == 0:
+            mp = layout.mixed_precision
+            if mp not in references:
+                references[mp] = train_reference(state, mp)
+            report[layout.name] = compare(result, references[mp])
+            if mp != "float32":
+                if "float32" not in references:
+                    references["float32"] = train_reference(state, "float32")
+                vs_fp32 = compare(result, references["float32"])
+                report[layout.name]["vs_fp32"] = {
+                    k: vs_fp32[k] for k in ("loss_rel_err", "param_rel_err", "grad_norm_rel_err")
+                }
+        dist.barrier()
+    return report
+
+
+def run_clip_check(dp_shard: int, tp: int) -> dict[str, Any]:
+    """Our clip_grad_norm_ on a sharded model vs torch's on the gathered (unsharded) grads.
+
+    Returns, per norm type, our total norm and the independent one, and after clipping the
+    worst relative error of the clipped grads against ``full grads * coefficient``.
+    """
+    state = initial_state()
+    layout = Layout(name="clip", dp_shard=dp_shard, tp=tp)
+    model, pd = build_parallel(layout, state)
+    dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
+    rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
+    inputs, labels = batches()[0]
+    with dist_utils.get_train_context(pd.loss_parallel_enabled, False)():
+        loss_fn(model(inputs[rows]), labels[rows]).backward()
+    params = list(model.parameters())
+    full_grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad.clone() for p in params]
+    placements = sorted({str(p.placements) for p in params if isinstance(p, DTensor)})
+    out: dict[str, Any] = {"placements": placements}
+    for norm_type in (2.0, 1.0, float("inf")):
+        ours = dist_utils.clip_grad_norm_(params, max_norm=1e9, norm_type=norm_type).item()
+        expected = torch.nn.utils.get_total_norm([g.clone() for g in full_grads], norm_type).item()
+        out[str(norm_type)] = (ours, expected)
+    total = torch.nn.utils.get_total_norm([g.clone() for g in full_grads], 2.0)
+    max_norm = total.item() / 3
+    dist_utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
+    coef = max_norm / (total.item() + 1e-6)
+    clipped = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in params]
+    out["clipped_rel_err"] = max(_rel(c, g * coef) for c, g in zip(clipped, full_grads))
+    return out
+
+
+def misc_checks() -> dict[str, Any]:
+    """Logging reductions, clip_grad_norm_ across pipeline stages, shared random seed."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device().type, (world,), mesh_dim_names=("pp",))
+    out: dict[str, Any] = {
+        "sum": dist_utils.dist_sum(torch.tensor(rank + 1.0), mesh),
+        "max": dist_utils.dist_max(float(rank + 1), mesh),
+        "mean": dist_utils.dist_mean(torch.tensor([rank + 1.0]), mesh),
+        "expected": (world * (world + 1) / 2, float(world), (world + 1) / 2),
+    }
+    # Each rank plays a pipeline stage holding different plain parameters.
+    torch.manual_seed(100 + rank)
+    params = [nn.Parameter(torch.randn(5, 3, device=device())), nn.Parameter(torch.randn(7, device=device()))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    mine = torch.cat([p.grad.flatten() for p in params])
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    everything = torch.cat(gathered)
+    for norm_type in (2.0, float("inf")):
+        ours = dist_utils.clip_grad_norm_(params, 1e9, norm_type=norm_type, pp_mesh=mesh).item()
+        out[f"pp_norm_{norm_type}"] = (ours, torch.linalg.vector_norm(everything, norm_type).item())
+    # Every group, flattened views included, takes the new collective timeout.
+    pd = ParallelDims(dp_replicate=1, dp_shard=world, cp=1, tp=1, pp=1, world_size=world)
+    pd.build_mesh(device().type)
+    dist_utils.set_pg_timeout(77, pd.world_mesh)
+    backend = pd.get_mesh("dp_shard_cp").get_group()._get_backend(device())
+    out["timeout_s"] = backend.options._timeout.total_seconds()
+    seed = dist_utils.set_determinism(None, device(), seed=None)
+    seeds = [None] * world
+    dist.all_gather_object(seeds, seed)
+    out["seeds"] = seeds
+    return out
+
+
+def main(
+    layouts: list[dict[str, Any]], clip: dict[str, int] | None = None, misc: bool = False
+) -> dict[str, Any]:
+    """The entry point of one launch: everything one world size checks."""
+    out: dict[str, Any] = {"layouts": run_layouts(layouts)}
+    if clip is not None:
+        out["clip"] = run_clip_check(**clip)
+    if misc:
+        out["misc"] = misc_checks()
+    return out

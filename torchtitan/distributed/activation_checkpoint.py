@@ -1,0 +1,110 @@
+"""Activation checkpointing per transformer block: trade recomputation for memory.
+
+Modes (``[activation_checkpoint]``):
+
+- ``none``: keep every activation.
+- ``full``: each block keeps only its input; its whole forward is rerun in backward.
+- ``selective`` with ``selective_ac_option = "N"`` (an integer): checkpoint every N-th block
+  fully (blocks N-1, 2N-1, ... counting from 0); N = 1 is the same as full.
+- ``selective`` with ``selective_ac_option = "op"``: every block is checkpointed, but the
+  outputs of the expensive ops are saved rather than recomputed: attention (every SDPA
+  kernel: flash, memory-efficient, cuDNN, CPU flash), tensor-parallel reduce-scatters, and
+  every other matmul (mm/addmm/bmm). The rest (norms, activations, rotary, elementwise) is
+  cheap and recomputed. Saving alternate matmuls keeps roughly half of the matmul memory
+  while recomputing only half of the matmul FLOPs.
+
+Blocks are replaced in ``model.layers`` by a checkpoint wrapper, so parameter names gain a
+``_checkpoint_wrapped_module.`` segment that ``torch.distributed.checkpoint.state_dict``
+strips again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from torchtitan.config import ConfigError
+
+__all__ = ["apply_ac", "AC_MODES", "op_sac_save_list"]
+
+AC_MODES = ("none", "full", "selective")
+
+
+def _ops(namespace: Any, names: tuple[str, ...]) -> set:
+    """The ``.default`` overloads of the named ops that this torch build has."""
+    return {getattr(namespace, n).default for n in names if hasattr(namespace, n)}
+
+
+_MATMUL_OPS = _ops(torch.ops.aten, ("mm", "addmm", "bmm"))
+
+
+def op_sac_save_list() -> set:
+    """Ops whose outputs selective-op AC saves (matmuls only every other one)."""
+    attention = _ops(
+        torch.ops.aten,
+        (
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention",
+            "_scaled_dot_product_flash_attention_for_cpu",
+        ),
+    )
+    comms = _ops(torch.ops._c10d_functional, ("reduce_scatter_tensor",))
+    return attention | comms | _MATMUL_OPS
+
+
+def _op_sac_context_fn() -> tuple[Any, Any]:
+    """Fresh contexts for one checkpointed forward; called by checkpoint on every forward."""
+    save_list = op_sac_save_list()
+    # Forward and recompute count matmuls separately so both make the same decisions.
+    matmul_count: dict[bool, int] = defaultdict(int)
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if op in _MATMUL_OPS:
+            matmul_count[ctx.is_recompute] += 1
+            if matmul_count[ctx.is_recompute] % 2 == 0:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+        if op in save_list:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _wrap(block: nn.Module, op_level: bool) -> nn.Module:
+    kwargs: dict[str, Any] = {"preserve_rng_state": False}
+    if op_level:
+        kwargs["context_fn"] = _op_sac_context_fn
+    return checkpoint_wrapper(block, **kwargs)
+
+
+def _every_n(option: str | int) -> int:
+    try:
+        n = int(option)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ConfigError(
+            f"activation_checkpoint.selective_ac_option {option!r} must be 'op' or a positive "
+            "integer N (checkpoint every N-th block)"
+        )
+    return n
+
+
+def apply_ac(model: nn.Module, mode: str, selective_ac_option: str | int = "2") -> nn.Module:
+    """Wrap the blocks of ``model.layers`` in place according to ``mode``; returns ``model``."""
+    if mode not in AC_MODES:
+        raise ConfigError(f"activation_checkpoint.mode {mode!r} is not one of {AC_MODES}")
+    if mode == "none":
+        return model
+    op_level = mode == "selective" and str(selective_ac_option) == "op"
+    every = 1 if mode == "full" or op_level else _every_n(selective_ac_option)
+    for i, (name, block) in enumerate(list(model.layers.named_children())):
+        if (i + 1) % every == 0:
+            model.layers.register_module(name, _wrap(block, op_level))
+    return model

@@ -1,0 +1,121 @@
+"""Tensor + sequence parallelism for a Llama-shaped transformer, applied from outside.
+
+Megatron-style plan expressed with DTensor:
+
+- attention ``wq/wk/wv`` and MLP ``w1/w3`` are column-wise (each rank owns a slice of heads
+  / hidden units), ``wo``/``w2`` row-wise, so a block needs one gather before and one
+  reduce-scatter after each of attention and MLP;
+- between those, activations are sharded along the sequence (sequence parallelism): the
+  norms run on ``seq / tp`` tokens, and the row-wise outputs reduce-*scatter* to that layout
+  instead of all-reducing;
+- the embedding is row-wise (vocabulary-sharded) and emits sequence-sharded activations;
+- the output projection is column-wise; with loss parallel its logits stay sharded along
+  the vocabulary (a DTensor) and cross-entropy runs under ``loss_parallel()`` without
+  gathering them.
+
+``freqs_cis`` needs no plan: attention sees the whole (gathered) sequence and applies the
+same rotary table to its local heads. Module names follow docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from torchtitan.config import ConfigError
+
+__all__ = ["apply_tp", "check_tp_divisibility"]
+
+
+def check_tp_divisibility(model: nn.Module, tp_degree: int) -> None:
+    """Each rank must own whole query and key/value heads."""
+    for name, block in model.layers.named_children():
+        attention = block.get_submodule("attention")
+        head_dim = attention.head_dim
+        n_heads = attention.wq.out_features // head_dim
+        n_kv_heads = attention.wk.out_features // head_dim
+        if n_kv_heads % tp_degree != 0 or n_heads % tp_degree != 0:
+            raise ConfigError(
+                f"parallelism.tensor_parallel_degree {tp_degree} must divide the model's "
+                f"{n_kv_heads} key/value heads and {n_heads} query heads (layer {name}); "
+                f"choose a degree that divides {n_kv_heads}"
+            )
+
+
+def _plan_classes(float8_tensorwise: bool) -> tuple[type, type, type]:
+    """Float8 tensorwise linears need float8-aware plans that all-gather in float8."""
+    if float8_tensorwise:
+        from torchao.float8.float8_tensor_parallel import (
+            Float8ColwiseParallel,
+            Float8RowwiseParallel,
+            PrepareFloat8ModuleInput,
+        )
+
+        return Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
+    return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+
+
+def apply_tp(
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    loss_parallel: bool,
+    enable_async_tp: bool = False,
+    enable_float8_tensorwise_tp: bool = False,
+) -> nn.Module:
+    """Shard ``model`` in place over the 1-D ``tp_mesh``; returns it.
+
+    Between blocks, hidden states are plain local tensors holding ``seq / tp`` tokens (also
+    what a pipeline stage sends on). ``enable_async_tp`` lets inductor overlap the TP
+    collectives with the matmuls (CUDA + compile only).
+    """
+    check_tp_divisibility(model, tp_mesh.size())
+    colwise, rowwise, prepare_input = _plan_classes(enable_float8_tensorwise_tp)
+
+    top_plan = {}
+    if getattr(model, "tok_embeddings", None) is not None:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if getattr(model, "norm", None) is not None:
+        top_plan["norm"] = SequenceParallel()
+    if getattr(model, "output", None) is not None:
+        top_plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if top_plan:
+        parallelize_module(model, tp_mesh, top_plan)
+
+    for block in model.layers.values():
+        block_plan = {
+            "attention_norm": SequenceParallel(),
+            # attention(x, freqs_cis): gather the sequence of x, leave freqs_cis alone.
+            "attention": prepare_input(
+                input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+            ),
+            "attention.wq": colwise(),
+            "attention.wk": colwise(),
+            "attention.wv": colwise(),
+            "attention.wo": rowwise(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": colwise(),
+            "feed_forward.w2": rowwise(output_layouts=Shard(1)),
+            "feed_forward.w3": colwise(),
+        }
+        parallelize_module(block, tp_mesh, block_plan)
+
+    if enable_async_tp:
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        torch._inductor.config._micro_pipeline_tp = True
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+    return model

@@ -1,0 +1,328 @@
+"""Process group, determinism, gradient clipping and small reductions shared by the trainer.
+
+Everything here works on one process too: ``init_distributed`` always creates a process
+group (a 1-rank one through an in-memory store when torchrun did not launch us), so the
+mesh, DTensor and the reductions below run the same code at every scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+
+from torchtitan.config import ConfigError
+from torchtitan.tools.logging import logger
+
+if TYPE_CHECKING:
+    from torchtitan.distributed.parallel_dims import ParallelDims
+
+__all__ = [
+    "device_type",
+    "device_module",
+    "init_distributed",
+    "init_single_process_group",
+    "set_pg_timeout",
+    "set_determinism",
+    "clip_grad_norm_",
+    "dist_max",
+    "dist_mean",
+    "dist_sum",
+    "get_train_context",
+    "maybe_enable_amp",
+    "TORCH_DTYPE_MAP",
+]
+
+device_type: str = "cuda" if torch.cuda.is_available() else "cpu"
+# torch.cpu mirrors the parts of torch.cuda the trainer needs (device_count, synchronize,
+# current_device, set_device); memory statistics are the metrics module's business.
+device_module = torch.cuda if device_type == "cuda" else torch.cpu
+
+TORCH_DTYPE_MAP: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+# ---- process group ------------------------------------------------------------------
+def _backend() -> str:
+    # gloo next to NCCL lets CPU tensors be reduced too (DCP async save, object broadcasts).
+    return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+
+
+def init_single_process_group(dev_type: str = device_type, timeout_seconds: int = 300) -> None:
+    """A 1-rank process group on an in-memory store: no port, no environment needed."""
+    if dist.is_initialized():
+        return
+    backend = "cuda:nccl,cpu:gloo" if dev_type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        timeout=timedelta(seconds=timeout_seconds),
+    )
+
+
+def init_distributed(init_timeout_seconds: int, trace_buf_size: int, dump_folder: str) -> int:
+    """Create the default process group from torchrun's environment; return the world size.
+
+    NCCL on CUDA (the device taken from LOCAL_RANK), gloo on CPU. Without torchrun (no
+    WORLD_SIZE/MASTER_ADDR) a 1-rank group is created in memory, so single-process runs use
+    the same mesh and DTensor code paths. Calling it again is a no-op.
+    """
+    if dist.is_initialized():
+        return dist.get_world_size()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if trace_buf_size > 0:
+        # Flight recorder: keep the last N collectives per rank and dump them on a timeout.
+        trace_dir = os.path.join(dump_folder, "comm_traces")
+        os.makedirs(trace_dir, exist_ok=True)
+        # TORCH_FR_BUFFER_SIZE is the name since torch 2.9 (TORCH_NCCL_TRACE_BUFFER_SIZE, the
+        # old one, still works but warns); it also enables the recorder on gloo.
+        os.environ["TORCH_FR_BUFFER_SIZE"] = str(trace_buf_size)
+        os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = os.path.join(trace_dir, "rank_")
+    timeout = timedelta(seconds=init_timeout_seconds)
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        init_single_process_group(device_type, init_timeout_seconds)
+    else:
+        dist.init_process_group(_backend(), timeout=timeout)
+    return dist.get_world_size()
+
+
+def set_pg_timeout(timeout_seconds: int, world_mesh: DeviceMesh | None = None) -> None:
+    """Change the collective timeout of every process group of this rank: the default one,
+    the mesh dims and the flattened views (e.g. longer for the first step's compile, shorter
+    afterwards). A barrier first, so no rank is inside a collective when it changes."""
+    if not dist.is_initialized():
+        return
+    timeout = timedelta(seconds=timeout_seconds)
+    dist.barrier()
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    groups = set(dist.distributed_c10d._world.pg_map)  # every group this rank belongs to
+    if world_mesh is not None:
+        groups.update(world_mesh.get_group(i) for i in range(world_mesh.ndim))
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def set_determinism(
+    world_mesh: DeviceMesh | None,
+    device: torch.device,
+    seed: int | None,
+    deterministic: bool = False,
+) -> int:
+    """Seed python and torch identically on every rank; return the seed used.
+
+    One seed everywhere makes replicated initialisation identical across ranks; on CUDA,
+    DTensor's offset-based RNG gives each shard of a sharded parameter its own slice of the
+    same stream. (On CPU DTensor has no such tracker: shards of one parameter draw the same
+    numbers, which is why parity tests load weights instead of relying on sharded init.)
+    ``seed=None`` draws one on rank 0 and broadcasts it. ``deterministic`` also turns on
+    deterministic kernels (slower).
+    """
+    if seed is None:
+        seed_tensor = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            seed_tensor = seed_tensor.to(device)
+            dist.broadcast(seed_tensor, src=0)
+        seed = int(seed_tensor.item())
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional
+        pass
+    if deterministic:
+        logger.info("deterministic algorithms on (slower)")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        # cuBLAS needs a fixed workspace to be deterministic.
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    return seed
+
+
+# ---- gradient norm ------------------------------------------------------------------
+def _local_view(grad: torch.Tensor) -> tuple[torch.Tensor, DeviceMesh | None, tuple[int, ...]]:
+    """The local shard of ``grad``, its mesh, and the mesh dims its elements are split over.
+
+    Partial placements (pending sums) are reduced first: a norm of summands is not the norm
+    of their sum. Replicate dims hold copies, so they must not be counted twice.
+    """
+    if not isinstance(grad, DTensor):
+        return grad, None, ()
+    placements = grad.placements
+    if any(p.is_partial() for p in placements):
+        placements = tuple(Replicate() if p.is_partial() else p for p in placements)
+        grad = grad.redistribute(grad.device_mesh, placements)
+    # Anything that is neither Replicate nor (reduced) Partial splits elements across the
+    # dim: Shard and also _StridedShard (FSDP over TP), for which is_shard() is False.
+    shard_dims = tuple(i for i, p in enumerate(placements) if not p.is_replicate())
+    return grad.to_local(), grad.device_mesh, shard_dims
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    pp_mesh: DeviceMesh | None = None,
+) -> torch.Tensor:
+    """Clip gradients by their global norm, as if the whole model sat on one device.
+
+    Gradients are grouped by (mesh, sharded mesh dims). Each group's local shards give a
+    partial ``sum |g|^p`` (or max for p = inf) that is all-reduced over exactly the mesh
+    dims the elements are split across; groups and pipeline stages (``pp_mesh``) then add
+    up. Returns the total norm as a plain tensor (identical on every rank).
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    is_inf = math.isinf(norm_type)
+    if not grads:
+        return torch.tensor(0.0)
+
+    groups: dict[tuple[DeviceMesh | None, tuple[int, ...]], list[torch.Tensor]] = {}
+    for g in grads:
+        local, mesh, shard_dims = _local_view(g)
+        groups.setdefault((mesh, shard_dims), []).append(local)
+
+    out_device = next(iter(groups.values()))[0].device
+    total = torch.zeros((), dtype=torch.float32, device=out_device)
+    for (mesh, shard_dims), tensors in groups.items():
+        nonempty = [t for t in tensors if t.numel() > 0]
+        if nonempty:
+            if foreach is not False and len({t.device for t in nonempty}) == 1:
+                norms = torch._foreach_norm(nonempty, norm_type)
+            else:
+                norms = [torch.linalg.vector_norm(t, norm_type) for t in nonempty]
+            norms_t = torch.stack([n.to(torch.float32) for n in norms]).to(out_device)
+            part = norms_t.max() if is_inf else norms_t.pow(norm_type).sum()
+        else:
+            part = torch.zeros((), dtype=torch.float32, device=out_device)
+        op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
+        for dim in shard_dims:
+            assert mesh is not None
+            dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+        total = torch.maximum(total, part) if is_inf else total + part
+
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        dist.all_reduce(
+            total, op=dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM, group=pp_mesh.get_group()
+        )
+    total_norm = total if is_inf else total.pow(1.0 / norm_type)
+
+    if error_if_nonfinite and not torch.isfinite(total_norm):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite; "
+            "set error_if_nonfinite=False to clip anyway"
+        )
+    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        by_device.setdefault((local.device, local.dtype), []).append(local)
+    for (dev, _), locals_ in by_device.items():
+        coef = clip_coef.to(dev)
+        if foreach is not False:
+            torch._foreach_mul_(locals_, coef)
+        else:
+            for t in locals_:
+                t.mul_(coef)
+    return total_norm
+
+
+# ---- reductions for logging ----------------------------------------------------------
+def _reduce(x: torch.Tensor | float, mesh: DeviceMesh | None, op: dist.ReduceOp) -> float:
+    if mesh is None or mesh.size() == 1:
+        return float(x.item() if isinstance(x, torch.Tensor) else x)
+    dev = mesh.device_type
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to(device=dev, dtype=torch.float64).reshape(())
+    else:
+        t = torch.tensor(float(x), dtype=torch.float64, device=dev)
+    t = t.clone()
+    for dim in range(mesh.ndim):
+        dist.all_reduce(t, op=op, group=mesh.get_group(dim))
+    return float(t.item())
+
+
+def dist_max(x: torch.Tensor | float, mesh: DeviceMesh | None) -> float:
+    return _reduce(x, mesh, dist.ReduceOp.MAX)
+
+
+def dist_sum(x: torch.Tensor | float, mesh: DeviceMesh | None) -> float:
+    return _reduce(x, mesh, dist.ReduceOp.SUM)
+
+
+def dist_mean(x: torch.Tensor | float, mesh: DeviceMesh | None) -> float:
+    total = _reduce(x, mesh, dist.ReduceOp.SUM)
+    return total / (mesh.size() if mesh is not None else 1)
+
+
+# ---- contexts around forward/backward ------------------------------------------------
+def get_train_context(
+    enable_loss_parallel: bool, enable_compiled_autograd: bool
+) -> Callable[..., contextlib.AbstractContextManager]:
+    """A factory of the context wrapping forward + loss + backward of one microbatch.
+
+    Loss parallel lets cross-entropy consume vocabulary-sharded logits without gathering
+    them; compiled autograd traces the backward. ``cp_context`` (context parallel's buffer
+    sharding) is entered too when given.
+    """
+
+    @contextlib.contextmanager
+    def context(cp_context: contextlib.AbstractContextManager | None = None) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if enable_loss_parallel:
+                from torch.distributed.tensor.parallel import loss_parallel
+
+                stack.enter_context(loss_parallel())
+            if enable_compiled_autograd:
+                stack.enter_context(torch._dynamo.utils.maybe_enable_compiled_autograd(True))
+            if cp_context is not None:
+                stack.enter_context(cp_context)
+            yield
+
+    return context
+
+
+def maybe_enable_amp(
+    parallel_dims: ParallelDims, mixed_precision_param: str, device_type: str
+) -> contextlib.AbstractContextManager:
+    """Autocast to the training dtype wherever FSDP is not already casting parameters.
+
+    FSDP's MixedPrecisionPolicy does bf16 compute itself; every other layout (one device,
+    TP only, DDP, PP without FSDP) gets torch.autocast, so no layout silently trains in
+    fp32. The returned object can be entered once per step, repeatedly.
+    """
+    if mixed_precision_param not in TORCH_DTYPE_MAP:
+        raise ConfigError(
+            f"training.mixed_precision_param {mixed_precision_param!r} is not one of "
+            f"{sorted(TORCH_DTYPE_MAP)}"
+        )
+    dtype = TORCH_DTYPE_MAP[mixed_precision_param]
+    if parallel_dims.fsdp_enabled or dtype == torch.float32:
+        return contextlib.nullcontext()
+    logger.info(f"mixed precision through torch.autocast({device_type}, {mixed_precision_param})")
+    return torch.autocast(device_type, dtype=dtype)
