@@ -1,0 +1,31 @@
+"""Distributed checkpointing (DCP): the manager, the folder layout and model-only I/O.
+
+See docs/checkpoint.md for what is saved, the on-disk layout and the conversion scripts.
+"""
+
+from torchtitan.components.checkpoint.folder import (
+    MARKER,
+    CheckpointError,
+    CheckpointInfo,
+    list_checkpoints,
+)
+from torchtitan.components.checkpoint.manager import (
+    ASYNC_MODES,
+    CheckpointManager,
+    CheckpointSettings,
+    Stateful,
+)
+from torchtitan.components.checkpoint.storage import read_model_state, write_model_state
+
+__all__ = [
+    "ASYNC_MODES",
+    "MARKER",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointSettings",
+    "Stateful",
+    "list_checkpoints",
+    "read_model_state",
+    "write_model_state",
+]
