@@ -15,11 +15,14 @@ import importlib
 import os
 import sys
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from torchtitan.components.checkpoint import CheckpointError, CheckpointManager, CheckpointSettings
 from torchtitan.components.data import build_dataloader
+from torchtitan.components.float8 import build_model_converters
 from torchtitan.components.loss import build_loss_fn
 from torchtitan.components.lr_scheduler import LRScheduleSettings, build_lr_schedulers
 from torchtitan.components.metrics import MetricsProcessor
@@ -29,6 +32,7 @@ from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.config.manager import dump_toml, format_config
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
 from torchtitan.models import get_model_args, get_model_spec
 from torchtitan.tools.device_info import peak_flops
 from torchtitan.tools.logging import init_logger, logger
@@ -63,8 +67,15 @@ class Trainer:
             enable_loss_parallel=not p.disable_loss_parallel,
         )
         self.world_mesh = pd.build_mesh(dev)
+        if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
+            raise ConfigError(
+                "checkpoint.create_seed_checkpoint writes the seed from one process: run it "
+                "without torchrun (or with --nproc_per_node 1)"
+            )
         dp_rank, dp_degree = pd.dp_rank_and_size(self.world_mesh)
-        dist_utils.set_determinism(self.world_mesh, self.device, cfg.training.seed, cfg.training.deterministic)
+        self.seed = dist_utils.set_determinism(
+            self.world_mesh, self.device, cfg.training.seed, cfg.training.deterministic
+        )
         self._resolve_cpu_precision(cfg)
 
         # Batch arithmetic: global = local × dp × accumulation.
@@ -105,14 +116,30 @@ class Trainer:
             model = self.model_spec.model_cls(self.model_args)
         nparams, self.flops_per_token = self.model_args.get_nparams_and_flops(model, t.seq_len)
         logger.info(f"model has {nparams:,} parameters, {self.flops_per_token:,} FLOPs per token")
+        # Converters (float8) swap modules on the meta model, before any parallelism.
+        self.model_converters = build_model_converters(cfg, pd)
+        self.model_converters.convert(model)
+        if cfg.model.print_after_conversion:
+            logger.info(f"model after conversion:\n{model}")
 
-        model = self.model_spec.parallelize_fn(model, pd, cfg)
-        init_device = "cpu" if t.enable_cpu_offload else self.device
-        model.to_empty(device=init_device)
-        with torch.no_grad():
-            model.init_weights(buffer_device=self.device if t.enable_cpu_offload else None)
-        model.train()
-        self.model_parts = [model]
+        # Under PP the model is cut into stages first; each stage is then parallelized like a
+        # whole model. model_parts are the stages on this rank (one model without PP).
+        self.pp_schedule = None
+        if pd.pp_enabled:
+            self.pp_schedule, parts, self.pp_has_first_stage, self.pp_has_last_stage = (
+                self.model_spec.pipelining_fn(
+                    model, pd, cfg, self.device, self.model_args, self.model_spec.parallelize_fn,
+                    lambda pred, labels: self.loss_fn(pred, labels) / self.grad_accumulation_steps,
+                )
+            )
+            del model
+        else:
+            parts = [self.model_spec.parallelize_fn(model, pd, cfg)]
+        init_device = "cpu" if t.enable_cpu_offload or cfg.checkpoint.create_seed_checkpoint else self.device
+        for part in parts:
+            self._materialize(part, init_device, buffer_device=self.device if t.enable_cpu_offload else None)
+            part.train()
+        self.model_parts = parts
 
         self.optimizers = build_optimizers(self.model_parts, OptimizerSettings.from_config(cfg.optimizer))
         self.lr_schedulers = build_lr_schedulers(
@@ -144,6 +171,19 @@ class Trainer:
             config_for_wandb=cfg.to_dict() if cfg.metrics.enable_wandb else None,
         )
         self.step = 0
+        self.ntokens_seen = 0
+        # Model, optimizer, lr schedule, data position and step: everything a resume needs.
+        self.checkpointer = CheckpointManager(
+            CheckpointSettings.from_config(cfg.checkpoint),
+            dump_folder=cfg.job.dump_folder,
+            model_parts=self.model_parts,
+            states={
+                "optimizer": self.optimizers,
+                "lr_scheduler": self.lr_schedulers,
+                "dataloader": self.dataloader,
+                "train_state": self,
+            },
+        )
         logger.info(
             f"device {self.device}, world {world_size}, mesh {self.world_mesh}, global batch "
             f"{global_batch} = local {t.local_batch_size} × dp {dp_degree} × accumulation "
@@ -154,12 +194,6 @@ class Trainer:
     def _reject_unbuilt_features(cfg: JobConfig) -> None:
         """Options whose machinery is not in this build fail loudly, never silently."""
         unbuilt = []
-        if cfg.model.converters:
-            unbuilt.append(f"model.converters={cfg.model.converters}")
-        if cfg.checkpoint.enable or cfg.checkpoint.create_seed_checkpoint:
-            unbuilt.append("checkpoint.enable / checkpoint.create_seed_checkpoint")
-        if cfg.parallelism.pipeline_parallel_degree > 1:
-            unbuilt.append("parallelism.pipeline_parallel_degree > 1")
         if cfg.parallelism.context_parallel_degree > 1:
             unbuilt.append("parallelism.context_parallel_degree > 1")
         if unbuilt:
@@ -179,8 +213,53 @@ class Trainer:
         )
         t.mixed_precision_param = "float32"
 
+    def _materialize(self, model: torch.nn.Module, init_device, buffer_device) -> None:
+        """Allocate the (sharded) parameters and initialise them identically to one process.
+
+        The init draws from a generator seeded with the run's seed, so every layout starts
+        from the same weights. On CUDA, DTensor's offset-based RNG makes a sharded init equal
+        to the full one; on CPU it has none (every shard would draw the same numbers), so
+        there one full replica is initialised and scattered into the shards. A pipeline
+        stage draws in a different order than the whole model, so it is also loaded from a
+        full replica (host memory for one fp32 copy; large models start from a seed
+        checkpoint instead).
+        """
+        model.to_empty(device=init_device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            model.init_weights(buffer_device=buffer_device)
+            has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())
+            if (self.device.type == "cpu" and has_dtensor) or self.parallel_dims.pp_enabled:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                with torch.device("meta"):  # a CPU constructor would consume the generator
+                    full = self.model_spec.model_cls(self.model_args)
+                full.to_empty(device="cpu")
+                torch.manual_seed(self.seed)
+                full.init_weights()
+                set_model_state_dict(
+                    model, full.state_dict(), options=StateDictOptions(full_state_dict=True, strict=False)
+                )
+                del full
+
+    # ---- checkpointed train state ----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = state_dict["step"]
+        self.ntokens_seen = state_dict["ntokens_seen"]
+
     # ---- one step -------------------------------------------------------------------
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.pp_schedule is not None:
+            # Inputs enter at the first stage, labels meet the logits at the last; the loss
+            # (already scaled by the pipelining loss_fn) is known only where the last stage is.
+            with self.train_context(), self.amp_context:
+                return pipeline_step(
+                    self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage
+                )
         model = self.model_parts[0]
         with self.train_context():
             with self.amp_context:
@@ -188,7 +267,9 @@ class Trainer:
                 loss = self.loss_fn(pred, labels) / self.grad_accumulation_steps
             del pred
             loss.backward()
-        return loss.detach()
+        loss = loss.detach()
+        # Under loss parallel the loss is a replicated DTensor; the loop sums plain tensors.
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
     def train_step(self, data_iterator: Iterator) -> tuple[torch.Tensor, torch.Tensor, float]:
         self.optimizers.zero_grad()
@@ -197,18 +278,23 @@ class Trainer:
             t0 = time.perf_counter()
             inputs, labels = next(data_iterator)
             self.metrics.add_data_loading_time(time.perf_counter() - t0)
-            self.metrics.add_tokens(labels.numel())
+            # TP/CP/PP ranks of one data-parallel group share its tokens: count a device's share.
+            self.metrics.add_tokens(labels.numel() // self.parallel_dims.non_data_parallel_size)
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
+        pp_mesh = self.parallel_dims.get_mesh("pp") if self.parallel_dims.pp_enabled else None
+        if pp_mesh is not None:
+            loss_sum = share_last_stage_loss(loss_sum, pp_mesh)
 
         params = [p for m in self.model_parts for p in m.parameters()]
         max_norm = self.job_config.training.max_norm
         grad_norm = dist_utils.clip_grad_norm_(
-            params, max_norm if max_norm > 0 else float("inf"), foreach=True
+            params, max_norm if max_norm > 0 else float("inf"), foreach=True, pp_mesh=pp_mesh
         )
         lr = self.lr_schedulers.get_last_lr()
         self.optimizers.step()
+        self.model_converters.post_optimizer_hook(self.model_parts)
         self.lr_schedulers.step()
         return loss_sum, grad_norm, lr
 
@@ -217,6 +303,10 @@ class Trainer:
         cfg = self.job_config
         t = cfg.training
         losses: list[float] = []
+        if cfg.checkpoint.create_seed_checkpoint:
+            self.checkpointer.save_seed()
+            return losses
+        self.checkpointer.load()
         gc.disable()  # collect on our schedule, identically on every rank
         gc.collect(1)
         data_iterator = iter(self.dataloader)
@@ -255,6 +345,8 @@ class Trainer:
                     losses.append(global_loss)
                     if self.rank == 0 or not cfg.metrics.rank_0_only:
                         self.metrics.log(self.step, loss=global_loss, grad_norm=gn, lr=lr)
+                self.ntokens_seen += self.global_batch_size * t.seq_len
+                self.checkpointer.save(self.step, last_step=self.step == t.steps)
                 if profiler is not None:
                     profiler.step()
                 snapshotter.step(self.step)
@@ -268,6 +360,7 @@ class Trainer:
         return self.parallel_dims.get_mesh("dp_cp") if self.parallel_dims.dp_cp_enabled else None
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.metrics.close()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -298,10 +391,17 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("TORCHTITAN_TRACEBACK"):
             raise
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    error = None
     try:
         trainer.train()
+    except CheckpointError as e:  # a bad checkpoint or a failed save: one line, exit 2
+        if os.environ.get("TORCHTITAN_TRACEBACK"):
+            raise
+        error = str(e)
     finally:
         trainer.close()
+    if error is not None:
+        _fail(error)
 
 
 if __name__ == "__main__":
