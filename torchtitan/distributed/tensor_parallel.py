@@ -64,6 +64,11 @@ def _plan_classes(float8_tensorwise: bool) -> tuple[type, type, type]:
     return ColwiseParallel, RowwiseParallel, PrepareModuleInput
 
 
+def _all_float8(module: nn.Module) -> bool:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return bool(linears) and all(type(m).__name__ == "Float8Linear" for m in linears)
+
+
 def apply_tp(
     model: nn.Module,
     tp_mesh: DeviceMesh,
@@ -78,7 +83,6 @@ def apply_tp(
     collectives with the matmuls (CUDA + compile only).
     """
     check_tp_divisibility(model, tp_mesh.size())
-    colwise, rowwise, prepare_input = _plan_classes(enable_float8_tensorwise_tp)
 
     top_plan = {}
     if getattr(model, "tok_embeddings", None) is not None:
@@ -95,21 +99,25 @@ def apply_tp(
         parallelize_module(model, tp_mesh, top_plan)
 
     for block in model.layers.values():
+        # Float8 plans only where every linear they touch was converted (the float8
+        # converter skips some, e.g. dims not multiples of 16); the others keep plain plans.
+        attn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("attention")))
+        ffn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("feed_forward")))
         block_plan = {
             "attention_norm": SequenceParallel(),
             # attention(x, freqs_cis): gather the sequence of x, leave freqs_cis alone.
-            "attention": prepare_input(
+            "attention": attn[2](
                 input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
             ),
-            "attention.wq": colwise(),
-            "attention.wk": colwise(),
-            "attention.wv": colwise(),
-            "attention.wo": rowwise(output_layouts=Shard(1)),
+            "attention.wq": attn[0](),
+            "attention.wk": attn[0](),
+            "attention.wv": attn[0](),
+            "attention.wo": attn[1](output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": colwise(),
-            "feed_forward.w2": rowwise(output_layouts=Shard(1)),
-            "feed_forward.w3": colwise(),
+            "feed_forward": ffn[2](input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ffn[0](),
+            "feed_forward.w2": ffn[1](output_layouts=Shard(1)),
+            "feed_forward.w3": ffn[0](),
         }
         parallelize_module(block, tp_mesh, block_plan)
 
