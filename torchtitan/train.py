@@ -220,9 +220,10 @@ class Trainer:
         from the same weights. On CUDA, DTensor's offset-based RNG makes a sharded init equal
         to the full one; on CPU it has none (every shard would draw the same numbers), so
         there one full replica is initialised and scattered into the shards. A pipeline
-        stage draws in a different order than the whole model, so it is also loaded from a
-        full replica (host memory for one fp32 copy; large models start from a seed
-        checkpoint instead).
+        stage draws in a different order than the whole model, so on CPU it is loaded from a
+        full replica too. On GPUs a pipeline stage initialises itself (a full fp32 replica
+        of a large model would not fit in host memory): to start PP and non-PP layouts from
+        identical weights there, start from a seed checkpoint (docs/checkpoint.md).
         """
         model.to_empty(device=init_device)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -230,7 +231,7 @@ class Trainer:
             torch.manual_seed(self.seed)
             model.init_weights(buffer_device=buffer_device)
             has_dtensor = any(isinstance(p, DTensor) for p in model.parameters())
-            if (self.device.type == "cpu" and has_dtensor) or self.parallel_dims.pp_enabled:
+            if self.device.type == "cpu" and (has_dtensor or self.parallel_dims.pp_enabled):
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
                 with torch.device("meta"):  # a CPU constructor would consume the generator

@@ -1,0 +1,290 @@
+"""Rank-side code of the pipeline tests: train a small Llama 3 split into pipeline stages
+(optionally with FSDP and TP) and compare it with one process on the same global batch.
+
+Every rank builds the same initial weights (seeded, no communication) and loads them into
+its stages; the stages are built by the real ``pipeline_llama`` with ``parallelize_llama``.
+After a few AdamW steps with clipping, every rank gathers its stages' full parameters and
+rank 0 merges all ranks' into one state dict, compares it (and the per-step losses and
+gradient norms) with the reference, and reports relative errors; the pytest side judges.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from torchtitan.config import JobConfig
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
+from torchtitan.models.llama3 import Transformer, llama3_configs
+from torchtitan.models.llama3.parallelize import parallelize_llama
+from torchtitan.models.llama3.pipeline import pipeline_llama
+
+STEPS = 3
+GLOBAL_BATCH = 8
+SEQ_LEN = 16
+LR = 2e-3
+EPS = 1e-6  # keeps Adam from turning fp32 noise in ~0 gradients into lr-sized steps
+MAX_NORM = 0.5  # clipping is active on every step of this model
+
+# The debug flavor shrunk to 8 layers (enough for 8 stages), dim 64, 4 / 2 heads, vocab 128.
+ARGS = dataclasses.replace(
+    copy.deepcopy(llama3_configs["debugmodel"]),
+    dim=64,
+    n_layers=8,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=128,
+    multiple_of=16,
+    max_seq_len=SEQ_LEN,
+)
+
+
+@dataclasses.dataclass
+class Layout:
+    name: str
+    pp: int
+    schedule: str = "1F1B"
+    dp_shard: int = 1
+    tp: int = 1
+    csv: str = ""
+    microbatch_size: int = 1
+    split_points: list[str] = dataclasses.field(default_factory=list)
+    layers_per_stage: int | None = None
+    reshard: str = "default"
+
+
+def loss_fn(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
+
+
+def initial_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    model.init_weights()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, ARGS.vocab_size, (STEPS, GLOBAL_BATCH, SEQ_LEN + 1), generator=g)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+
+def clean_name(name: str) -> str:
+    for seg in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+        name = name.replace(seg, "")
+    return name
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        clean_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def train_reference(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One process, the whole model on the whole global batch, torch's own clipping."""
+    model = Transformer(ARGS)
+    model.load_state_dict(state)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=EPS)
+    losses, norms = [], []
+    for inputs, labels in batches():
+        opt.zero_grad()
+        loss = loss_fn(model(inputs), labels)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms, "params": full_params(model)}
+
+
+def _job_config(layout: Layout) -> JobConfig:
+    jc = JobConfig()
+    p = jc.parallelism
+    p.pipeline_parallel_degree = layout.pp
+    p.data_parallel_shard_degree = layout.dp_shard
+    p.tensor_parallel_degree = layout.tp
+    p.pipeline_parallel_schedule = layout.schedule
+    p.pipeline_parallel_schedule_csv = layout.csv
+    p.pipeline_parallel_microbatch_size = layout.microbatch_size
+    p.pipeline_parallel_split_points = list(layout.split_points)
+    p.pipeline_parallel_layers_per_stage = layout.layers_per_stage
+    p.fsdp_reshard_after_forward = layout.reshard
+    jc.activation_checkpoint.mode = "none"
+    jc.training.mixed_precision_param = "float32"
+    jc.training.mixed_precision_reduce = "float32"
+    jc.training.local_batch_size = GLOBAL_BATCH // layout.dp_shard
+    jc.training.seq_len = SEQ_LEN
+    return jc
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = state[clean_name(name)]
+            if isinstance(param, DTensor):
+                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)
+
+
+def _reshard_flags(part: nn.Module) -> list[bool]:
+    """Whether each FSDP unit of a stage frees its parameters after forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    flags = []
+    for module in part.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None:
+                flags.append(group.post_forward_mesh_info is not None)
+    return flags
+
+
+def train_pipeline(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    pd = ParallelDims(
+        dp_replicate=1, dp_shard=layout.dp_shard, cp=1, tp=layout.tp, pp=layout.pp,
+        world_size=dist.get_world_size(),
+    )
+    pd.build_mesh("cpu")
+    jc = _job_config(layout)
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    schedule, parts, has_first, has_last = pipeline_llama(
+        model, pd, jc, torch.device("cpu"), ARGS, parallelize_llama, loss_fn
+    )
+    for part in parts:
+        part.to_empty(device="cpu")
+        with torch.no_grad():
+            part.init_weights()
+        load_full_state(part, state)
+    params = [p for part in parts for p in part.parameters()]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.1, eps=EPS)
+    train_context = dist_utils.get_train_context(pd.loss_parallel_enabled, False)
+    pp_mesh = pd.get_mesh("pp")
+    dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
+    rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
+    losses, norms = [], []
+    for inputs, labels in batches():
+        opt.zero_grad()
+        with train_context():
+            loss = pipeline_step(schedule, inputs[rows], labels[rows], has_first, has_last)
+        loss = share_last_stage_loss(loss, pp_mesh)
+        norms.append(dist_utils.clip_grad_norm_(params, MAX_NORM, foreach=True, pp_mesh=pp_mesh).item())
+        opt.step()
+        losses.append(dist_utils.dist_mean(loss, pd.get_mesh("dp_cp")))
+    mine: dict[str, torch.Tensor] = {}
+    for part in parts:
+        mine.update(full_params(part))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    merged: dict[str, torch.Tensor] = {}
+    for d in gathered:
+        merged.update(d)
+    return {
+        "losses": losses,
+        "norms": norms,
+        "params": merged,
+        "stage_fqns": [sorted({clean_name(n).rsplit(".weight", 1)[0] for n, _ in part.named_parameters()})
+                       for part in parts],
+        "reshard_after_forward": [f for part in parts for f in _reshard_flags(part)],
+        "schedule_class": type(schedule).__name__,
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    common = set(reference["params"]) & set(result["params"])
+    return {
+        "loss_rel_err": max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"])),
+        "grad_norm_rel_err": max(abs(a - b) / abs(b) for a, b in zip(result["norms"], reference["norms"])),
+        "param_rel_err": max((_rel(result["params"][k], reference["params"][k]) for k in common), default=math.inf),
+        "param_names_differ": sorted(set(reference["params"]) ^ set(result["params"])),
+        "losses": result["losses"],
+        "ref_losses": reference["losses"],
+        "schedule_class": result["schedule_class"],
+        "reshard_after_forward": result["reshard_after_forward"],
+    }
+
+
+def run_layouts(layouts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every layout on every rank; rank 0 returns the comparisons (or the one-line error)."""
+    state = initial_state()
+    reference = train_reference(state) if dist.get_rank() == 0 else None
+    report: dict[str, Any] = {}
+    for spec in layouts:
+        layout = Layout(**spec)
+        try:
+            result = train_pipeline(layout, state)
+        except ValueError as e:  # a rejected layout (ConfigError) is a result, on every rank
+            report[layout.name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        if reference is not None:
+            report[layout.name] = compare(result, reference)
+            report[layout.name]["losses_exact"] = result["losses"]
+        dist.barrier()
+    return report
+
+
+# ---- the real Trainer, built in-process ----------------------------------------------------
+def run_trainers(configs: dict[str, list[str]], steps: int, reference: str) -> dict[str, Any]:
+    """Build and run a Trainer per named list of CLI overrides (without tearing the process
+    group down); return each one's losses and, on rank 0, the worst relative parameter error
+    against the ``reference`` run (tensors do not travel back: only numbers)."""
+    from torchtitan.config import ConfigManager
+    from torchtitan.train import Trainer
+
+    out: dict[str, Any] = {}
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for name, overrides in configs.items():
+        cfg = ConfigManager().parse_args([*overrides, "--training.steps", str(steps)])
+        trainer = Trainer(cfg)
+        try:
+            losses = trainer.train()
+            mine: dict[str, torch.Tensor] = {}
+            for part in trainer.model_parts:
+                mine.update(full_params(part))
+        finally:
+            trainer.checkpointer.close()
+            trainer.metrics.close()
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        params[name] = {k: v for d in gathered for k, v in d.items()}
+        out[name] = {
+            "losses": losses,
+            "n_parts": len(trainer.model_parts),
+            "part_fqns": [sorted(n for n, _ in part.named_children()) for part in trainer.model_parts],
+        }
+    ref = params[reference]
+    for name, mine in params.items():
+        out[name]["param_names_differ"] = sorted(set(ref) ^ set(mine))
+        out[name]["param_rel_err"] = max(_rel(mine[k], ref[k]) for k in set(ref) & set(mine))
+    return out
+
+
+def main(
+    layouts: list[dict[str, Any]],
+    trainers: dict[str, list[str]] | None = None,
+    trainer_steps: int = 3,
+    trainer_reference: str = "",
+) -> dict[str, Any] | None:
+    """The entry point of one launch: every check of one world size."""
+    out: dict[str, Any] = {"layouts": run_layouts(layouts)}
+    if trainers:
+        out["trainers"] = run_trainers(trainers, trainer_steps, trainer_reference)
+    return out if dist.get_rank() == 0 else None

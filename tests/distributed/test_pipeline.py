@@ -1,0 +1,215 @@
+"""Pipeline parallelism equals one process, on CPU ranks with gloo.
+
+One launch per world size (2, 4 and 8 ranks) runs every layout of that size
+(pipeline_parity.py): an 8-layer debug Llama (dim 64, 4 / 2 heads, vocab 128) split into
+stages by the real ``pipeline_llama``, trained 3 AdamW steps with clipping active, fp32,
+compared with one process on the whole global batch: per-step loss, per-step gradient norm
+(ours across stages vs torch's on the whole model) and every final parameter. Tolerance
+1e-5 relative; measured errors are ~1e-7 to ~1e-6.
+
+The 2-rank launch also drives the real Trainer (PP 1F1B, PP Interleaved1F1B with explicit
+split points, and TP 2 as the reference, all from the debug TOML), so the train.py
+integration is what is tested there, not only the pieces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from harness import launch
+
+pytestmark = pytest.mark.slow
+
+FP32_TOL = 1e-5
+REPO = Path(__file__).resolve().parents[2]
+CSV_1F1B = str(REPO / "tests/assets/pp_1f1b.csv")
+
+ALL_SCHEDULES = [
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+]
+
+TWO_RANK_LAYOUTS = [
+    *[dict(name=f"pp2_{s}", pp=2, schedule=s) for s in ALL_SCHEDULES],
+    dict(name="pp2_csv_1f1b", pp=2, schedule="1F1B", csv=CSV_1F1B),
+    dict(name="pp2_1f1b_split_uneven", pp=2, schedule="1F1B", split_points=["layers.3"]),
+    dict(name="pp2_interleaved_layers_per_stage", pp=2, schedule="Interleaved1F1B", layers_per_stage=2),
+    dict(name="pp2_1f1b_too_few_microbatches", pp=2, schedule="1F1B", microbatch_size=8),
+    dict(name="pp2_gpipe_wrong_stage_count", pp=2, schedule="GPipe", split_points=["layers.2", "layers.4"]),
+]
+
+FOUR_RANK_LAYOUTS = [
+    *[dict(name=f"pp4_{s}", pp=4, schedule=s) for s in ALL_SCHEDULES],
+    *[
+        dict(name=f"pp2_fsdp2_{s}", pp=2, dp_shard=2, schedule=s)
+        for s in ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+    ],
+    dict(name="pp2_fsdp2_1F1B_reshard_always", pp=2, dp_shard=2, schedule="1F1B", reshard="always"),
+    dict(name="pp2_fsdp2_ZBV_reshard_always", pp=2, dp_shard=2, schedule="ZBVZeroBubble", reshard="always"),
+    *[dict(name=f"pp2_tp2_{s}", pp=2, tp=2, schedule=s) for s in ("1F1B", "Interleaved1F1B", "ZBVZeroBubble")],
+]
+
+EIGHT_RANK_LAYOUTS = [
+    dict(name=f"pp2_fsdp2_tp2_{s}", pp=2, dp_shard=2, tp=2, schedule=s) for s in ("1F1B", "Interleaved1F1B")
+]
+
+
+def _trainer_configs(dump: str) -> dict[str, list[str]]:
+    common = [
+        "--job.config_file", str(REPO / "train_configs/debug_model.toml"),
+        "--job.dump_folder", dump,
+        "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
+        "--training.mixed_precision_param", "float32",
+        "--training.seq_len", "64",
+        "--training.global_batch_size", "4",
+        "--training.max_norm", "0.5",
+        "--activation_checkpoint.mode", "none",
+        "--metrics.log_freq", "1",
+    ]
+    pp = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
+          "--training.local_batch_size", "4"]
+    return {
+        # The reference: one data-parallel replica, so the same batches as the pipelines get
+        # (a dp-2 run reads a different global batch from the loader's dp shards).
+        "tp2": [*common, "--parallelism.tensor_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
+                "1", "--training.local_batch_size", "4"],
+        "pp2_1f1b": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "1F1B",
+                     "--parallelism.pipeline_parallel_microbatch_size", "2"],
+        # debugmodel has 6 layers: stages [0,1] [2] [3,4] [5], two per rank.
+        "pp2_interleaved_split": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                                  "--parallelism.pipeline_parallel_split_points", "layers.2,layers.3,layers.5"],
+    }
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    dump = str(tmp_path_factory.mktemp("pp_trainer"))
+    return launch(
+        "pipeline_parity:main",
+        2,
+        timeout=500,
+        layouts=TWO_RANK_LAYOUTS,
+        trainers=_trainer_configs(dump),
+        trainer_reference="tp2",
+    )[0]
+
+
+@pytest.fixture(scope="module")
+def four_ranks() -> dict:
+    return launch("pipeline_parity:main", 4, timeout=500, layouts=FOUR_RANK_LAYOUTS)[0]
+
+
+@pytest.fixture(scope="module")
+def eight_ranks() -> dict:
+    return launch("pipeline_parity:main", 8, timeout=500, layouts=EIGHT_RANK_LAYOUTS)[0]
+
+
+def _assert_matches(report: dict, tol: float = FP32_TOL) -> None:
+    assert "error" not in report, report.get("error")
+    assert not report["param_names_differ"], report["param_names_differ"]
+    summary = {k: report[k] for k in ("loss_rel_err", "grad_norm_rel_err", "param_rel_err")}
+    assert report["loss_rel_err"] < tol, summary
+    assert report["grad_norm_rel_err"] < tol, summary
+    assert report["param_rel_err"] < tol, summary
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES)
+def test_every_schedule_on_two_ranks_matches_single_process(two_ranks: dict, schedule: str) -> None:
+    report = two_ranks["layouts"][f"pp2_{schedule}"]
+    _assert_matches(report)
+    assert report["schedule_class"] == f"Schedule{schedule}"
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES)
+def test_every_schedule_on_four_ranks_matches_single_process(four_ranks: dict, schedule: str) -> None:
+    _assert_matches(four_ranks["layouts"][f"pp4_{schedule}"])
+
+
+@pytest.mark.parametrize("name", ["pp2_1f1b_split_uneven", "pp2_interleaved_layers_per_stage"])
+def test_explicit_splits_match_single_process(two_ranks: dict, name: str) -> None:
+    _assert_matches(two_ranks["layouts"][name])
+
+
+def test_custom_csv_schedule_reproduces_1f1b(two_ranks: dict) -> None:
+    csv_report = two_ranks["layouts"]["pp2_csv_1f1b"]
+    _assert_matches(csv_report)
+    assert csv_report["schedule_class"] == "_PipelineScheduleRuntime"
+    # Same microbatch order and accumulation order as torch's 1F1B: the same losses.
+    assert csv_report["losses_exact"] == pytest.approx(two_ranks["layouts"]["pp2_1F1B"]["losses_exact"], rel=1e-7)
+
+
+@pytest.mark.parametrize(
+    "schedule", ["1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+)
+def test_pp_with_fsdp_matches_and_keeps_parameters_gathered(four_ranks: dict, schedule: str) -> None:
+    report = four_ranks["layouts"][f"pp2_fsdp2_{schedule}"]
+    _assert_matches(report)
+    # Default policy under PP: no FSDP unit reshards after forward.
+    flags = report["reshard_after_forward"]
+    assert flags and not any(flags), flags
+
+
+def test_reshard_always_is_honoured_for_1f1b(four_ranks: dict) -> None:
+    report = four_ranks["layouts"]["pp2_fsdp2_1F1B_reshard_always"]
+    _assert_matches(report)
+    assert all(report["reshard_after_forward"]), report["reshard_after_forward"]
+
+
+def test_reshard_always_is_refused_for_zero_bubble(four_ranks: dict) -> None:
+    error = four_ranks["layouts"]["pp2_fsdp2_ZBV_reshard_always"].get("error", "")
+    assert error.startswith("ConfigError"), error
+    assert "fsdp_reshard_after_forward" in error and "ZBVZeroBubble" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
+def test_pp_with_tp_matches(four_ranks: dict, schedule: str) -> None:
+    _assert_matches(four_ranks["layouts"][f"pp2_tp2_{schedule}"])
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
+def test_pp_fsdp_tp_3d_matches(eight_ranks: dict, schedule: str) -> None:
+    _assert_matches(eight_ranks["layouts"][f"pp2_fsdp2_tp2_{schedule}"])
+
+
+def test_bad_microbatch_count_is_one_line_error(two_ranks: dict) -> None:
+    error = two_ranks["layouts"]["pp2_1f1b_too_few_microbatches"].get("error", "")
+    assert error.startswith("ConfigError"), error
+    assert "1F1B" in error and "microbatch" in error and "\n" not in error
+
+
+def test_stage_count_must_fit_schedule(two_ranks: dict) -> None:
+    error = two_ranks["layouts"]["pp2_gpipe_wrong_stage_count"].get("error", "")
+    assert error.startswith("ConfigError"), error
+    assert "pipeline_parallel_split_points" in error and "\n" not in error
+
+
+# ---- the real Trainer ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["pp2_1f1b", "pp2_interleaved_split"])
+def test_trainer_with_pp_matches_trainer_without(two_ranks: dict, name: str) -> None:
+    """Same TOML, same seed: the pipelined Trainer starts from the same weights (per-stage
+    init from the seeded full model), sees the same global batch, reports the same loss on
+    every step, and ends with the same parameters as TP 2 (itself tested against one
+    process in test_llama_parity.py)."""
+    ref, run = two_ranks["trainers"]["tp2"], two_ranks["trainers"][name]
+    assert len(run["losses"]) == len(ref["losses"]) == 3
+    assert run["losses"] == pytest.approx(ref["losses"], rel=FP32_TOL)
+    assert run["losses"][-1] < run["losses"][0]
+    assert not run["param_names_differ"], run["param_names_differ"]
+    assert run["param_rel_err"] < FP32_TOL, run["param_rel_err"]
+
+
+def test_trainer_model_parts_are_this_ranks_stages(two_ranks: dict) -> None:
+    trainers = two_ranks["trainers"]
+    assert trainers["tp2"]["n_parts"] == 1
+    assert trainers["pp2_1f1b"]["n_parts"] == 1
+    # Rank 0 of Interleaved1F1B holds stages 0 and 2: embeddings first, norm/output on neither.
+    assert trainers["pp2_interleaved_split"]["n_parts"] == 2
+    first, third = trainers["pp2_interleaved_split"]["part_fqns"]
+    assert "tok_embeddings" in first and "output" not in first
+    assert "tok_embeddings" not in third and "output" not in third
