@@ -360,11 +360,15 @@ class Trainer:
         """The mesh the loss is averaged over (dp × cp), or None when there is one replica."""
         return self.parallel_dims.get_mesh("dp_cp") if self.parallel_dims.dp_cp_enabled else None
 
-    def close(self) -> None:
-        self.checkpointer.close()
+    def close(self, clean: bool = True) -> None:
+        """Finish background saves and leave the process group. After a failure no barrier:
+        the other ranks may never reach it, and torchrun is already tearing the job down."""
+        if clean:
+            self.checkpointer.close()
         self.metrics.close()
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if clean:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -393,14 +397,16 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     error = None
+    clean = False
     try:
         trainer.train()
+        clean = True
     except CheckpointError as e:  # a bad checkpoint or a failed save: one line, exit 2
         if os.environ.get("TORCHTITAN_TRACEBACK"):
             raise
         error = str(e)
     finally:
-        trainer.close()
+        trainer.close(clean=clean)
     if error is not None:
         _fail(error)
 
