@@ -1,0 +1,223 @@
+"""Flight Recorder dumps: write one per rank, read a folder of them, say who is missing.
+
+With ``comm.trace_buf_size > 0`` every rank records its last N collectives (name, process
+group, sequence number, sizes). NCCL writes them to ``<dump_folder>/comm_traces/rank_<r>``
+by itself when a collective times out; :func:`dump_trace` writes the same pickle on demand
+(any backend, gloo included), e.g. when the trainer catches a communication error.
+
+A hang is nearly always one rank that skipped (or added) a collective: every other rank
+waits in it forever. :func:`find_desyncs` lines the dumps up by (process group, sequence
+number) and reports the first collective that some members of its group never issued.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Desync",
+    "FlightRecorderError",
+    "dump_trace",
+    "find_desyncs",
+    "group_members",
+    "load_dumps",
+    "summarize",
+    "trace_dir",
+]
+
+_RANK_FILE = re.compile(r"^(.*?)(\d+)$")
+
+
+class FlightRecorderError(ValueError):
+    """A dump folder or file that cannot be read as Flight Recorder traces."""
+
+
+def trace_dir(dump_folder: str) -> str:
+    """Where a run's per-rank traces go: ``<dump_folder>/comm_traces``."""
+    return os.path.join(dump_folder, "comm_traces")
+
+
+def _process_group_config() -> dict[str, dict[str, str]]:
+    """{pg name: {name, desc, ranks}} for every group this rank belongs to.
+
+    NCCL fills ``pg_config`` itself; gloo leaves it empty, which would leave the analyzers
+    no way to know a group's members, so we add it from c10d's own bookkeeping.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized():
+        return {}
+    config: dict[str, dict[str, str]] = {}
+    for pg, name in c10d._world.pg_names.items():
+        ranks = sorted(c10d._world.pg_group_ranks.get(pg, {}).keys())
+        desc = getattr(pg, "group_desc", "") or ("default_pg" if pg is c10d._world.default_pg else "undefined")
+        config[name] = {"name": name, "desc": desc, "ranks": str(ranks)}
+    return config
+
+
+def dump_trace(folder: str, rank: int) -> str | None:
+    """Write this rank's Flight Recorder buffer to ``folder/rank_<rank>``; return the path.
+
+    Returns None when the recorder is off (``TORCH_FR_BUFFER_SIZE`` unset or 0): an empty
+    dump would only mislead the analysis.
+    """
+    import torch
+
+    size = os.environ.get("TORCH_FR_BUFFER_SIZE", os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "0"))
+    if int(size or 0) <= 0:
+        return None
+    dump = pickle.loads(torch._C._distributed_c10d._dump_fr_trace())
+    config = dump.get("pg_config") or {}
+    for name, entry in _process_group_config().items():
+        if name not in config or not ast.literal_eval(config[name].get("ranks") or "[]"):
+            config[name] = entry
+    config.pop("", None)  # gloo's placeholder entry
+    dump["pg_config"] = config
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"rank_{rank}")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(dump, f)
+    os.replace(tmp, path)  # a reader never sees half a dump
+    return path
+
+
+def _read_one(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        dump = json.loads(raw) if raw[:1] == b"{" else pickle.loads(raw)
+    except Exception as e:  # noqa: BLE001 - pickle raises many types on garbage
+        raise FlightRecorderError(f"{path} is not a Flight Recorder dump (pickle or JSON): {e}") from None
+    if not isinstance(dump, dict) or "entries" not in dump:
+        raise FlightRecorderError(f"{path} has no 'entries': not a Flight Recorder dump")
+    return dump
+
+
+def load_dumps(folder: str) -> dict[int, dict[str, Any]]:
+    """{global rank: dump} for every ``<prefix><rank>`` file in ``folder``."""
+    if not os.path.isdir(folder):
+        raise FlightRecorderError(f"trace folder {folder} does not exist; pass <dump_folder>/comm_traces")
+    dumps: dict[int, dict[str, Any]] = {}
+    for name in sorted(os.listdir(folder)):
+        m = _RANK_FILE.match(name)
+        if m is None or not os.path.isfile(os.path.join(folder, name)):
+            continue
+        dumps[int(m.group(2))] = _read_one(os.path.join(folder, name))
+    if not dumps:
+        raise FlightRecorderError(f"no rank_<N> trace files in {folder}; is comm.trace_buf_size > 0?")
+    return dumps
+
+
+@dataclass(frozen=True)
+class Desync:
+    """The first collective of a process group that not every member issued."""
+
+    pg_name: str
+    pg_desc: str
+    seq_id: int
+    collective: str  # e.g. "nccl:all_gather" (mixed names are joined with " vs ")
+    present_ranks: tuple[int, ...]
+    missing_ranks: tuple[int, ...]  # members whose dump ends before this sequence number
+    input_sizes: Any = None
+    mismatched_names: bool = False  # ranks issued different collectives at this number
+
+    def describe(self) -> str:
+        what = f"{self.collective} (seq {self.seq_id}) in process group {self.pg_name} ({self.pg_desc})"
+        if self.mismatched_names:
+            return f"{what}: ranks issued different collectives at the same sequence number"
+        return (
+            f"{what}: issued by ranks {list(self.present_ranks)}, never by ranks "
+            f"{list(self.missing_ranks)}; input sizes {self.input_sizes}"
+        )
+
+
+def group_members(dumps: dict[int, dict[str, Any]], pg_name: str) -> set[int]:
+    """Global ranks of a process group: from any dump's pg_config, else every rank whose
+    dump mentions the group (best effort for raw gloo dumps)."""
+    for dump in dumps.values():
+        entry = (dump.get("pg_config") or {}).get(pg_name)
+        if entry:
+            ranks = entry.get("ranks")
+            ranks = ast.literal_eval(ranks) if isinstance(ranks, str) else ranks
+            if ranks:
+                return {int(r) for r in ranks}
+    return {
+        r for r, d in dumps.items() if any(str(e["process_group"][0]) == pg_name for e in d["entries"])
+    }
+
+
+def find_desyncs(dumps: dict[int, dict[str, Any]]) -> list[Desync]:
+    """Per process group, the first sequence number where the members disagree.
+
+    Ranks whose dumps are absent are not blamed (the folder may hold a subset); a member
+    that dumped but has no entry at that number (and its buffer reaches that far back) is.
+    """
+    # (pg name) -> rank -> seq id -> entry; collectives only (p2p has its own counter).
+    by_pg: dict[str, dict[int, dict[int, dict[str, Any]]]] = {}
+    descs: dict[str, str] = {}
+    for rank, dump in dumps.items():
+        for e in dump["entries"]:
+            if e.get("is_p2p"):
+                continue
+            name, desc = str(e["process_group"][0]), str(e["process_group"][1])
+            descs[name] = desc
+            by_pg.setdefault(name, {}).setdefault(rank, {})[int(e["collective_seq_id"])] = e
+    found: list[Desync] = []
+    for pg_name, ranks in sorted(by_pg.items()):
+        members = group_members(dumps, pg_name) & set(dumps)
+        # The recorder is a ring buffer: only numbers every member could still hold count.
+        first = max(min(seqs) for seqs in ranks.values()) if len(ranks) == len(members) else min(
+            min(seqs) for seqs in ranks.values()
+        )
+        last = max(max(seqs) for seqs in ranks.values())
+        for seq in range(first, last + 1):
+            have = {r: ranks.get(r, {}).get(seq) for r in members}
+            present = sorted(r for r, e in have.items() if e is not None)
+            missing = sorted(r for r, e in have.items() if e is None)
+            names = sorted({have[r]["profiling_name"] for r in present})
+            if not missing and len(names) == 1:
+                continue
+            found.append(
+                Desync(
+                    pg_name=pg_name,
+                    pg_desc=descs.get(pg_name, ""),
+                    seq_id=seq,
+                    collective=" vs ".join(names),
+                    present_ranks=tuple(present),
+                    missing_ranks=tuple(missing),
+                    input_sizes=have[present[0]].get("input_sizes") if present else None,
+                    mismatched_names=len(names) > 1,
+                )
+            )
+            break
+    return found
+
+
+def summarize(dumps: dict[int, dict[str, Any]]) -> str:
+    """One screen: ranks seen, last collective per rank, and the first desync per group."""
+    lines = [f"Flight Recorder dumps of ranks {sorted(dumps)}"]
+    for rank, dump in sorted(dumps.items()):
+        entries = [e for e in dump["entries"] if not e.get("is_p2p")]
+        if entries:
+            e = entries[-1]
+            lines.append(
+                f"  rank {rank}: {len(entries)} collectives, last {e['profiling_name']} "
+                f"seq {e['collective_seq_id']} in pg {e['process_group'][0]} ({e['state']})"
+            )
+        else:
+            lines.append(f"  rank {rank}: no collectives recorded")
+    desyncs = find_desyncs(dumps)
+    if not desyncs:
+        lines.append("no desync: every member of every group issued the same collectives")
+        lines.append("(a hang with no desync points at a slow/stuck kernel or network, not a skipped call)")
+    for d in desyncs:
+        lines.append("DESYNC " + d.describe())
+    return "\n".join(lines)
