@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from torchtitan.components.chunked_loss import apply_chunked_loss
 from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
+from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.fsdp import apply_ddp, apply_fsdp
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import apply_tp
@@ -31,6 +33,12 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     p = job_config.parallelism
     compile_model = job_config.compile.enable and "model" in job_config.compile.components
     backend = job_config.compile.backend
+
+    if parallel_dims.cp_enabled:
+        # Ring attention takes equal-head q/k/v; inputs are sharded by the trainer's context.
+        prepare_model_for_cp(model)
+    if job_config.training.loss_chunk_size > 0:
+        apply_chunked_loss(model, job_config.training.loss_chunk_size)
 
     if parallel_dims.tp_enabled:
         if p.enable_async_tensor_parallel:

@@ -1,0 +1,131 @@
+"""Chunked output projection + cross-entropy equals the plain loss, and never builds the
+full logits."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchtitan.components.chunked_loss import (
+    ChunkedLossLinear,
+    apply_chunked_loss,
+    chunked_cross_entropy,
+    labels_for_loss,
+)
+from torchtitan.config import ConfigError, JobConfig
+from torchtitan.models.llama3 import Transformer, llama3_configs
+
+VOCAB, DIM = 96, 16
+
+
+def _plain(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten())
+
+
+def _data(seed: int = 0, ignore: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 10, DIM, generator=g, dtype=torch.float64).float()
+    weight = torch.randn(VOCAB, DIM, generator=g) * 0.3
+    labels = torch.randint(0, VOCAB, (3, 10), generator=g)
+    if ignore:
+        labels[0, :4] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 30, 64])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_loss_and_gradients_equal_plain(chunk_size: int, ignore: bool) -> None:
+    hidden, weight, labels = _data(ignore=ignore)
+    grads = []
+    losses = []
+    for fn in (_plain, lambda h, w, y: chunked_cross_entropy(h, w, y, chunk_size)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, w, labels)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append((h.grad, w.grad))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for chunked, plain in zip(grads[1], grads[0]):
+        torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+
+
+class _MaxMatmulRows(TorchDispatchMode):
+    """Largest row count of any [rows, VOCAB] matmul result, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("mm", "addmm", "matmul", "bmm") and out.shape[-1] == VOCAB:
+            self.rows = max(self.rows, out.numel() // VOCAB)
+        return out
+
+
+def test_full_logits_never_materialised() -> None:
+    hidden, weight, labels = _data()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with _MaxMatmulRows() as plain:
+        _plain(h, w, labels).backward()
+    with _MaxMatmulRows() as chunked:
+        chunked_cross_entropy(h, w, labels, 8).backward()
+    assert plain.rows == 30  # the check sees the full logits when they exist
+    assert chunked.rows == 8
+
+
+def test_bad_chunk_size() -> None:
+    hidden, weight, labels = _data()
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_cross_entropy(hidden, weight, labels, 0)
+
+
+def test_model_output_returns_loss_only_with_labels() -> None:
+    args = dataclasses.replace(
+        copy.deepcopy(llama3_configs["debugmodel"]), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+        vocab_size=VOCAB, multiple_of=16, max_seq_len=12,
+    )
+    torch.manual_seed(0)
+    plain = Transformer(args)
+    plain.init_weights()
+    chunked = copy.deepcopy(plain)
+    apply_chunked_loss(chunked, chunk_size=5)
+    assert isinstance(chunked.output, ChunkedLossLinear)
+    assert chunked.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    labels = torch.randint(0, VOCAB, (2, 12))
+    # Without labels it is still the plain projection.
+    torch.testing.assert_close(chunked(tokens), plain(tokens), rtol=0, atol=0)
+    loss = F.cross_entropy(plain(tokens).flatten(0, 1).float(), labels.flatten())
+    loss.backward()
+    with labels_for_loss(chunked, labels):
+        chunked_loss = chunked(tokens)
+    chunked_loss.backward()
+    assert chunked.output.labels is None
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), chunked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_compiles_to_the_same_loss() -> None:
+    hidden, weight, labels = _data()
+    fn = torch.compile(chunked_cross_entropy, backend="aot_eager")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fn(h, w, labels, 8)
+    loss.backward()
+    torch.testing.assert_close(loss, _plain(hidden, weight, labels), rtol=1e-6, atol=1e-6)
+    assert h.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("option", ["tensor_parallel_degree", "pipeline_parallel_degree"])
+def test_refused_with_tp_and_pp(option: str) -> None:
+    jc = JobConfig()
+    jc.training.loss_chunk_size = 128
+    setattr(jc.parallelism, option, 2)
+    with pytest.raises(ConfigError, match="training.loss_chunk_size"):
+        jc.validate()

@@ -1,0 +1,101 @@
+"""Chunked output projection + cross-entropy: the full fp32 logits are never materialised.
+
+For Llama 3 the logits are ``tokens × 128K`` floats: 4 GiB in fp32 for 8192 tokens, the
+largest activation of the step. Here the tokens are cut into chunks; each chunk's logits are
+computed, turned into a summed cross-entropy and dropped. Each chunk runs under
+non-reentrant activation checkpointing, so backward recomputes one chunk's logits at a time;
+the price is one extra output-projection forward. The result equals the plain
+token-mean cross-entropy: the same matmuls and the same fp32 log-softmax, summed per chunk
+and divided by the token count once.
+
+Integration without editing the model: :func:`apply_chunked_loss` turns ``model.output``
+(an ``nn.Linear``) into :class:`ChunkedLossLinear` — same parameters and state-dict keys.
+It behaves as a Linear until labels are set with :func:`labels_for_loss`; then its
+forward returns the loss instead of the logits, so ``model(inputs)`` is the loss. Because
+the loss is computed inside the output module's own forward, FSDP's hooks gather and free its
+weight exactly as for the plain projection. Tensor-parallel (vocab-sharded) outputs are not
+supported: the trainer refuses that combination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["chunked_cross_entropy", "ChunkedLossLinear", "apply_chunked_loss", "labels_for_loss"]
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Token-mean cross-entropy of ``hidden @ weight.T`` against ``labels``.
+
+    ``hidden`` ``[..., dim]``, ``weight`` ``[vocab, dim]``, ``labels`` ``hidden.shape[:-1]``;
+    ``chunk_size`` tokens per chunk. Equals
+    ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten())``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if y.numel() != h.shape[0]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        end = min(start + chunk_size, h.shape[0])
+        total = total + checkpoint(_chunk_loss_sum, h[start:end], weight, y[start:end], use_reentrant=False)
+    # Same denominator as F.cross_entropy's mean: tokens whose label is not ignore_index.
+    return total / (y != -100).sum()
+
+
+class ChunkedLossLinear(nn.Linear):
+    """An output ``nn.Linear`` that returns the chunked loss while labels are set."""
+
+    chunk_size: int = 1024
+    labels: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.labels is None:
+            return super().forward(x)
+        if self.bias is not None:
+            raise ValueError("chunked loss supports an output projection without bias only")
+        return chunked_cross_entropy(x, self.weight, self.labels, self.chunk_size)
+
+
+def apply_chunked_loss(model: nn.Module, chunk_size: int) -> nn.Module:
+    """Make ``model.output`` compute the loss in chunks of ``chunk_size`` tokens when given
+    labels. Call on the model before FSDP wraps it (on meta is fine)."""
+    output = getattr(model, "output", None)
+    if output is None:  # a non-last pipeline stage
+        return model
+    if type(output) is not nn.Linear and not isinstance(output, ChunkedLossLinear):
+        raise ValueError(
+            f"training.loss_chunk_size needs model.output to be an nn.Linear, got {type(output).__name__}; "
+            "set training.loss_chunk_size = 0"
+        )
+    output.__class__ = ChunkedLossLinear
+    output.chunk_size = chunk_size
+    return model
+
+
+@contextlib.contextmanager
+def labels_for_loss(model: nn.Module, labels: torch.Tensor) -> Iterator[None]:
+    """While active, ``model(inputs)`` returns the token-mean loss against ``labels``."""
+    output = getattr(model, "output", None)
+    if not isinstance(output, ChunkedLossLinear):
+        raise ValueError("labels_for_loss needs a model prepared with apply_chunked_loss")
+    output.labels = labels
+    try:
+        yield
+    finally:
+        output.labels = None
