@@ -21,7 +21,16 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from torchtitan.components.checkpoint import CheckpointError, CheckpointManager, CheckpointSettings
+from torchtitan.components.chunked_loss import labels_for_loss
 from torchtitan.components.data import build_dataloader
+from torchtitan.components.fault_tolerance import (
+    EXIT_NON_FINITE,
+    FaultInjector,
+    NonFiniteError,
+    Preempted,
+    PreemptionHandler,
+    StepGuard,
+)
 from torchtitan.components.float8 import build_model_converters
 from torchtitan.components.loss import build_loss_fn
 from torchtitan.components.lr_scheduler import LRScheduleSettings, build_lr_schedulers
@@ -31,10 +40,12 @@ from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.config.manager import dump_toml, format_config
 from torchtitan.distributed import utils as dist_utils
+from torchtitan.distributed.context_parallel import cp_context, validate_cp
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
 from torchtitan.models import get_model_args, get_model_spec
 from torchtitan.tools.device_info import peak_flops
+from torchtitan.tools.flight_recorder import dump_trace, trace_dir
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.profiling import MemorySnapshotter, maybe_enable_profiling
 
@@ -184,6 +195,14 @@ class Trainer:
                 "train_state": self,
             },
         )
+        # Preemption signals, non-finite steps, test-only faults (docs/fault_tolerance.md).
+        ft = cfg.fault_tolerance
+        self.preemption = PreemptionHandler(
+            ft.preemption_signals, ft.preemption_grace_seconds, ft.preemption_exit_code
+        )
+        self.step_guard = StepGuard(ft.non_finite_policy, ft.max_consecutive_skips, self.device)
+        self.fault_injector = FaultInjector.from_env(self.rank, once_dir=cfg.job.dump_folder)
+        self.preempt_after_step = False
         logger.info(
             f"device {self.device}, world {world_size}, mesh {self.world_mesh}, global batch "
             f"{global_batch} = local {t.local_batch_size} × dp {dp_degree} × accumulation "
@@ -193,9 +212,16 @@ class Trainer:
     @staticmethod
     def _reject_unbuilt_features(cfg: JobConfig) -> None:
         """Options whose machinery is not in this build fail loudly, never silently."""
-        unbuilt = []
-        if cfg.parallelism.context_parallel_degree > 1:
-            unbuilt.append("parallelism.context_parallel_degree > 1")
+        unbuilt: list[str] = []
+        p = cfg.parallelism
+        validate_cp(
+            p.context_parallel_degree,
+            cfg.training.seq_len,
+            p.context_parallel_load_balance,
+            p.context_parallel_rotate_method,
+            tp=p.tensor_parallel_degree,
+            pp=p.pipeline_parallel_degree,
+        )
         if unbuilt:
             raise ConfigError(f"not available in this version of torchtitan yet: {', '.join(unbuilt)}")
 
@@ -262,11 +288,26 @@ class Trainer:
                     self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage
                 )
         model = self.model_parts[0]
-        with self.train_context():
+        p = self.job_config.parallelism
+        # CP: every rank of a cp group holds the same batch; the context shards inputs,
+        # labels and the rotary table along the sequence and makes SDPA ring attention.
+        cp = (
+            cp_context(
+                self.parallel_dims.get_mesh("cp"), model, inputs, labels,
+                p.context_parallel_rotate_method, p.context_parallel_load_balance,
+            )
+            if self.parallel_dims.cp_enabled
+            else None
+        )
+        with self.train_context(cp):
             with self.amp_context:
-                pred = model(inputs)
-                loss = self.loss_fn(pred, labels) / self.grad_accumulation_steps
-            del pred
+                if self.job_config.training.loss_chunk_size > 0:
+                    with labels_for_loss(model, labels):  # model returns the (chunked) loss
+                        loss = model(inputs) / self.grad_accumulation_steps
+                else:
+                    pred = model(inputs)
+                    loss = self.loss_fn(pred, labels) / self.grad_accumulation_steps
+                    del pred
             loss.backward()
         loss = loss.detach()
         # Under loss parallel the loss is a replicated DTensor; the loop sums plain tensors.
@@ -289,11 +330,21 @@ class Trainer:
             loss_sum = share_last_stage_loss(loss_sum, pp_mesh)
 
         params = [p for m in self.model_parts for p in m.parameters()]
+        if self.fault_injector:  # test-only faults (TORCHTITAN_FAULT_INJECT)
+            loss_sum = self.fault_injector.before_optimizer(self.step, loss_sum, params)
         max_norm = self.job_config.training.max_norm
         grad_norm = dist_utils.clip_grad_norm_(
             params, max_norm if max_norm > 0 else float("inf"), foreach=True, pp_mesh=pp_mesh
         )
         lr = self.lr_schedulers.get_last_lr()
+        # Every rank learns, in one all-reduce, whether any rank saw a non-finite value or
+        # was signalled: all skip the same steps and stop after the same step.
+        verdict = self.step_guard.agree(loss_sum, grad_norm, self.preemption.requested)
+        self.preempt_after_step = verdict.preempt
+        if verdict.non_finite:
+            self.step_guard.on_non_finite(self.step)  # raises NonFiniteError when told to stop
+            return loss_sum, grad_norm, lr  # skipped: weights, optimizer and lr schedule unchanged
+        self.step_guard.on_finite()
         self.optimizers.step()
         self.model_converters.post_optimizer_hook(self.model_parts)
         self.lr_schedulers.step()
@@ -319,6 +370,7 @@ class Trainer:
             at_step=prof_cfg.memory_snapshot_step,
         )
         logger.info(f"training {t.steps} steps")
+        self.preemption.install()
         with maybe_enable_profiling(
             enable=prof_cfg.enable_profiling,
             trace_dir=os.path.join(cfg.job.dump_folder, prof_cfg.save_traces_folder),
@@ -328,6 +380,7 @@ class Trainer:
             rank=self.rank,
             start_step=self.step,
         ) as profiler:
+            train_timeout_set = False
             while self.step < t.steps:
                 self.step += 1
                 if t.gc_freq > 0 and self.step % t.gc_freq == 0:
@@ -336,6 +389,12 @@ class Trainer:
                     loss, grad_norm, lr = self.train_step(data_iterator)
                 except torch.OutOfMemoryError:
                     snapshotter.dump(f"oom_step_{self.step}")
+                    raise
+                except NonFiniteError:
+                    self._save_last_good_state()
+                    raise
+                except RuntimeError:
+                    self._dump_comm_trace()  # a collective failed or timed out (gloo/CPU path)
                     raise
                 except StopIteration:
                     logger.warning(f"data exhausted at step {self.step} (training.dataset_infinite is off)")
@@ -348,13 +407,45 @@ class Trainer:
                         self.metrics.log(self.step, loss=global_loss, grad_norm=gn, lr=lr)
                 self.ntokens_seen += self.global_batch_size * t.seq_len
                 self.checkpointer.save(self.step, last_step=self.step == t.steps)
+                if self.preempt_after_step and self.step < t.steps:
+                    self.checkpointer.save(self.step, force=True)  # no-op if just saved
+                    self.checkpointer.wait()  # synchronous: the process is about to exit
+                    raise Preempted(self.step, cfg.fault_tolerance.preemption_exit_code)
                 if profiler is not None:
                     profiler.step()
                 snapshotter.step(self.step)
+                if not train_timeout_set:
+                    # The first step may be slow (compile, NCCL communicator setup); later
+                    # ones get comm.train_timeout_seconds so a hang is reported sooner.
+                    dist_utils.set_pg_timeout(cfg.comm.train_timeout_seconds, self.world_mesh)
+                    train_timeout_set = True
         gc.enable()
         if self.rank == 0 or not cfg.metrics.rank_0_only:
             logger.info(f"training done: {self.metrics.summary()}")
         return losses
+
+    def _dump_comm_trace(self) -> None:
+        """Write this rank's Flight Recorder buffer to <dump_folder>/comm_traces (NCCL dumps
+        by itself on a timeout; other backends only through this). Never masks the error."""
+        if self.job_config.comm.trace_buf_size <= 0 or not torch.distributed.is_initialized():
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        try:
+            path = dump_trace(trace_dir(self.job_config.job.dump_folder), self.rank)
+            if path:
+                logger.error(f"flight recorder trace written to {path}; see docs/debugging.md")
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            logger.warning(f"could not dump the flight recorder trace: {e}")
+
+    def _save_last_good_state(self) -> None:
+        """After a non-finite stop the weights are still those of the previous step (the
+        optimizer did not run): checkpoint them as that step unless that is already saved.
+        The data loader has moved past the bad batch, so a resume does not replay it."""
+        self.step -= 1
+        if self.step > 0:  # step-0 is reserved for seed checkpoints
+            self.checkpointer.save(self.step, force=True)
+            self.checkpointer.wait()
 
     def _loss_mesh(self):
         """The mesh the loss is averaged over (dp × cp), or None when there is one replica."""
@@ -363,6 +454,7 @@ class Trainer:
     def close(self, clean: bool = True) -> None:
         """Finish background saves and leave the process group. After a failure no barrier:
         the other ranks may never reach it, and torchrun is already tearing the job down."""
+        self.preemption.close()
         if clean:
             self.checkpointer.close()
         self.metrics.close()
@@ -398,17 +490,31 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     error = None
     clean = False
+    exit_code = 0
     try:
         trainer.train()
         clean = True
-    except CheckpointError as e:  # a bad checkpoint or a failed save: one line, exit 2
+    except Preempted as e:  # every rank stopped at the same step, after its checkpoint
+        clean = True
+        exit_code = e.exit_code
+        logger.warning(str(e))
+    except NonFiniteError as e:  # agreed by every rank; the last good state is saved
+        clean = True
+        error, exit_code = str(e), EXIT_NON_FINITE
+    except (CheckpointError, FileNotFoundError) as e:
+        # A bad checkpoint, a failed save, or a data file gone mid-run: one line, exit 2.
         if os.environ.get("TORCHTITAN_TRACEBACK"):
             raise
-        error = str(e)
+        error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, FileNotFoundError):
+            error += " (gone during training: restore it, then rerun to resume from the latest checkpoint)"
+        exit_code = 2
     finally:
         trainer.close(clean=clean)
     if error is not None:
-        _fail(error)
+        print(f"torchtitan: error: {error}", file=sys.stderr)
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The real trainer, launched as a user launches it, gives the same losses in every layout.
 
 One process (python -m torchtitan.train) against 2 CPU ranks through run_train.sh (torchrun,
-gloo): FSDP 2 and TP 2 with loss parallel. The layout-independent data order
+gloo): FSDP 2, TP 2 with loss parallel, CP 2 with head-tail load balancing. The layout-independent data order
 (training.dataset_shards) gives every layout the same global batch; the same seed gives the
 same initial weights; fp32. Tolerance 1e-5 relative, the same as the layer-level parity tests.
 """
@@ -59,6 +59,8 @@ def single(tmp_path_factory):
         ("fsdp2", ["--training.local_batch_size", "2"]),
         ("tp2_loss_parallel", ["--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2",
                                "--activation_checkpoint.mode", "full"]),
+        ("cp2_load_balanced", ["--training.local_batch_size", "4", "--parallelism.context_parallel_degree", "2",
+                               "--parallelism.data_parallel_shard_degree", "1"]),
     ],
 )
 def test_two_rank_layout_matches_one_process(single, tmp_path, name, args):

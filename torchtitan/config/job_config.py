@@ -308,6 +308,11 @@ class Training(Section):
     gc_freq: int = _opt(50, "run Python's garbage collector every this many steps")
     seed: int | None = _opt(None, "random seed; none = not seeded")
     deterministic: bool = _opt(False, "use deterministic algorithms (slower)")
+    loss_chunk_size: int = _opt(
+        0,
+        "tokens per chunk of the output projection + cross-entropy, so full fp32 logits are "
+        "never materialised (same loss and gradients); 0 = off. Not with TP or PP",
+    )
 
     def check(self) -> None:
         self._nonempty("dataset", "dataset_text_field")
@@ -327,6 +332,7 @@ class Training(Section):
             self._fail("max_norm", "must be a number (<= 0 disables clipping)")
         self._at_least("steps", 1)
         self._at_least("gc_freq", 1)
+        self._at_least("loss_chunk_size", 0)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             self._fail("seed", "must be in [0, 2**63)")
 
@@ -552,6 +558,42 @@ class MemoryEstimation(Section):
 
 
 @dataclass
+class FaultTolerance(Section):
+    """Preemption signals and non-finite steps (docs/fault_tolerance.md)."""
+
+    _section: ClassVar[str] = "fault_tolerance"
+    non_finite_policy: str = _opt(
+        "skip",
+        "on a non-finite loss or grad norm: skip the step (no optimizer update) or stop with "
+        "a checkpoint of the last good state",
+        choices=("skip", "stop"),
+    )
+    max_consecutive_skips: int = _opt(
+        3, "with policy skip: stop once more than this many steps in a row were non-finite"
+    )
+    preemption_signals: list[str] = _opt(
+        ["SIGTERM", "SIGUSR1"],
+        "signals that finish the current step, save a checkpoint and exit; empty = default handling",
+        choices=("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"),
+    )
+    preemption_grace_seconds: float = _opt(
+        120.0, "after a preemption signal, exit anyway once this many seconds pass; 0 = no limit"
+    )
+    preemption_exit_code: int = _opt(
+        3, "exit code after a preemption checkpoint (3..125; 2 is bad input, 4 non-finite stop)"
+    )
+
+    def check(self) -> None:
+        self._at_least("max_consecutive_skips", 0)
+        self._at_least("preemption_grace_seconds", 0.0)
+        if math.isinf(self.preemption_grace_seconds):
+            self._fail("preemption_grace_seconds", "must be finite; use 0 for no limit")
+        code = self.preemption_exit_code
+        if not 3 <= code <= 125 or code in (4, 5):
+            self._fail("preemption_exit_code", "must be in [3, 125] and not 4 or 5 (used for other exits)")
+
+
+@dataclass
 class Experimental(Section):
     """Extension hooks."""
 
@@ -582,6 +624,7 @@ class JobConfig:
     float8: Float8 = field(default_factory=Float8)
     comm: Comm = field(default_factory=Comm)
     memory_estimation: MemoryEstimation = field(default_factory=MemoryEstimation)
+    fault_tolerance: FaultTolerance = field(default_factory=FaultTolerance)
     experimental: Experimental = field(default_factory=Experimental)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -610,6 +653,13 @@ class JobConfig:
                     f"training.local_batch_size = {training.local_batch_size} must be divisible "
                     f"by parallelism.{what} = {count}"
                 )
+        if training.loss_chunk_size > 0 and (
+            par.tensor_parallel_degree > 1 or par.pipeline_parallel_degree > 1
+        ):
+            raise ConfigError(
+                "training.loss_chunk_size > 0 does not compose with tensor or pipeline parallelism "
+                "(vocab-sharded or staged logits); set training.loss_chunk_size = 0"
+            )
         cp = par.context_parallel_degree
         if cp > 1:
             chunks = 2 * cp if par.context_parallel_load_balance else cp

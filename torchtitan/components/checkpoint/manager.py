@@ -145,6 +145,7 @@ class CheckpointManager:
         self.rank = dist.get_rank() if self._distributed else 0
         self.world_size = dist.get_world_size() if self._distributed else 1
         self._pending: _Save | None = None
+        self.last_saved_step: int | None = None  # newest step this run wrote (or is writing)
         self._stager: StateStager | None = None
         self._async_pg: dist.ProcessGroup | None = None
         if not s.enable:
@@ -164,15 +165,19 @@ class CheckpointManager:
         self._nonce = self._from_rank0(lambda: secrets.token_hex(4))
 
     # ---- saving -------------------------------------------------------------------------
-    def save(self, step: int, last_step: bool = False) -> bool:
-        """Save if ``step`` is a multiple of ``interval`` or ``last_step``; return whether a
-        save started. Also completes a finished background save."""
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> bool:
+        """Save if ``step`` is a multiple of ``interval``, ``last_step`` or ``force`` (a
+        preemption or a stop); return whether a save started. Also completes a finished
+        background save. A step this run already saved is not saved again."""
         if not self.settings.enable:
             return False
         self._reap(block=False)
-        if not (last_step or step % self.settings.interval == 0):
+        if not (last_step or force or step % self.settings.interval == 0):
+            return False
+        if step == self.last_saved_step:
             return False
         self._reap(block=True)  # one save in flight at most; its buffers get reused
+        self.last_saved_step = step
         weights_only = last_step and self.settings.model_weights_only
         if weights_only:
             dtype = _EXPORT_DTYPES[self.settings.export_dtype]
@@ -198,6 +203,7 @@ class CheckpointManager:
             self._stager.close()
 
     def _write(self, step: int, state: dict[str, Any], background: bool) -> None:
+        self._refuse_non_finite(step, state[MODEL])
         save = _Save(
             step=step,
             tmp=tmp_dir(self.folder, step, self._nonce),
@@ -260,6 +266,31 @@ class CheckpointManager:
         if self.settings.fail_on_save_error:
             raise CheckpointError(message + " (checkpoint.fail_on_save_error is on)") from e
         logger.error(message + "; training goes on (checkpoint.fail_on_save_error is off)")
+
+    def _refuse_non_finite(self, step: int, model_state: dict[str, Any]) -> None:
+        """Never write NaN/inf weights: they would poison every resume. Agreed across ranks,
+        since each holds only its shards."""
+        names, checks = [], []
+        for name, value in model_state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                local = value.to_local() if hasattr(value, "to_local") else value
+                try:
+                    checks.append(torch.isfinite(local).all())
+                except (RuntimeError, NotImplementedError):  # a tensor subclass without isfinite
+                    continue
+                names.append(name)
+        # One device-to-host copy for all tensors, not one per tensor.
+        finite = torch.stack([c.to(checks[0].device) for c in checks]).tolist() if checks else []
+        bad = next((n for n, ok in zip(names, finite) if not ok), None)
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, bad)
+            bad = next((n for n in gathered if n is not None), None)
+        if bad is not None:
+            raise CheckpointError(
+                f"not saving checkpoint step {step} to {self.folder}: parameter {bad} is not finite; "
+                "resume from the last complete checkpoint (see fault_tolerance.non_finite_policy)"
+            )
 
     # ---- loading ------------------------------------------------------------------------
     def load(self, step: int | None = None) -> bool:
