@@ -360,7 +360,8 @@ def test_bad_args_rejected():
 def test_registry():
     spec = get_model_spec("llama3")
     assert spec.model_cls is Transformer and spec.flavors is llama3_configs
-    assert set(spec.flavors) == {"debugmodel", "1B", "3B", "8B", "70B", "405B"}
+    # other tests may register extra (test) flavors in this process, as users can
+    assert {"debugmodel", "1B", "3B", "8B", "70B", "405B"} <= set(spec.flavors)
     with pytest.raises(ValueError, match="model.name 'nope'.*llama3"):
         get_model_spec("nope")
     with pytest.raises(ValueError, match="model.flavor '9B'.*debugmodel, 1B"):
