@@ -151,6 +151,9 @@ class Trainer:
             self._materialize(part, init_device, buffer_device=self.device if t.enable_cpu_offload else None)
             part.train()
         self.model_parts = parts
+        # Fixed from here on (the optimizer holds the same objects): computed once, not per step.
+        self.params = [p for m in parts for p in m.parameters()]
+        self.pp_mesh = pd.get_mesh("pp") if pd.pp_enabled else None
 
         self.optimizers = build_optimizers(self.model_parts, OptimizerSettings.from_config(cfg.optimizer))
         self.lr_schedulers = build_lr_schedulers(
@@ -325,11 +328,10 @@ class Trainer:
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss_sum += self.forward_backward(inputs, labels)
-        pp_mesh = self.parallel_dims.get_mesh("pp") if self.parallel_dims.pp_enabled else None
+        pp_mesh, params = self.pp_mesh, self.params
         if pp_mesh is not None:
             loss_sum = share_last_stage_loss(loss_sum, pp_mesh)
 
-        params = [p for m in self.model_parts for p in m.parameters()]
         if self.fault_injector:  # test-only faults (TORCHTITAN_FAULT_INJECT)
             loss_sum = self.fault_injector.before_optimizer(self.step, loss_sum, params)
         max_norm = self.job_config.training.max_norm

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from torchtitan.config import JobConfig
 from torchtitan.distributed import utils as dist_utils
@@ -28,6 +27,8 @@ from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
 from torchtitan.models.llama3 import Transformer, llama3_configs
 from torchtitan.models.llama3.parallelize import parallelize_llama
 from torchtitan.models.llama3.pipeline import pipeline_llama
+
+from llama_parity import _rel, clean_name, full_params, load_full_state  # shared parity helpers
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -80,19 +81,6 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
-def clean_name(name: str) -> str:
-    for seg in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
-        name = name.replace(seg, "")
-    return name
-
-
-def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        clean_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-        for n, p in model.named_parameters()
-    }
-
-
 def train_reference(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """One process, the whole model on the whole global batch, torch's own clipping."""
     model = Transformer(ARGS)
@@ -127,17 +115,6 @@ def _job_config(layout: Layout) -> JobConfig:
     jc.training.local_batch_size = GLOBAL_BATCH // layout.dp_shard
     jc.training.seq_len = SEQ_LEN
     return jc
-
-
-def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            full = state[clean_name(name)]
-            if isinstance(param, DTensor):
-                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(full)
 
 
 def _reshard_flags(part: nn.Module) -> list[bool]:
@@ -202,10 +179,6 @@ def train_pipeline(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
         "reshard_after_forward": [f for part in parts for f in _reshard_flags(part)],
         "schedule_class": type(schedule).__name__,
     }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
 def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
