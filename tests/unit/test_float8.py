@@ -83,6 +83,20 @@ def test_filter_matches_name_fragments() -> None:
     assert len(skipped) == 2
 
 
+def test_filter_under_tensor_parallel_needs_shards_of_16() -> None:
+    """TP 2 hands each rank half of one dim: 176 -> 88 is no multiple of 16 (what the float8
+    matmul needs), 192 -> 96 is."""
+    skipped: list[str] = []
+    keep = float8_module_filter([], skipped, tp_degree=2)
+    assert not keep(nn.Linear(64, 176), "layers.0.feed_forward.w1")
+    assert not keep(nn.Linear(176, 64), "layers.0.feed_forward.w2")
+    assert keep(nn.Linear(64, 192), "layers.0.feed_forward.w1")
+    assert skipped == [
+        "layers.0.feed_forward.w1 (64x176, not multiples of 32)",
+        "layers.0.feed_forward.w2 (176x64, not multiples of 32)",
+    ]
+
+
 # ---- numerics --------------------------------------------------------------------------
 def _train(recipe: str | None, steps: int = 6) -> tuple[list[float], dict[str, torch.Tensor], nn.Module]:
     """AdamW on one repeated batch (the loss falls fast); the first step's gradients."""
@@ -236,3 +250,12 @@ def test_trainer_runs_with_float8_converter(tmp_path) -> None:
         trainer.close()
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert 6.0 < losses[0] < 9.0  # ~ln(vocab 2256) = 7.7 at init
+
+
+def test_tokens_per_rank_not_a_multiple_of_16_is_rejected() -> None:
+    jc = _job_config()
+    jc.training.seq_len = 200  # 200 % 16 = 8
+    with pytest.raises(ConfigError, match=r"training.seq_len / context_parallel_degree \(200\)"):
+        Float8Converter(jc, ONE, device_type="cpu")
+    jc.float8.emulate = True  # the emulated matmul has no such constraint
+    Float8Converter(jc, ONE, device_type="cpu")

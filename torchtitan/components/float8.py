@@ -149,12 +149,18 @@ def check_float8_device(emulate: bool, device_type: str, capability: tuple[int, 
         )
 
 
-def float8_module_filter(filter_fqns: list[str], skipped: list[str] | None = None) -> Callable[[nn.Module, str], bool]:
+def float8_module_filter(
+    filter_fqns: list[str], skipped: list[str] | None = None, tp_degree: int = 1
+) -> Callable[[nn.Module, str], bool]:
     """The ``module_filter_fn`` for ``convert_to_float8_training``: which linears to convert.
 
     A linear is skipped when its name contains one of ``filter_fqns``, or when an in/out
-    dimension is not a multiple of 16; the reason is appended to ``skipped``.
+    dimension is not a multiple of ``16 * tp_degree``: float8 matmuls need multiples of 16,
+    and tensor parallelism hands each rank a ``1/tp_degree`` slice of one of the two dims
+    (a 176-wide FFN under TP 2 multiplies 88-wide shards, which ``_scaled_mm`` refuses).
+    The reason is appended to ``skipped``.
     """
+    multiple = 16 * tp_degree
 
     def keep(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear):
@@ -162,8 +168,8 @@ def float8_module_filter(filter_fqns: list[str], skipped: list[str] | None = Non
         matched = [f for f in filter_fqns if f in fqn]
         if matched:
             reason = f"{fqn} (filter_fqns {matched[0]!r})"
-        elif module.in_features % 16 or module.out_features % 16:
-            reason = f"{fqn} ({module.in_features}x{module.out_features}, not multiples of 16)"
+        elif module.in_features % multiple or module.out_features % multiple:
+            reason = f"{fqn} ({module.in_features}x{module.out_features}, not multiples of {multiple})"
         else:
             return True
         if skipped is not None:
@@ -225,6 +231,15 @@ class Float8Converter:
             config = dataclasses.replace(config, force_recompute_fp8_weight_in_bwd=True)
         self.config = config
         self.filter_fqns = list(cfg.filter_fqns)
+        self.tp_degree = parallel_dims.tp
+        # The weight-gradient matmul contracts over this rank's tokens: a multiple of 16 too.
+        seq_per_rank = job_config.training.seq_len // parallel_dims.cp
+        if not cfg.emulate and seq_per_rank % 16:
+            raise ConfigError(
+                f"float8 needs training.seq_len / context_parallel_degree ({seq_per_rank}) to be "
+                "a multiple of 16 (float8 matmuls contract over the tokens in backward); pick "
+                "another training.seq_len"
+            )
         self._float8 = float8
         self._precompute = float8.precompute_float8_dynamic_scale_for_fsdp
 
@@ -232,7 +247,9 @@ class Float8Converter:
         """Swap the selected ``nn.Linear`` modules of ``model`` for Float8Linear, in place."""
         skipped: list[str] = []
         self._float8.convert_to_float8_training(
-            model, config=self.config, module_filter_fn=float8_module_filter(self.filter_fqns, skipped)
+            model,
+            config=self.config,
+            module_filter_fn=float8_module_filter(self.filter_fqns, skipped, self.tp_degree),
         )
         converted = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
         logger.info(
