@@ -331,8 +331,11 @@ def test_init_weights_buffer_device():
 # ---- args and registry -----------------------------------------------------------------
 
 
-def job_config(seq_len: int):
-    return SimpleNamespace(training=SimpleNamespace(seq_len=seq_len))
+def job_config(seq_len: int, attention_backend: str = "auto"):
+    return SimpleNamespace(
+        training=SimpleNamespace(seq_len=seq_len),
+        model=SimpleNamespace(attention_backend=attention_backend),
+    )
 
 
 def test_update_from_config():
@@ -342,6 +345,8 @@ def test_update_from_config():
     real = get_model_args("llama3", "8B")
     real.update_from_config(job_config(8192), SimpleNamespace(vocab_size=128000))
     assert real.vocab_size == 128256 and real.max_seq_len == 8192
+    real.update_from_config(job_config(8192, "math"), None)
+    assert real.attn_backend == "math"
     with pytest.raises(ValueError, match="model.flavor.*model.tokenizer_path"):
         real.update_from_config(job_config(8192), SimpleNamespace(vocab_size=200000))
     with pytest.raises(ValueError, match="model.tokenizer_path"):
@@ -386,3 +391,24 @@ def test_lazy_function():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "parallelize" not in out.stdout and "pipeline" not in out.stdout
     assert "torchtitan.models.llama3.model" in out.stdout
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "flash"])
+def test_attention_backend_option_gives_the_same_output(backend):
+    """A forced backend changes only the kernel: on CPU "flash" is the CPU flash kernel,
+    "math" the reference, both equal to "auto" within fp32 rounding."""
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=g) for h in (4, 2, 2))
+    ref = ScaledDotProductAttention()(q, k, v)
+    out = ScaledDotProductAttention(backend=backend)(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert f"backend={backend}" in repr(ScaledDotProductAttention(backend=backend))
+
+
+def test_attention_backend_rejects_unknown_name():
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    with pytest.raises(ValueError, match="attention backend 'fast'"):
+        ScaledDotProductAttention(backend="fast")

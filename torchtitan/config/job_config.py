@@ -219,6 +219,11 @@ class Model(Section):
         [], "module swaps applied before parallelizing", choices=("float8",)
     )
     print_after_conversion: bool = _opt(False, "print the model after the converters ran")
+    attention_backend: str = _opt(
+        "auto",
+        "SDPA kernel: auto (cuDNN first on Hopper in bf16, else torch's order), or force one",
+        choices=("auto", "cudnn", "flash", "efficient", "math"),
+    )
 
     def check(self) -> None:
         self._nonempty("name", "flavor", "tokenizer_path")

@@ -9,13 +9,40 @@ the local heads of a tensor-parallel shard.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["repeat_kv", "ScaledDotProductAttention"]
+__all__ = ["repeat_kv", "ScaledDotProductAttention", "ATTENTION_BACKENDS"]
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+ATTENTION_BACKENDS = ("auto", *_BACKENDS)
+# What "auto" tries, in order, for bf16/fp16 on Hopper (SM 9.x): cuDNN's fused attention
+# beats the flash kernel there (see _auto_backends); torch's own order puts cuDNN last.
+_HOPPER_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def _auto_backends(q: torch.Tensor) -> list[SDPBackend] | None:
+    """The priority list "auto" uses for ``q``, or None for torch's default choice."""
+    if not (q.is_cuda and q.dtype in _HALF_DTYPES):
+        return None
+    major, _ = torch.cuda.get_device_capability(q.device)
+    return _HOPPER_ORDER if major == 9 else None
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -45,9 +72,18 @@ class ScaledDotProductAttention(nn.Module):
     head counts.
     """
 
-    def __init__(self, native_gqa: bool = True) -> None:
+    def __init__(self, native_gqa: bool = True, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
         self.native_gqa = native_gqa
+        self.backend = backend
+
+    def _kernel_context(self, q: torch.Tensor) -> contextlib.AbstractContextManager:
+        if self.backend != "auto":
+            return sdpa_kernel(_BACKENDS[self.backend])
+        order = _auto_backends(q)
+        return contextlib.nullcontext() if order is None else sdpa_kernel(order, set_priority=True)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n_heads, n_kv_heads = q.shape[1], k.shape[1]
@@ -56,10 +92,11 @@ class ScaledDotProductAttention(nn.Module):
                 f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads})"
             )
         n_rep = n_heads // n_kv_heads
-        if n_rep > 1 and self.native_gqa and q.is_cuda and q.dtype in _HALF_DTYPES:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with self._kernel_context(q):
+            if n_rep > 1 and self.native_gqa and q.is_cuda and q.dtype in _HALF_DTYPES:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def extra_repr(self) -> str:
-        return f"native_gqa={self.native_gqa}"
+        return f"native_gqa={self.native_gqa}, backend={self.backend}"

@@ -36,6 +36,7 @@ class TransformerModelArgs:
     rope_scaling: RoPEScalingArgs | None = field(default_factory=RoPEScalingArgs)
     max_seq_len: int = 131072
     depth_init: bool = True
+    attn_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads != 0:
@@ -70,6 +71,7 @@ class TransformerModelArgs:
                 "model.tokenizer_path"
             )
         self.max_seq_len = job_config.training.seq_len
+        self.attn_backend = job_config.model.attention_backend
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """Parameter count and training FLOPs per token (forward + backward).
