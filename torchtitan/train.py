@@ -44,7 +44,7 @@ from torchtitan.distributed.context_parallel import cp_context, validate_cp
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
 from torchtitan.models import get_model_args, get_model_spec
-from torchtitan.tools.device_info import peak_flops
+from torchtitan.tools.device_info import limit_device_memory, peak_flops
 from torchtitan.tools.flight_recorder import dump_trace, trace_dir
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.profiling import MemorySnapshotter, maybe_enable_profiling
@@ -67,6 +67,7 @@ class Trainer:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         dev = dist_utils.device_type
         self.device = torch.device(f"{dev}:{local_rank}" if dev == "cuda" else dev)
+        limit_device_memory(self.device, cfg.training.device_memory_limit_gib)
         p = cfg.parallelism
         self.parallel_dims = pd = ParallelDims(
             dp_replicate=p.data_parallel_replicate_degree,
@@ -183,6 +184,9 @@ class Trainer:
             wandb_project=cfg.metrics.wandb_project,
             wandb_mode=cfg.metrics.wandb_mode,
             config_for_wandb=cfg.to_dict() if cfg.metrics.enable_wandb else None,
+            jsonl_path=os.path.join(dump, cfg.metrics.save_jsonl_folder, f"rank_{self.rank}.jsonl")
+            if cfg.metrics.enable_jsonl and log_here
+            else None,
         )
         self.step = 0
         self.ntokens_seen = 0

@@ -1,12 +1,16 @@
-"""Per-step training metrics: the console line, TensorBoard and Weights & Biases.
+"""Per-step training metrics: the console line, TensorBoard, Weights & Biases and JSONL.
 
 Throughput is measured between two log steps: tokens this rank processed divided by wall
 time, so tokens/s is per device. TFLOP/s uses the model's FLOPs per token (6N plus the
-attention term); MFU divides by the device's dense bf16 peak.
+attention term); MFU divides by the device's dense bf16 peak. The JSONL file holds the
+same numbers as plain records so that scripts (scripts/benchmark.py) never parse the
+coloured console line.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-from torchtitan.tools.device_info import DeviceMemoryMonitor
+from torchtitan.tools.device_info import DeviceMemoryMonitor, device_name
 from torchtitan.tools.logging import logger
 
 
@@ -62,6 +66,35 @@ class _WandBLogger:
         self.run.finish()
 
 
+class _JsonlLogger:
+    """Appends one JSON object per logged window (a resumed run continues the same file).
+
+    Each line is flushed at once, so a run that dies keeps every window it logged.
+    Non-finite values are written as null: the file stays strict JSON for any reader.
+    """
+
+    def __init__(self, path: str, device: str):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.device = device
+        self.file = open(path, "a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, float], step: int, *, window_s: float, window_tokens: int) -> None:
+        record: dict[str, Any] = {
+            "step": step,
+            "time": time.time(),
+            "device": self.device,
+            "window_s": window_s,
+            "window_tokens": window_tokens,
+        }
+        for k, v in metrics.items():
+            record[k] = v if not isinstance(v, float) or math.isfinite(v) else None
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass
 class _Window:
     """Counters since the last log line."""
@@ -85,6 +118,7 @@ class MetricsProcessor:
         wandb_project: str = "torchtitan",
         wandb_mode: str = "online",
         config_for_wandb: dict[str, Any] | None = None,
+        jsonl_path: str | None = None,
     ):
         self.device = device
         self.log_freq = log_freq
@@ -100,6 +134,7 @@ class MetricsProcessor:
         if wandb_dir:
             os.makedirs(wandb_dir, exist_ok=True)
             self.loggers.append(_WandBLogger(wandb_dir, wandb_project, wandb_mode, config_for_wandb))
+        self.jsonl = _JsonlLogger(jsonl_path, device_name(device)) if jsonl_path else None
         # Summary over the run: tokens/s of each window after the first (warm-up) one.
         self.tps_history: list[float] = []
         self.last: dict[str, float] = {}
@@ -141,6 +176,8 @@ class MetricsProcessor:
             metrics.update(extra)
         for lg in self.loggers:
             lg.log(metrics, step)
+        if self.jsonl is not None:
+            self.jsonl.log(metrics, step, window_s=elapsed, window_tokens=self.window.tokens)
         if step > 1:
             self.tps_history.append(tps)
 
@@ -171,3 +208,6 @@ class MetricsProcessor:
     def close(self) -> None:
         for lg in self.loggers:
             lg.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None

@@ -11,6 +11,7 @@ This module must not import torch: ``--help`` and config errors have to be insta
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -79,8 +80,10 @@ def matches_type(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a dataclass (this module uses postponed annotations)."""
+    """Resolved annotations of a dataclass (this module uses postponed annotations); cached,
+    as resolving them is most of the cost of ``validate`` (callers must not mutate it)."""
     return typing.get_type_hints(cls)
 
 
@@ -198,10 +201,16 @@ class Metrics(Section):
     peak_tflops: float = _opt(
         0.0, "peak bf16 TFLOP/s of one device for MFU; 0 = look the GPU up in the peak table"
     )
+    enable_jsonl: bool = _opt(
+        False,
+        "append one JSON record per logged window to <save_jsonl_folder>/rank_<r>.jsonl "
+        "(read by scripts/benchmark.py)",
+    )
+    save_jsonl_folder: str = _opt("metrics_jsonl", "JSONL metrics folder, inside job.dump_folder")
 
     def check(self) -> None:
         self._positive("log_freq")
-        self._nonempty("save_tb_folder", "wandb_project")
+        self._nonempty("save_tb_folder", "wandb_project", "save_jsonl_folder")
         self._at_least("peak_tflops", 0.0)
         if math.isinf(self.peak_tflops):
             self._fail("peak_tflops", "must be finite")
@@ -318,6 +327,11 @@ class Training(Section):
         "tokens per chunk of the output projection + cross-entropy, so full fp32 logits are "
         "never materialised (same loss and gradients); 0 = off. Not with TP or PP",
     )
+    device_memory_limit_gib: float = _opt(
+        0.0,
+        "cap each process's CUDA caching allocator at this many GiB (e.g. 79.1 to size a run "
+        "for an 80 GB H100 on a larger card); 0 = the whole device",
+    )
 
     def check(self) -> None:
         self._nonempty("dataset", "dataset_text_field")
@@ -333,6 +347,9 @@ class Training(Section):
                 f"({self.local_batch_size})",
             )
         self._at_least("seq_len", 1)
+        self._at_least("device_memory_limit_gib", 0.0)
+        if math.isinf(self.device_memory_limit_gib):
+            self._fail("device_memory_limit_gib", "must be finite (0 = the whole device)")
         if math.isnan(self.max_norm):
             self._fail("max_norm", "must be a number (<= 0 disables clipping)")
         self._at_least("steps", 1)

@@ -73,6 +73,9 @@ class DeviceMemoryMonitor:
         self.device = device
         if device.type == "cuda":
             self.capacity = torch.cuda.get_device_properties(device).total_memory
+            get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+            if get_fraction is not None:  # a limit_device_memory cap is the capacity that counts
+                self.capacity = int(self.capacity * get_fraction(device))
             torch.cuda.reset_peak_memory_stats(device)
         else:
             import os
@@ -99,3 +102,23 @@ class DeviceMemoryMonitor:
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def limit_device_memory(device: torch.device, limit_gib: float) -> None:
+    """Cap this process's CUDA caching allocator at ``limit_gib`` GiB (0: no cap), so a run
+    sized for a smaller card (an 80 GB H100 on a 141 GB H200) fails or fits as it would there."""
+    if limit_gib <= 0:
+        return
+    if device.type != "cuda":
+        warn_once(f"training.device_memory_limit_gib applies to CUDA devices only; ignored on {device.type}")
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = limit_gib * 1024**3
+    if limit > total:
+        from torchtitan.config import ConfigError
+
+        raise ConfigError(
+            f"training.device_memory_limit_gib = {limit_gib} exceeds this device's "
+            f"{total / 1024**3:.1f} GiB; lower it or set 0"
+        )
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
