@@ -242,12 +242,32 @@ def run_trainers(configs: dict[str, list[str]], steps: int, reference: str) -> d
             "losses": losses,
             "n_parts": len(trainer.model_parts),
             "part_fqns": [sorted(n for n, _ in part.named_children()) for part in trainer.model_parts],
+            "checkpoint_keys": _checkpoint_keys(cfg),
         }
+        if dist.get_rank() == 0:
+            out[name]["param_names"] = sorted(params[name])
     ref = params[reference]
     for name, mine in params.items():
         out[name]["param_names_differ"] = sorted(set(ref) ^ set(mine))
         out[name]["param_rel_err"] = max(_rel(mine[k], ref[k]) for k in set(ref) & set(mine))
     return out
+
+
+def _checkpoint_keys(cfg) -> dict[int, list[str]]:
+    """The model keys of every checkpoint the run left (from DCP's metadata), by step."""
+    if not cfg.checkpoint.enable:
+        return {}
+    import os
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+    keys = {}
+    for entry in sorted(os.listdir(folder)):
+        if entry.startswith("step-"):
+            meta = FileSystemReader(os.path.join(folder, entry)).read_metadata()
+            keys[int(entry[5:])] = sorted(k for k in meta.state_dict_metadata if k.startswith("model."))
+    return keys
 
 
 def main(

@@ -84,6 +84,16 @@ def _trainer_configs(dump: str) -> dict[str, list[str]]:
         # debugmodel has 6 layers: stages [0,1] [2] [3,4] [5], two per rank.
         "pp2_interleaved_split": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
                                   "--parallelism.pipeline_parallel_split_points", "layers.2,layers.3,layers.5"],
+        # Two stages per rank, checkpointed at steps 2 and 3; then TP 2 resumes from step 2
+        # (a PP -> TP reshard) and trains step 3: it must end where the tp2 run ended.
+        "pp2_interleaved_ckpt": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+                                 "--parallelism.pipeline_parallel_split_points", "layers.2,layers.3,layers.5",
+                                 "--checkpoint.enable", "--checkpoint.interval", "2",
+                                 "--job.dump_folder", f"{dump}/pp_ckpt"],
+        "tp2_resumed_from_pp": [*common, "--parallelism.tensor_parallel_degree", "2",
+                                "--parallelism.data_parallel_shard_degree", "1", "--training.local_batch_size", "4",
+                                "--checkpoint.enable", "--checkpoint.load_step", "2",
+                                "--job.dump_folder", f"{dump}/pp_ckpt"],
     }
 
 
@@ -213,3 +223,19 @@ def test_trainer_model_parts_are_this_ranks_stages(two_ranks: dict) -> None:
     first, third = trainers["pp2_interleaved_split"]["part_fqns"]
     assert "tok_embeddings" in first and "output" not in first
     assert "tok_embeddings" not in third and "output" not in third
+
+
+def test_checkpoint_of_two_stages_per_rank_has_the_plain_model_keys_and_resumes_under_tp(two_ranks: dict) -> None:
+    """Interleaved 1F1B puts two stages on each rank; its checkpoint must still hold one entry
+    per parameter of the whole model, under the plain model's names, so that any layout can
+    load it: TP 2 resumes from its step 2 and finishes step 3 where the uninterrupted TP 2
+    run did (the data loader position travels too)."""
+    trainers = two_ranks["trainers"]
+    saved = trainers["pp2_interleaved_ckpt"]["checkpoint_keys"]
+    assert sorted(saved) == [2, 3], saved.keys()
+    plain = {f"model.{name}" for name in trainers["tp2"]["param_names"]}
+    assert set(saved[2]) == plain, sorted(set(saved[2]) ^ plain)[:5]
+    resumed, ref = trainers["tp2_resumed_from_pp"], trainers["tp2"]
+    assert len(resumed["losses"]) == 1  # only step 3 ran
+    assert resumed["losses"][0] == pytest.approx(ref["losses"][2], rel=FP32_TOL)
+    assert not resumed["param_names_differ"] and resumed["param_rel_err"] < FP32_TOL, resumed["param_rel_err"]
