@@ -10,6 +10,8 @@
 # CONFIG_FILE TOML file (default ./train_configs/debug_model.toml)
 # LOG_RANK    comma-separated ranks whose output is shown (default 0)
 # MAX_RESTARTS how many times torchrun restarts a failed job (default 0)
+# DRY_RUN=1   plan instead of training: build the layout for NGPU ranks in this one process
+#             (fake process group, no GPU) and predict memory and step time (docs/planning.md)
 # Extra arguments are passed to the trainer (--section.key value).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,6 +22,10 @@ fi
 CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  exec python3 scripts/plan.py --world_size "${NGPU}" --job.config_file "${CONFIG_FILE}" "$@"
+fi
 
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # One intra-op thread per CPU process unless told otherwise, so ranks do not oversubscribe cores.

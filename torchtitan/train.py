@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -50,6 +51,46 @@ from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.profiling import MemorySnapshotter, maybe_enable_profiling
 
 
+@dataclass(frozen=True)
+class LayoutCheck:
+    """What ``validate_layout`` settles: the degrees and the batch arithmetic."""
+
+    parallel_dims: ParallelDims
+    global_batch: int
+    grad_accumulation_steps: int
+
+
+def validate_layout(cfg: JobConfig, world_size: int) -> LayoutCheck:
+    """The layout checks the trainer makes before it builds anything, as a pure function
+    (no process group, no device), so the dry-run planner (torchtitan/tools/planner) raises
+    exactly the errors a real launch would."""
+    p = cfg.parallelism
+    pd = ParallelDims(
+        dp_replicate=p.data_parallel_replicate_degree,
+        dp_shard=p.data_parallel_shard_degree,
+        cp=p.context_parallel_degree,
+        tp=p.tensor_parallel_degree,
+        pp=p.pipeline_parallel_degree,
+        world_size=world_size,
+        enable_loss_parallel=not p.disable_loss_parallel,
+    )
+    if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
+        raise ConfigError(
+            "checkpoint.create_seed_checkpoint writes the seed from one process: run it "
+            "without torchrun (or with --nproc_per_node 1)"
+        )
+    # Batch arithmetic: global = local × dp × accumulation.
+    t, dp_degree = cfg.training, pd.dp_degree
+    global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp_degree
+    if global_batch % (t.local_batch_size * dp_degree) != 0:
+        raise ConfigError(
+            f"training.global_batch_size {global_batch} is not a multiple of local_batch_size "
+            f"{t.local_batch_size} × data-parallel degree {dp_degree}; use a multiple of "
+            f"{t.local_batch_size * dp_degree}"
+        )
+    return LayoutCheck(pd, global_batch, global_batch // (t.local_batch_size * dp_degree))
+
+
 class Trainer:
     def __init__(self, job_config: JobConfig):
         self.job_config = cfg = job_config
@@ -69,37 +110,17 @@ class Trainer:
         self.device = torch.device(f"{dev}:{local_rank}" if dev == "cuda" else dev)
         limit_device_memory(self.device, cfg.training.device_memory_limit_gib)
         p = cfg.parallelism
-        self.parallel_dims = pd = ParallelDims(
-            dp_replicate=p.data_parallel_replicate_degree,
-            dp_shard=p.data_parallel_shard_degree,
-            cp=p.context_parallel_degree,
-            tp=p.tensor_parallel_degree,
-            pp=p.pipeline_parallel_degree,
-            world_size=world_size,
-            enable_loss_parallel=not p.disable_loss_parallel,
-        )
+        layout = validate_layout(cfg, world_size)
+        self.parallel_dims = pd = layout.parallel_dims
         self.world_mesh = pd.build_mesh(dev)
-        if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
-            raise ConfigError(
-                "checkpoint.create_seed_checkpoint writes the seed from one process: run it "
-                "without torchrun (or with --nproc_per_node 1)"
-            )
         dp_rank, dp_degree = pd.dp_rank_and_size(self.world_mesh)
         self.seed = dist_utils.set_determinism(
             self.world_mesh, self.device, cfg.training.seed, cfg.training.deterministic
         )
         self._resolve_cpu_precision(cfg)
-
-        # Batch arithmetic: global = local × dp × accumulation.
         t = cfg.training
-        global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp_degree
-        if global_batch % (t.local_batch_size * dp_degree) != 0:
-            raise ConfigError(
-                f"training.global_batch_size {global_batch} is not a multiple of local_batch_size "
-                f"{t.local_batch_size} × data-parallel degree {dp_degree}; use a multiple of "
-                f"{t.local_batch_size * dp_degree}"
-            )
-        self.grad_accumulation_steps = global_batch // (t.local_batch_size * dp_degree)
+        global_batch = layout.global_batch
+        self.grad_accumulation_steps = layout.grad_accumulation_steps
         self.global_batch_size = global_batch
 
         # Tokenizer, data.

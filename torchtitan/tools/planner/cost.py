@@ -1,0 +1,178 @@
+"""What one optimizer step costs in time: compute, pipeline bubble and communication.
+
+The model, per GPU and step (all assumptions in ``hardware.py`` and docs/planning.md):
+
+- compute = hardware FLOPs / (peak x efficiency). Hardware FLOPs are the model FLOPs of the
+  trainer's MFU formula (6 x non-embedding params + 12 x layers x heads x head_dim x seq, per
+  token) plus the forward work activation checkpointing redoes; the efficiency is the one
+  measured on H100 (compiled or eager). Float8 divides the compute time by a measured speedup.
+- pipeline bubble = compute x idle fraction of the schedule: (pp - 1) / microbatches for
+  GPipe and 1F1B, divided by the stages per rank for the interleaved schedules, and by a
+  further 3 for the zero-bubble ones (their weight-gradient passes fill most of it).
+- communication = bytes each GPU sends / (link bandwidth x efficiency), for ring all-gather /
+  reduce-scatter / all-reduce; a group uses NVLink when its ranks fit in one node (the mesh
+  puts tp innermost, then cp, dp_shard, dp_replicate, pp) and the inter-node network
+  otherwise. FSDP and DDP traffic overlaps the compute and only the excess is paid; TP, CP
+  and PP traffic sits on the critical path (async TP hides ``ASYNC_TP_HIDDEN`` of it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchtitan.tools.planner.hardware import GpuSpec
+from torchtitan.tools.planner.layout import Layout
+from torchtitan.tools.planner.memory import Geometry
+
+__all__ = ["StepCost", "model_flops_per_token", "recompute_fraction", "step_cost", "FLOAT8_SPEEDUP"]
+
+# Measured on 2x H200, 3B FSDP 2 compiled, cuDNN attention (docs/performance.md, 2026-11-30):
+# float8 tensorwise with float8 all-gather ran 22,473 tokens/s/GPU against bf16's 19,827.
+FLOAT8_SPEEDUP = 1.13
+ASYNC_TP_HIDDEN = 0.7  # share of TP traffic async TP overlaps (an assumption, not measured)
+
+
+@dataclass
+class StepCost:
+    """Seconds of one optimizer step on one GPU, and what that gives."""
+
+    compute_s: float
+    bubble_s: float
+    tp_s: float
+    cp_s: float
+    pp_s: float
+    dp_s: float  # FSDP / HSDP / DDP traffic, before overlap
+    exposed_dp_s: float
+    step_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float  # model FLOPs / peak bf16
+
+
+def model_flops_per_token(g: Geometry, seq: int) -> float:
+    """The trainer's FLOPs per token (``TransformerModelArgs.get_nparams_and_flops``)."""
+    nparams_no_embedding = g.n_layers * g.block_params + g.vocab * g.dim + g.dim
+    return 6 * nparams_no_embedding + 12 * g.n_layers * g.n_heads * g.head_dim * seq
+
+
+def recompute_fraction(g: Geometry, seq: int, ac_mode: str, ac_option: str, compiled: bool) -> float:
+    """Extra forward FLOPs activation checkpointing adds, as a share of the step's FLOPs.
+
+    Full AC reruns every block forward; per-op SAC reruns the matmuls it does not save
+    (eager: wk, wo, w3; compiled: only wk and w3, what backward needs); "N" reruns 1/N.
+    """
+    d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
+    block_fwd = 2 * g.block_params + 4 * g.n_heads * g.head_dim * seq  # per token and block
+    total = model_flops_per_token(g, seq) / g.n_layers
+    if ac_mode == "none":
+        return 0.0
+    if ac_mode == "full":
+        return block_fwd / total
+    if ac_option == "op":
+        redone = kv * d + h * d if compiled else kv * d + d * q + h * d
+        return 2 * redone / total
+    return block_fwd / total / int(ac_option)
+
+
+def _bandwidth(gpu: GpuSpec, span: int) -> float:
+    """Bytes/s per GPU for a group whose ranks span ``span`` consecutive global ranks."""
+    gbps = gpu.intra_node_gbps if span <= gpu.gpus_per_node else gpu.inter_node_gbps
+    return gbps * 1e9 * gpu.comm_efficiency
+
+
+def _ring(nbytes: float, n: int) -> float:
+    """Bytes each rank sends in a ring all-gather or reduce-scatter of ``nbytes`` in total."""
+    return nbytes * (n - 1) / n if n > 1 else 0.0
+
+
+def bubble_fraction(schedule: str, pp: int, n_microbatches: int, stages_per_rank: int) -> float:
+    if pp <= 1:
+        return 0.0
+    idle = (pp - 1) / n_microbatches
+    if schedule in ("GPipe", "1F1B"):
+        return idle
+    idle /= stages_per_rank
+    if schedule in ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"):
+        idle /= 3
+    return idle
+
+
+def step_cost(
+    g: Geometry,
+    lay: Layout,
+    gpu: GpuSpec,
+    *,
+    compiled: bool,
+    float8: bool = False,
+    float8_all_gather: bool = False,
+    async_tp: bool = False,
+    reshard: str = "default",
+    stages_per_rank: int = 1,
+    param_bytes_gathered: int = 2,
+    reduce_bytes: int = 4,
+) -> StepCost:
+    """The cost of one step of ``lay`` (see the module docstring)."""
+    flops_tok = model_flops_per_token(g, lay.seq)
+    tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
+    model_flops = flops_tok * tokens_dp / (lay.tp * lay.cp * lay.pp)
+    hw_flops = model_flops * (1 + recompute_fraction(g, lay.seq, lay.ac_mode, lay.ac_option, compiled))
+    eff = gpu.compute_efficiency_compiled if compiled else gpu.compute_efficiency_eager
+    compute = hw_flops / (gpu.peak_flops() * eff)
+    if float8:
+        compute /= FLOAT8_SPEEDUP
+    bubble = compute * bubble_fraction(lay.schedule, lay.pp, lay.n_microbatches, stages_per_rank)
+
+    a = 2
+    layers = g.n_layers / lay.pp
+    micro = lay.n_microbatches if lay.pp > 1 else 1
+    forwards = micro * lay.grad_accum  # forward passes per step on this rank
+    tokens_fwd = lay.local_batch // micro * lay.seq / lay.cp  # tokens of one forward
+    tp_span, cp_span = lay.tp, lay.tp * lay.cp
+    fsdp_span = lay.tp * lay.cp * lay.dp_shard
+    rep_span = fsdp_span * lay.dp_replicate
+    pp_span = rep_span * lay.pp
+
+    tp_s = 0.0
+    if lay.tp > 1:
+        act = tokens_fwd * g.dim * a  # one gathered activation
+        per_layer = 8 + {"full": 4, "none": 0}.get(lay.ac_mode, 2)  # fwd 4, bwd 4, recompute
+        if lay.ac_mode == "selective" and lay.ac_option != "op":
+            per_layer = 8 + 4 / int(lay.ac_option)
+        volume = (per_layer * layers + 2) * _ring(act, lay.tp) * forwards
+        tp_s = volume / _bandwidth(gpu, tp_span) * ((1 - ASYNC_TP_HIDDEN) if async_tp else 1.0)
+    cp_s = 0.0
+    if lay.cp > 1:  # all-gather K and V (repeated to the query heads) forward, again + RS backward
+        kv = 2 * tokens_fwd * lay.cp * g.n_heads * g.head_dim / lay.tp * a
+        cp_s = 3 * layers * _ring(kv, lay.cp) * forwards / _bandwidth(gpu, cp_span)
+    pp_s = 0.0
+    if lay.pp > 1:  # hidden states forward and their gradients backward, per stage boundary
+        hidden = tokens_fwd * g.dim * a / lay.tp
+        pp_s = 2 * hidden * micro * stages_per_rank * lay.grad_accum / _bandwidth(gpu, pp_span)
+
+    params_local = g.n_layers * g.block_params / (lay.tp * lay.pp) + 2 * g.vocab * g.dim / (lay.tp * lay.pp)
+    fsdp_n = lay.dp_shard * lay.cp
+    dp_s = 0.0
+    if fsdp_n > 1:
+        gather = params_local * (1 if float8_all_gather else param_bytes_gathered)
+        regathers = 0.0 if (lay.pp > 1 or reshard == "never") else 1.0
+        per_pass = _ring(gather, fsdp_n) * (1 + regathers) + _ring(params_local * reduce_bytes, fsdp_n)
+        passes = 1 if lay.pp > 1 else lay.grad_accum
+        dp_s += per_pass * passes / _bandwidth(gpu, fsdp_span)
+        if lay.dp_replicate > 1:  # HSDP: all-reduce the shards over the replicas
+            dp_s += 2 * _ring(params_local / fsdp_n * reduce_bytes, lay.dp_replicate) * passes / _bandwidth(gpu, rep_span)
+    elif lay.dp_replicate > 1:  # DDP: all-reduce fp32 gradients every backward
+        dp_s += 2 * _ring(params_local * 4, lay.dp_replicate) * lay.grad_accum / _bandwidth(gpu, rep_span)
+    exposed = max(0.0, dp_s - compute)
+    step = compute + bubble + tp_s + cp_s + pp_s + exposed
+    tokens_per_gpu = lay.global_batch * lay.seq / step / lay.world_size
+    return StepCost(
+        compute_s=compute,
+        bubble_s=bubble,
+        tp_s=tp_s,
+        cp_s=cp_s,
+        pp_s=pp_s,
+        dp_s=dp_s,
+        exposed_dp_s=exposed,
+        step_s=step,
+        tokens_per_s_per_gpu=tokens_per_gpu,
+        mfu=flops_tok * tokens_per_gpu / gpu.peak_flops(),
+    )

@@ -1,0 +1,69 @@
+"""The machines the planner plans for: one GPU's memory and speed, and its links.
+
+These are *assumptions*, stated once here and printed with every plan, not measurements of
+the machine the planner runs on. Peak FLOP/s are the vendors' dense (no sparsity) figures;
+memory is what ``torch.cuda.get_device_properties().total_memory`` reports for the card;
+link bandwidths are per GPU and per direction. Every value can be overridden from the
+command line (``scripts/plan.py --help``). Achieved rates are the peak times an efficiency:
+
+- compute: the hardware-FLOP efficiency that reproduces the standard suite's measured
+  throughput (docs/performance.md, 2026-11-30, 2x H200 = H100 compute; cost.py counts the
+  recomputation): 0.59 for compiled blocks (B, D, E), 0.55 eager (A);
+- communication: 0.8 of the link rate (NCCL ring all-gather / reduce-scatter bus bandwidth on
+  NVLink and InfiniBand typically reaches 75-85% of the nominal rate for large messages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from torchtitan.config import ConfigError
+
+__all__ = ["GpuSpec", "GPUS", "get_gpu", "GIB"]
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU model and the node it sits in."""
+
+    name: str
+    memory_gib: float  # total device memory as torch reports it
+    bf16_tflops: float  # dense bf16 tensor-core peak
+    fp8_tflops: float  # dense float8 peak (0: no float8 matmuls)
+    capability: tuple[int, int]  # CUDA compute capability (float8 needs >= 8.9)
+    gpus_per_node: int
+    intra_node_gbps: float  # GB/s per GPU per direction inside a node (NVLink)
+    inter_node_gbps: float  # GB/s per GPU per direction between nodes (NICs / GPUs per node)
+    compute_efficiency_compiled: float = 0.59
+    compute_efficiency_eager: float = 0.55
+    comm_efficiency: float = 0.8
+
+    def peak_flops(self, float8: bool = False) -> float:
+        if float8 and self.fp8_tflops > 0:
+            return self.fp8_tflops * 1e12
+        return self.bf16_tflops * 1e12
+
+    def with_overrides(self, **changes: float | int | None) -> GpuSpec:
+        """A copy with the given fields replaced (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# H100/H200 SXM: NVLink 4 at 900 GB/s bidirectional = 450 GB/s per direction; 8 x 400 Gb/s
+# InfiniBand NDR per 8-GPU node = 50 GB/s per GPU per direction. A100 SXM: NVLink 3 at
+# 600 GB/s bidirectional; 8 x 200 Gb/s HDR per node.
+GPUS: dict[str, GpuSpec] = {
+    "H100": GpuSpec("H100 80GB HBM3 (SXM)", 79.2, 989.5, 1979.0, (9, 0), 8, 450.0, 50.0),
+    "H200": GpuSpec("H200 141GB HBM3e (SXM)", 139.8, 989.5, 1979.0, (9, 0), 8, 450.0, 50.0),
+    "A100": GpuSpec("A100 80GB (SXM)", 79.2, 312.0, 0.0, (8, 0), 8, 300.0, 25.0),
+}
+
+
+def get_gpu(name: str) -> GpuSpec:
+    """The table entry for ``name`` (case-insensitive, e.g. ``h100``)."""
+    key = name.upper()
+    if key not in GPUS:
+        raise ConfigError(f"--gpu {name!r} is not in the planner's table; choose one of {', '.join(GPUS)}")
+    return GPUS[key]

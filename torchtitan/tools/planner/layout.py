@@ -1,0 +1,194 @@
+"""A layout: the parallel degrees, pipeline schedule, batch shape and AC mode of one run.
+
+The planner reasons about layouts; the trainer reads JobConfigs. ``Layout.from_config``
+reads the layout a config describes (resolving ``data_parallel_shard_degree = -1`` and the
+batch arithmetic through the trainer's own ``validate_layout``), ``Layout.apply`` writes a
+layout into a copy of a config, and ``Layout.overrides`` gives the command-line options that
+make the trainer run it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torchtitan.config import JobConfig
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run a model on ``world_size`` GPUs."""
+
+    world_size: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    local_batch: int
+    grad_accum: int
+    seq: int
+    ac_mode: str
+    ac_option: str
+    schedule: str = "1F1B"
+    microbatch_size: int = 1
+    microbatches: int | None = None
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.dp * self.grad_accum
+
+    @property
+    def n_microbatches(self) -> int:
+        if self.pp == 1:
+            return 1
+        return self.microbatches or self.local_batch // self.microbatch_size
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, world_size: int) -> Layout:
+        from torchtitan.train import validate_layout
+
+        check = validate_layout(cfg, world_size)
+        pd, p, t = check.parallel_dims, cfg.parallelism, cfg.training
+        return cls(
+            world_size=world_size,
+            dp_replicate=pd.dp_replicate,
+            dp_shard=pd.dp_shard,
+            cp=pd.cp,
+            tp=pd.tp,
+            pp=pd.pp,
+            local_batch=t.local_batch_size,
+            grad_accum=check.grad_accumulation_steps,
+            seq=t.seq_len,
+            ac_mode=cfg.activation_checkpoint.mode,
+            # the option only matters for selective AC; one spelling keeps layouts comparable
+            ac_option=cfg.activation_checkpoint.selective_ac_option if cfg.activation_checkpoint.mode == "selective" else "op",
+            schedule=p.pipeline_parallel_schedule,
+            microbatch_size=p.pipeline_parallel_microbatch_size,
+            microbatches=p.pipeline_parallel_microbatches,
+        )
+
+    def apply(self, cfg: JobConfig) -> JobConfig:
+        """A copy of ``cfg`` running this layout (split points and layers per stage are
+        cleared: the search places layers evenly)."""
+        out = copy.copy(cfg)  # only three sections change: copy those (a search makes thousands)
+        out.parallelism = p = copy.copy(cfg.parallelism)
+        out.training = t = copy.copy(cfg.training)
+        out.activation_checkpoint = copy.copy(cfg.activation_checkpoint)
+        p.pipeline_parallel_split_points = list(p.pipeline_parallel_split_points)
+        p.data_parallel_replicate_degree = self.dp_replicate
+        p.data_parallel_shard_degree = self.dp_shard
+        p.context_parallel_degree = self.cp
+        p.tensor_parallel_degree = self.tp
+        p.pipeline_parallel_degree = self.pp
+        p.pipeline_parallel_schedule = self.schedule
+        p.pipeline_parallel_microbatch_size = self.microbatch_size
+        p.pipeline_parallel_microbatches = self.microbatches
+        if self.pp != cfg.parallelism.pipeline_parallel_degree:
+            p.pipeline_parallel_split_points = []
+            p.pipeline_parallel_layers_per_stage = None
+            p.pipeline_parallel_schedule_csv = ""
+        t.local_batch_size = self.local_batch
+        t.global_batch_size = self.global_batch
+        t.seq_len = self.seq
+        out.activation_checkpoint.mode = self.ac_mode
+        out.activation_checkpoint.selective_ac_option = self.ac_option
+        return out
+
+    def overrides(self) -> list[str]:
+        """Trainer options (``--section.key value``) that select this layout."""
+        args = [
+            "--parallelism.data_parallel_replicate_degree", str(self.dp_replicate),
+            "--parallelism.data_parallel_shard_degree", str(self.dp_shard),
+            "--parallelism.tensor_parallel_degree", str(self.tp),
+            "--parallelism.context_parallel_degree", str(self.cp),
+            "--parallelism.pipeline_parallel_degree", str(self.pp),
+            "--training.local_batch_size", str(self.local_batch),
+            "--training.global_batch_size", str(self.global_batch),
+            "--training.seq_len", str(self.seq),
+            "--activation_checkpoint.mode", self.ac_mode,
+            "--activation_checkpoint.selective_ac_option", self.ac_option,
+        ]
+        if self.pp > 1:
+            args += [
+                "--parallelism.pipeline_parallel_schedule", self.schedule,
+                "--parallelism.pipeline_parallel_microbatch_size", str(self.microbatch_size),
+            ]
+        return args
+
+    def label(self) -> str:
+        """Short description, e.g. ``FSDP 8 x TP 8 x PP 8 (Interleaved1F1B, 16 mb) | AC full | lb 16``."""
+        parts = []
+        if self.dp_replicate > 1:
+            parts.append(f"{'HSDP' if self.dp_shard > 1 else 'DDP'} {self.dp_replicate}")
+        if self.dp_shard > 1:
+            parts.append(f"FSDP {self.dp_shard}")
+        for name, value in (("CP", self.cp), ("TP", self.tp), ("PP", self.pp)):
+            if value > 1:
+                parts.append(f"{name} {value}")
+        text = " x ".join(parts) or "1 GPU"
+        if self.pp > 1:
+            text += f" ({self.schedule}, {self.n_microbatches} mb)"
+        ac = self.ac_mode if self.ac_mode != "selective" else f"sel {self.ac_option}"
+        accum = f" x{self.grad_accum} acc" if self.grad_accum > 1 else ""
+        return f"{text} | AC {ac} | lb {self.local_batch}{accum}"
+
+
+def rank_workload(
+    cfg: JobConfig,
+    layout: Layout,
+    pp_rank: int,
+    stage_layers: tuple[int, ...],
+    first: bool,
+    last: bool,
+    gpu_path: bool = True,
+    inflight: int | None = None,
+):
+    """The memory model's view of one rank running ``layout`` with ``cfg``'s other settings.
+
+    ``gpu_path=False`` describes this CPU instead (keys/values repeated before SDPA, rms_norm
+    decomposed): what the tests measure against. ``inflight`` overrides the schedule formula
+    with a count read off a built schedule.
+    """
+    from torchtitan.tools.planner.memory import Workload, inflight_chunks
+
+    t, p = cfg.training, cfg.parallelism
+    bf16 = t.mixed_precision_param == "bfloat16"
+    fsdp = layout.dp_shard > 1 or layout.cp > 1
+    autocast = bf16 and not fsdp
+    compile_on = cfg.compile.enable
+    n_mb = layout.n_microbatches
+    return Workload(
+        tp=layout.tp,
+        cp=layout.cp,
+        stage_layers=tuple(stage_layers),
+        first=first,
+        last=last,
+        microbatch=layout.local_batch // n_mb,
+        seq=layout.seq,
+        inflight=inflight or inflight_chunks(layout.schedule, layout.pp, pp_rank, n_mb, len(stage_layers)),
+        grad_accum=layout.grad_accum,
+        ac_mode=layout.ac_mode,
+        ac_option=layout.ac_option,
+        compile_model=compile_on and "model" in cfg.compile.components,
+        compile_loss=compile_on and "loss" in cfg.compile.components,
+        compute_bytes=2 if bf16 else 4,
+        residual_bytes=2 if (bf16 and fsdp) else 4,
+        autocast=autocast,
+        loss_parallel=not p.disable_loss_parallel,
+        loss_chunk=t.loss_chunk_size,
+        fsdp=fsdp,
+        ddp=not fsdp and layout.dp_replicate > 1,
+        pp=layout.pp > 1,
+        reshard=p.fsdp_reshard_after_forward,
+        reduce_bytes=4 if t.mixed_precision_reduce == "float32" else 2,
+        cpu_offload=t.enable_cpu_offload,
+        repeat_kv=layout.cp > 1 or not gpu_path,
+        composite_rmsnorm=not gpu_path,
+    )
