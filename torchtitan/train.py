@@ -231,6 +231,11 @@ class Trainer:
         self.step_guard = StepGuard(ft.non_finite_policy, ft.max_consecutive_skips, self.device)
         self.fault_injector = FaultInjector.from_env(self.rank, once_dir=cfg.job.dump_folder)
         self.preempt_after_step = False
+        # With fused optimizers a non-finite step is skipped on device and the host reads the
+        # agreed verdict one step later, so the check costs no host sync (docs/fault_tolerance.md).
+        self.lagged_guard = self.optimizers.supports_found_inf
+        self.pending_flags: tuple[int, torch.Tensor] | None = None
+        self.last_good_step = 0
         logger.info(
             f"device {self.device}, world {world_size}, mesh {self.world_mesh}, global batch "
             f"{global_batch} = local {t.local_batch_size} × dp {dp_degree} × accumulation "
@@ -366,16 +371,36 @@ class Trainer:
         lr = self.lr_schedulers.get_last_lr()
         # Every rank learns, in one all-reduce, whether any rank saw a non-finite value or
         # was signalled: all skip the same steps and stop after the same step.
-        verdict = self.step_guard.agree(loss_sum, grad_norm, self.preemption.requested)
-        self.preempt_after_step = verdict.preempt
-        if verdict.non_finite:
-            self.step_guard.on_non_finite(self.step)  # raises NonFiniteError when told to stop
-            return loss_sum, grad_norm, lr  # skipped: weights, optimizer and lr schedule unchanged
-        self.step_guard.on_finite()
-        self.optimizers.step()
+        flags = self.step_guard.flags(loss_sum, grad_norm, self.preemption.requested)
+        if self.lagged_guard:
+            self.settle_verdict()  # the previous step's, long finished: no pipeline bubble
+            self.optimizers.step(found_inf=flags[0])  # a no-op on device if non-finite
+            self.pending_flags = (self.step, flags)
+        else:
+            if self._act_on(self.step, self.step_guard.verdict(flags)):
+                return loss_sum, grad_norm, lr  # skipped: weights, optimizer and lr schedule unchanged
+            self.optimizers.step()
         self.model_converters.post_optimizer_hook(self.model_parts)
         self.lr_schedulers.step()
         return loss_sum, grad_norm, lr
+
+    def _act_on(self, step: int, verdict) -> bool:
+        """Apply the agreed verdict of ``step``; True if it was skipped. Raises NonFiniteError
+        when the policy says stop (the weights are then those after ``step - 1``)."""
+        self.preempt_after_step |= verdict.preempt
+        if verdict.non_finite:
+            self.last_good_step = step - 1
+            self.step_guard.on_non_finite(step)
+            return True
+        self.step_guard.on_finite()
+        return False
+
+    def settle_verdict(self) -> None:
+        """Read and apply the pending verdict of the last step (lagged mode; a host sync)."""
+        if self.pending_flags is not None:
+            step, flags = self.pending_flags
+            self.pending_flags = None
+            self._act_on(step, self.step_guard.verdict(flags))
 
     # ---- the loop -------------------------------------------------------------------
     def train(self) -> list[float]:
@@ -425,7 +450,23 @@ class Trainer:
                     raise
                 except StopIteration:
                     logger.warning(f"data exhausted at step {self.step} (training.dataset_infinite is off)")
+                    try:
+                        self.settle_verdict()
+                    except NonFiniteError:
+                        self._save_last_good_state()
+                        raise
                     break
+                last_step = self.step == t.steps
+                ckpt = cfg.checkpoint
+                if last_step or self.metrics.should_log(self.step) or (
+                    ckpt.enable and self.step % ckpt.interval == 0
+                ):
+                    # Logging syncs anyway; a checkpoint must know whether this step counted.
+                    try:
+                        self.settle_verdict()
+                    except NonFiniteError:
+                        self._save_last_good_state()
+                        raise
                 if self.metrics.should_log(self.step):
                     global_loss = dist_utils.dist_mean(loss, self._loss_mesh())
                     gn = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
@@ -433,7 +474,7 @@ class Trainer:
                     if self.rank == 0 or not cfg.metrics.rank_0_only:
                         self.metrics.log(self.step, loss=global_loss, grad_norm=gn, lr=lr)
                 self.ntokens_seen += self.global_batch_size * t.seq_len
-                self.checkpointer.save(self.step, last_step=self.step == t.steps)
+                self.checkpointer.save(self.step, last_step=last_step)
                 if self.preempt_after_step and self.step < t.steps:
                     self.checkpointer.save(self.step, force=True)  # no-op if just saved
                     self.checkpointer.wait()  # synchronous: the process is about to exit
@@ -469,7 +510,7 @@ class Trainer:
         """After a non-finite stop the weights are still those of the previous step (the
         optimizer did not run): checkpoint them as that step unless that is already saved.
         The data loader has moved past the bad batch, so a resume does not replay it."""
-        self.step -= 1
+        self.step = self.last_good_step
         if self.step > 0:  # step-0 is reserved for seed checkpoints
             self.checkpointer.save(self.step, force=True)
             self.checkpointer.wait()

@@ -44,7 +44,7 @@ def _one_step_grads(tmp_path, local_batch, global_batch):
     )
     trainer = Trainer(cfg)
     try:
-        trainer.optimizers.step = lambda: None
+        trainer.optimizers.step = lambda found_inf=None: None
         losses = trainer.train()
         grads = {k: v.grad.detach().clone() for k, v in trainer.model_parts[0].named_parameters()}
     finally:
@@ -106,3 +106,42 @@ def test_bad_option_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "seq_len" in err[0] and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_non_finite_step_is_skipped_in_both_guard_modes(tmp_path, monkeypatch, implementation):
+    """Fused optimizers skip a non-finite step on device and the host learns it a step
+    later (no per-step sync); others decide on the host at once. Either way the NaN step
+    changes no weight and no moment, later steps train, and a stop names the last good step."""
+    from torchtitan.components.fault_tolerance import NonFiniteError
+
+    monkeypatch.setenv("TORCHTITAN_FAULT_INJECT", "nan:0:2")
+    common = ("--optimizer.implementation", implementation, "--metrics.log_freq", "100",
+              "--training.steps", "3", "--training.local_batch_size", "2", "--training.seed", "3")
+    trainer = Trainer(_config(tmp_path / "skip", *common))
+    try:
+        assert trainer.lagged_guard is (implementation == "fused")
+        snapshots = []
+        original = trainer.train_step
+
+        def recording_step(it):
+            out = original(it)
+            snapshots.append({k: v.detach().clone() for k, v in trainer.model_parts[0].named_parameters()})
+            return out
+
+        trainer.train_step = recording_step
+        losses = trainer.train()
+        assert trainer.step_guard.total_skips == 1 and trainer.step == 3
+        assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # step 2: nothing
+        assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[0])  # step 3 trains
+        assert all(torch.isfinite(v).all() for v in snapshots[2].values()) and losses
+    finally:
+        trainer.close()
+
+    stop = Trainer(_config(tmp_path / "stop", *common, "--fault_tolerance.non_finite_policy", "stop"))
+    try:
+        with pytest.raises(NonFiniteError, match="at step 2"):
+            stop.train()
+        assert stop.last_good_step == 1 and stop.step == 1
+    finally:
+        stop.close(clean=False)

@@ -137,18 +137,30 @@ class StepGuard:
         self.consecutive_skips = 0
         self.total_skips = 0
 
-    def agree(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, preempt: bool) -> StepVerdict:
-        """One all-reduce (max) over every rank of [non-finite here, signalled here]."""
+    def flags(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, preempt: bool) -> torch.Tensor:
+        """[non-finite on some rank, signalled on some rank] as a float tensor on the device,
+        agreed by one all-reduce (max), with no host sync: ``flags[0]`` can gate a fused
+        optimizer on device, and ``verdict`` reads both later."""
         bad = ~torch.isfinite(_local(loss).detach().float()).all()
         if isinstance(grad_norm, torch.Tensor):
             bad = bad | ~torch.isfinite(_local(grad_norm).detach().float()).all()
         elif not math.isfinite(grad_norm):
             bad = torch.ones((), dtype=torch.bool, device=bad.device)
-        flags = torch.stack([bad.float(), torch.tensor(float(preempt), device=bad.device)]).to(self.device)
+        signalled = torch.full((), float(preempt), device=bad.device)  # a fill, not a host copy
+        flags = torch.stack([bad.float(), signalled]).to(self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    @staticmethod
+    def verdict(flags: torch.Tensor) -> StepVerdict:
+        """Read agreed ``flags`` on the host (waits for the step that produced them)."""
         non_finite, signalled = (v > 0 for v in flags.tolist())
         return StepVerdict(non_finite=non_finite, preempt=signalled)
+
+    def agree(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, preempt: bool) -> StepVerdict:
+        """``flags`` then ``verdict``: the synchronous check."""
+        return self.verdict(self.flags(loss, grad_norm, preempt))
 
     def on_non_finite(self, step: int) -> None:
         """Count a skipped step; raise NonFiniteError when the policy says stop."""

@@ -87,9 +87,24 @@ class OptimizersContainer:
     def __len__(self) -> int:
         return len(self.optimizers)
 
-    def step(self) -> None:
+    @property
+    def supports_found_inf(self) -> bool:
+        """Whether every optimizer is a fused kernel, which can skip its update on device
+        (``found_inf``): the trainer then checks for non-finite steps without a host sync."""
+        return all(g.get("fused") for opt in self.optimizers for g in opt.param_groups)
+
+    def step(self, found_inf: torch.Tensor | None = None) -> None:
+        """One update of every optimizer; with ``found_inf`` (a 0-dim float tensor, fused
+        optimizers only) the kernels leave weights, moments and step counts untouched where it is 1."""
         for opt in self.optimizers:
-            opt.step()
+            if found_inf is None:
+                opt.step()
+                continue
+            opt.found_inf = found_inf  # read by torch's fused Adam/AdamW, as GradScaler does
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
