@@ -2,13 +2,17 @@
 
 Imported by the trainer through ``--experimental.custom_import resilience_driver`` (with
 tests/distributed on PYTHONPATH), it registers a Llama 3 flavor small enough that a step
-takes milliseconds on a CPU, so a launch costs little more than its start-up. The test
-side reads a whole DCP checkpoint back in one process to compare runs bit for bit.
+takes milliseconds on a CPU, so a launch costs little more than its start-up (plus a deeper
+one, to resume a checkpoint into the wrong shape). The test side writes the
+plain-text data the runs train on and reads a whole DCP checkpoint back in one process to
+compare runs bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +20,28 @@ import torch
 from torchtitan.models.llama3 import TransformerModelArgs, llama3_configs
 
 FLAVOR = "resilience_test"
+FLAVOR_DEEP = "resilience_test_deep"  # 3 layers instead of 2: a checkpoint of FLAVOR does not fit
 
-llama3_configs.setdefault(
-    FLAVOR, TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16)
-)
+for _name, _layers in ((FLAVOR, 2), (FLAVOR_DEEP, 3)):
+    llama3_configs.setdefault(
+        _name, TransformerModelArgs(dim=64, n_layers=_layers, n_heads=4, n_kv_heads=2, multiple_of=16)
+    )
+
+BUNDLED = Path(__file__).resolve().parents[1] / "assets" / "bundled" / "part-00000.jsonl"
+
+
+def write_text_data(folder: Path, files: int, docs_per_file: int) -> list[Path]:
+    """``files`` plain-text files of ``docs_per_file`` bundled documents each, one per line
+    (``training.dataset = "text"``: read line by line while training, no Arrow cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(BUNDLED, encoding="utf-8") as f:
+        docs = [json.loads(line)["text"].replace("\n", " ") for _, line in zip(range(files * docs_per_file), f)]
+    paths = []
+    for i in range(files):
+        path = folder / f"part-{i}.txt"
+        path.write_text("".join(d + "\n" for d in docs[i * docs_per_file : (i + 1) * docs_per_file]), encoding="utf-8")
+        paths.append(path)
+    return paths
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Three pieces the trainer composes, each independent of the model:
 - ``StepGuard``: once per step, before the optimizer, one all-reduce tells every rank
   whether any rank saw a non-finite loss or grad norm and whether any rank was signalled,
   so all ranks skip the same steps and stop at the same step.
-- ``FaultInjector``: test-only faults (SIGKILL, a signal, a NaN) at a given rank and step,
+- ``FaultInjector``: test-only faults (SIGKILL, a signal, a freeze, a NaN) at a given rank and step,
   driven by the ``TORCHTITAN_FAULT_INJECT`` environment variable; inert when it is unset.
 
 Crashes themselves need nothing here: torchrun (``MAX_RESTARTS``) restarts the job and the
@@ -192,7 +192,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Fault:
-    kind: str  # kill | sigterm | sigusr1 | nan
+    kind: str  # kill | sigterm | sigusr1 | sigstop | nan
     rank: int
     step: int
     attempt: int | None  # torchrun restart count it applies to; None = every attempt
@@ -202,14 +202,16 @@ class FaultInjector:
     """Test-only faults, from ``TORCHTITAN_FAULT_INJECT="kind:rank:step[@attempt],..."``.
 
     ``kind`` is ``kill`` (SIGKILL, as from the OOM killer or a lost node), ``sigterm`` /
-    ``sigusr1`` (as from a scheduler's preemption notice) or ``nan`` (the loss and this
-    rank's gradients become NaN). Each fault fires once per job: a marker file in
+    ``sigusr1`` (as from a scheduler's preemption notice), ``sigstop`` (the process freezes
+    until it gets SIGCONT, as under a debugger or a frozen cgroup; a test changes files
+    under a running trainer meanwhile) or ``nan`` (the loss and this rank's gradients
+    become NaN). Each fault fires once per job: a marker file in
     ``once_dir`` (the dump folder) remembers it across torchrun restarts, so a restarted
     job does not die at the same place. ``@attempt`` instead limits a fault to one torchrun
     attempt (``TORCHELASTIC_RESTART_COUNT``).
     """
 
-    KINDS = ("kill", "sigterm", "sigusr1", "nan")
+    KINDS = ("kill", "sigterm", "sigusr1", "sigstop", "nan")
 
     def __init__(self, spec: str, rank: int, attempt: int, once_dir: str | None = None):
         self.once_dir = once_dir
@@ -245,7 +247,7 @@ class FaultInjector:
             if fault.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(60)  # SIGKILL is asynchronous: never run past this point
-            elif fault.kind in ("sigterm", "sigusr1"):
+            elif fault.kind in ("sigterm", "sigusr1", "sigstop"):
                 os.kill(os.getpid(), getattr(signal, fault.kind.upper()))
             elif fault.kind == "nan":
                 with torch.no_grad():

@@ -99,8 +99,48 @@ def init_distributed(init_timeout_seconds: int, trace_buf_size: int, dump_folder
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         init_single_process_group(device_type, init_timeout_seconds)
     else:
-        dist.init_process_group(_backend(), timeout=timeout)
+        store = _attempt_store(world_size, timeout)
+        if store is None:
+            dist.init_process_group(_backend(), timeout=timeout)
+        else:
+            rank = int(os.environ["RANK"])
+            dist.init_process_group(_backend(), store=store, rank=rank, world_size=world_size, timeout=timeout)
     return dist.get_world_size()
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's shared store, with keys private to this restart attempt; None when the
+    plain ``env://`` rendezvous is safe.
+
+    With ``--rdzv-backend c10d`` the elastic agent hosts one TCPStore for the whole job and
+    hands every attempt the same MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE=True).
+    Keys of a killed attempt stay in it: gloo's "address of rank r" (and NCCL's unique id)
+    of the previous attempt is read by a restarted rank whose peer has not yet published
+    its new one, so the rank dials a dead port and init_process_group fails or hangs.
+    Prefixing every key with the restart count makes a restarted job start from an empty
+    namespace. The count is the same for all ranks only on one node (each node's agent
+    counts its own restarts); across nodes, torchrun must give each attempt a fresh store
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as multinode_trainer.slurm sets).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # no torchrun, or rank 0 hosts a new store for each attempt
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
+            logger.warning(
+                "torchrun restarts across nodes with a shared rendezvous store can reuse a killed "
+                "attempt's addresses and hang: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+                "torchrun (multinode_trainer.slurm does)"
+            )
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"torchtitan/attempt_{attempt}", store)
 
 
 def set_pg_timeout(timeout_seconds: int, world_mesh: DeviceMesh | None = None) -> None:

@@ -13,6 +13,7 @@ number) and reports the first collective that some members of its group never is
 from __future__ import annotations
 
 import ast
+import io
 import json
 import os
 import pickle
@@ -36,6 +37,26 @@ _RANK_FILE = re.compile(r"^(.*?)(\d+)$")
 
 class FlightRecorderError(ValueError):
     """A dump folder or file that cannot be read as Flight Recorder traces."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """A dump is plain data (dicts, lists, strings, numbers): a file naming any callable
+    is refused instead of run. torch's C++ pickler may wrap lists and typed containers in
+    these helpers, each of which returns its argument."""
+
+    _ALLOWED = {
+        ("torch.jit._pickle", name)
+        for name in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag")
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}; a Flight Recorder dump holds plain data only")
+
+
+def _unpickle(raw: bytes) -> Any:
+    return _DataUnpickler(io.BytesIO(raw)).load()
 
 
 def trace_dir(dump_folder: str) -> str:
@@ -73,7 +94,7 @@ def dump_trace(folder: str, rank: int) -> str | None:
     size = os.environ.get("TORCH_FR_BUFFER_SIZE", os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "0"))
     if int(size or 0) <= 0:
         return None
-    dump = pickle.loads(torch._C._distributed_c10d._dump_fr_trace())
+    dump = _unpickle(torch._C._distributed_c10d._dump_fr_trace())
     config = dump.get("pg_config") or {}
     for name, entry in _process_group_config().items():
         if name not in config or not ast.literal_eval(config[name].get("ranks") or "[]"):
@@ -93,7 +114,7 @@ def _read_one(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        dump = json.loads(raw) if raw[:1] == b"{" else pickle.loads(raw)
+        dump = json.loads(raw) if raw[:1] == b"{" else _unpickle(raw)
     except Exception as e:  # noqa: BLE001 - pickle raises many types on garbage
         raise FlightRecorderError(f"{path} is not a Flight Recorder dump (pickle or JSON): {e}") from None
     if not isinstance(dump, dict) or "entries" not in dump:

@@ -3,11 +3,23 @@
 DCP reports a bad checkpoint as a multi-rank traceback, often from inside a collective. The
 manager checks the load template against the checkpoint's metadata first (missing states,
 missing keys, shape mismatches) so the common mistakes read as one line naming the key.
+
+Loading runs no code from the checkpoint. DCP itself unpickles ``.metadata`` with plain
+``pickle`` and every non-tensor entry (step, data position, optimizer hyper-parameters)
+with ``torch.load(weights_only=False)``, so a crafted file would run whatever it names.
+``SafeFileSystemReader`` and ``SafeLoadPlanner`` read the same files with an allowlist of
+DCP's own record types and with ``weights_only=True``; every load goes through them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
+import io
 import os
+import pickle
+import re
 import secrets
 import warnings
 from collections.abc import Iterator, Mapping
@@ -15,14 +27,16 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from torchtitan.components.checkpoint.folder import CheckpointError, finalize
 
 __all__ = [
     "MODEL",
+    "SafeFileSystemReader",
+    "SafeLoadPlanner",
     "describe_error",
     "read_metadata",
     "flatten",
@@ -56,6 +70,71 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``, refusing every global but the record types it holds:
+    DCP's dataclasses and enums, torch sizes, dtypes and layouts, and paths. The check is
+    made before the named module is imported, so a crafted file imports nothing either."""
+
+    _ALLOWED = {
+        "torch": {"Size"},
+        "torch.serialization": {"_get_layout"},
+        "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+        "builtins": {"set", "frozenset"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith("torch.distributed.checkpoint.") and "." not in name:
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}, which a DCP checkpoint never holds (refused: loading it could run code)"
+        )
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader, with ``.metadata`` read by ``_MetadataUnpickler``. (No ``rank``
+    argument: DCP then never falls back to per-rank metadata, which these checkpoints lack.)"""
+
+    def read_metadata(self) -> Metadata:
+        with self.fs.create_stream(self.fs.concat_path(self.path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that non-tensor entries are unpickled with
+    ``torch.load(weights_only=True)`` (plain data only) instead of ``weights_only=False``.
+
+    The checked object is serialized again for the default implementation, which then
+    files it into the state dict exactly as before (flattened keys included), so this
+    does not depend on the planner's internals."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it refused
+            what = f"names {named.group(1)}" if named else "is not plain data"
+            raise CheckpointError(
+                f"entry {read_item.dest_index.fqn} {what} (refused: loading it could run code)"
+            ) from None
+        checked = io.BytesIO()
+        torch.save(obj, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
+
+
 def read_metadata(path: str) -> Metadata:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -65,7 +144,7 @@ def read_metadata(path: str) -> Metadata:
             "Meta weights run scripts/convert_hf_to_dcp.py or scripts/convert_meta_to_dcp.py first"
         )
     try:
-        return FileSystemReader(path).read_metadata()
+        return SafeFileSystemReader(path).read_metadata()
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: cannot read .metadata ({describe_error(e)})"
@@ -128,7 +207,13 @@ def load_state(template: dict[str, Any], path: str, *, no_dist: bool = False) ->
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(template, checkpoint_id=path, no_dist=no_dist)
+            dcp.load(
+                template,
+                checkpoint_id=path,
+                storage_reader=SafeFileSystemReader(path),
+                planner=SafeLoadPlanner(),
+                no_dist=no_dist,
+            )
     except (Exception, CheckpointException) as e:
         raise CheckpointError(
             f"cannot load checkpoint {path} ({describe_error(e)}): it is corrupt or truncated, "

@@ -12,7 +12,9 @@
   over on resume;
 - a ``ShardableSource`` (an object with ``shard_reader(shard_id, num_shards)``), such as
   ``TextFiles``: whatever reader it returns (for line files: a byte offset, so resuming
-  seeks).
+  seeks). Line files are read while training runs, so a file deleted or truncated under
+  a running job raises ``DataFileChangedError`` (a ``FileNotFoundError``: one line and
+  exit code 2 from the trainer) instead of quietly training on other data.
 
 A reader's ``state_dict()`` is a flat dict of ints and strings (small, picklable, and
 stable in shape, so distributed checkpointing can load it into a fresh reader's state).
@@ -28,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "DataFileChangedError",
     "IndexedShardReader",
     "IterableShardReader",
     "JsonLinesFiles",
@@ -41,6 +44,12 @@ __all__ = [
     "is_hf_iterable",
     "make_shard_reader",
 ]
+
+
+class DataFileChangedError(FileNotFoundError):
+    """A data file was deleted or shrank while a run read it (or since the checkpoint
+    whose data position is being resumed). The data at that position is gone, so this
+    is missing input, like a FileNotFoundError: the message names the file."""
 
 
 def is_hf_dataset(obj: Any) -> bool:
@@ -238,16 +247,44 @@ class LinesShardReader(ShardReader):
 
         files = self.source.files
         while self.file_index < len(files):
-            with fsspec.open(files[self.file_index], "rb", compression="infer") as f:
-                f.seek(self.offset)
-                for raw in f:
-                    mine = self.line % self.num_shards == self.shard_id
-                    self.offset += len(raw)
-                    self.line += 1
-                    if mine:
-                        yield self.source.parse_line(raw)
+            path = files[self.file_index]
+            size = self._size(path)
+            try:
+                with fsspec.open(path, "rb", compression="infer") as f:
+                    f.seek(self.offset)
+                    for raw in f:
+                        mine = self.line % self.num_shards == self.shard_id
+                        self.offset += len(raw)
+                        self.line += 1
+                        if mine:
+                            yield self.source.parse_line(raw)
+            except FileNotFoundError:
+                raise DataFileChangedError(f"training.dataset_path: data file {path} no longer exists") from None
+            # An open file reads to its end even when deleted or truncated meanwhile: only
+            # its size now, against what was read, shows that the data changed under us.
+            self._size(path, at_least=max(size, self.offset))
             self.file_index += 1
             self.offset = 0
+
+    def _size(self, path: str, at_least: int | None = None) -> int:
+        """The size of ``path``; DataFileChangedError if it is gone, or smaller than
+        ``at_least`` (by default the current offset: a resumed position past its end)."""
+        import fsspec
+        from fsspec.utils import infer_compression
+
+        fs, local = fsspec.core.url_to_fs(path)
+        try:
+            size = fs.size(local)
+        except FileNotFoundError:
+            raise DataFileChangedError(f"training.dataset_path: data file {path} no longer exists") from None
+        wanted = self.offset if at_least is None else at_least
+        # (offsets in compressed files count uncompressed bytes: no size check there)
+        if infer_compression(path) is None and size is not None and size < wanted:
+            raise DataFileChangedError(
+                f"training.dataset_path: data file {path} shrank to {size} bytes, below the "
+                f"{wanted} bytes this run has read from it"
+            )
+        return size or 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"file_index": self.file_index, "offset": self.offset, "line": self.line}
