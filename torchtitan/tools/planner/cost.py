@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torchtitan.config import JobConfig
 from torchtitan.tools.planner.hardware import GpuSpec
 from torchtitan.tools.planner.layout import Layout
 from torchtitan.tools.planner.memory import Geometry
 
-__all__ = ["StepCost", "model_flops_per_token", "recompute_fraction", "step_cost", "FLOAT8_SPEEDUP"]
+__all__ = ["StepCost", "model_flops_per_token", "recompute_fraction", "step_cost", "step_cost_for_config", "FLOAT8_SPEEDUP"]
 
 # Measured on 2x H200, 3B FSDP 2 compiled, cuDNN attention (docs/performance.md, 2026-11-30):
 # float8 tensorwise with float8 all-gather ran 22,473 tokens/s/GPU against bf16's 19,827.
@@ -175,4 +176,21 @@ def step_cost(
         step_s=step,
         tokens_per_s_per_gpu=tokens_per_gpu,
         mfu=flops_tok * tokens_per_gpu / gpu.peak_flops(),
+    )
+
+
+def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec, stages_per_rank: int) -> StepCost:
+    """``step_cost`` with the options read off a job config (the dry run and the search)."""
+    float8 = "float8" in cfg.model.converters
+    return step_cost(
+        g,
+        lay,
+        gpu,
+        compiled=cfg.compile.enable and "model" in cfg.compile.components,
+        float8=float8,
+        float8_all_gather=float8 and cfg.float8.enable_fsdp_float8_all_gather,
+        async_tp=cfg.parallelism.enable_async_tensor_parallel,
+        reshard=cfg.parallelism.fsdp_reshard_after_forward,
+        stages_per_rank=stages_per_rank,
+        reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
     )

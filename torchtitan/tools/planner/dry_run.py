@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchtitan.config import JobConfig
-from torchtitan.tools.planner.cost import StepCost, model_flops_per_token, step_cost
+from torchtitan.tools.planner.cost import StepCost, model_flops_per_token, step_cost_for_config
 from torchtitan.tools.planner.hardware import GIB, GpuSpec
 from torchtitan.tools.planner.layout import Layout, rank_workload
 from torchtitan.tools.planner.memory import (
@@ -354,19 +354,7 @@ def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float =
         plan, geometry = _build_rank(cfg, layout, rank, gpu, tokenizer)
         ranks.append(plan)
     assert geometry is not None
-    float8 = "float8" in cfg.model.converters
-    cost = step_cost(
-        geometry,
-        layout,
-        gpu,
-        compiled=cfg.compile.enable and "model" in cfg.compile.components,
-        float8=float8,
-        float8_all_gather=float8 and cfg.float8.enable_fsdp_float8_all_gather,
-        async_tp=cfg.parallelism.enable_async_tensor_parallel,
-        reshard=cfg.parallelism.fsdp_reshard_after_forward,
-        stages_per_rank=len(ranks[0].stages),
-        reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
-    )
+    cost = step_cost_for_config(cfg, geometry, layout, gpu, stages_per_rank=len(ranks[0].stages))
     return Plan(
         layout=layout,
         gpu=gpu,

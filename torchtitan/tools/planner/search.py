@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from torchtitan.config import ConfigError, JobConfig
-from torchtitan.tools.planner.cost import StepCost, step_cost
+from torchtitan.tools.planner.cost import StepCost, step_cost_for_config
 from torchtitan.tools.planner.hardware import GIB, GpuSpec
 from torchtitan.tools.planner.layout import Layout, rank_workload
 from torchtitan.tools.planner.memory import Geometry, MemoryEstimate, analytical_states, estimate_memory
@@ -175,17 +175,8 @@ def evaluate(
         if worst is None or mem.peak_reserved > worst.peak_reserved:
             worst = mem
     assert worst is not None
-    cost = step_cost(
-        g,
-        lay,
-        gpu,
-        compiled=cfg.compile.enable and "model" in cfg.compile.components,
-        float8=f8,
-        float8_all_gather=f8 and cfg.float8.enable_fsdp_float8_all_gather,
-        async_tp=cfg.parallelism.enable_async_tensor_parallel,
-        reshard=cfg.parallelism.fsdp_reshard_after_forward,
-        stages_per_rank=len(stages.rank_stages[0]) if stages is not None else 1,
-        reduce_bytes=4 if t.mixed_precision_reduce == "float32" else 2,
+    cost = step_cost_for_config(
+        cfg, g, lay, gpu, stages_per_rank=len(stages.rank_stages[0]) if stages is not None else 1
     )
     budget = (gpu.memory_gib - headroom_gib) * GIB * (1 - margin)
     return Candidate(lay, worst, cost, worst.peak_reserved <= budget)
