@@ -28,7 +28,7 @@ from torchtitan.components.checkpoint import (
 )
 from torchtitan.components.checkpoint import folder as ckpt_folder
 from torchtitan.components.checkpoint import manager as ckpt_manager
-from torchtitan.components.checkpoint.staging import StagedWriter
+from torchtitan.components.checkpoint.staging import StagedWriter, StateStager
 from torchtitan.components.optimizer import OptimizerSettings, build_optimizers
 from torchtitan.config import ConfigError, ConfigManager
 
@@ -328,6 +328,7 @@ def test_async_save_is_a_snapshot_marked_only_when_written(tmp_path, pg, monkeyp
     snapshot = run.params()
     folder = tmp_path / "checkpoint"
     assert list_checkpoints(str(folder)) == {}  # the background write is held back
+    assert run.manager.last_blocked_seconds < 30  # save() returned while the write waits 60 s
     with torch.no_grad():  # training goes on and changes the weights in place
         for p in run.model.parameters():
             p.add_(1.0)
@@ -337,6 +338,42 @@ def test_async_save_is_a_snapshot_marked_only_when_written(tmp_path, pg, monkeyp
     loaded = Run(tmp_path, seed=3, load_step=1)
     assert loaded.manager.load()
     assert _equal(loaded.params(), snapshot)  # the staged copy, not the later weights
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_stager_copies_each_tensor_once_and_reuses_its_buffers(pg, reuse):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+    state = {
+        "model": {"w": weight, "b": torch.randn(4)},
+        "optimizer": {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 4)}}, "param_groups": [{"lr": 0.1}]},
+        "train_state": {"tokens": [1, 2]},
+    }
+    stager = StateStager(("model", "optimizer"), reuse_buffers=reuse)
+    first = stager.stage(state)
+    staged_w = first["model"]["w"]
+    assert isinstance(staged_w, DTensor) and staged_w.placements == weight.placements
+    assert staged_w.shape == weight.shape and torch.equal(staged_w.to_local(), weight.to_local())
+    assert first["optimizer"]["param_groups"] == [{"lr": 0.1}] and first["train_state"] == {"tokens": [1, 2]}
+    # real copies: training changes the live tensors in place, the staged ones stay
+    with torch.no_grad():
+        weight.to_local().add_(1.0)
+        state["model"]["b"].add_(1.0)
+    state["train_state"]["tokens"].append(3)
+    assert not torch.equal(staged_w.to_local(), weight.to_local())
+    assert first["train_state"] == {"tokens": [1, 2]}
+    second = stager.stage(state)
+    assert torch.equal(second["model"]["w"].to_local(), weight.to_local())
+    assert torch.equal(second["model"]["b"], state["model"]["b"])
+    same = second["model"]["b"].data_ptr() == first["model"]["b"].data_ptr()
+    assert same == reuse  # one allocation for the run only when buffers are reused
+    if reuse:
+        assert second["model"]["w"].to_local().data_ptr() == staged_w.to_local().data_ptr()
+        state["model"]["b"] = torch.randn(5)  # a changed shape gets a new buffer
+        assert stager.stage(state)["model"]["b"].shape == (5,)
 
 
 # ---------------------------------------------------------------- seed, export, initial load

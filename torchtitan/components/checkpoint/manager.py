@@ -146,6 +146,7 @@ class CheckpointManager:
         self.world_size = dist.get_world_size() if self._distributed else 1
         self._pending: _Save | None = None
         self.last_saved_step: int | None = None  # newest step this run wrote (or is writing)
+        self.last_blocked_seconds: float | None = None  # how long the last save() held training
         self._stager: StateStager | None = None
         self._async_pg: dist.ProcessGroup | None = None
         if not s.enable:
@@ -176,6 +177,7 @@ class CheckpointManager:
             return False
         if step == self.last_saved_step:
             return False
+        started = time.perf_counter()
         self._reap(block=True)  # one save in flight at most; its buffers get reused
         self.last_saved_step = step
         weights_only = last_step and self.settings.model_weights_only
@@ -186,6 +188,13 @@ class CheckpointManager:
         else:
             state = {MODEL: self._model_state(), **{k: v.state_dict() for k, v in self.states.items()}}
             self._write(step, state, background=self._stager is not None)
+        # What async checkpointing is for: the time the training loop stood still.
+        self.last_blocked_seconds = time.perf_counter() - started
+        if self.rank == 0:
+            logger.info(
+                f"checkpoint step {step}: training blocked {self.last_blocked_seconds:.2f}s "
+                f"(async_mode {self.settings.async_mode})"
+            )
         return True
 
     def save_seed(self) -> None:
