@@ -10,6 +10,9 @@
 # CONFIG_FILE TOML file (default ./train_configs/debug_model.toml)
 # LOG_RANK    comma-separated ranks whose output is shown (default 0)
 # MAX_RESTARTS how many times torchrun restarts a failed job (default 0)
+# LOG_DIR     every rank's full stdout/stderr is kept under
+#             $LOG_DIR/<run>_<random>/attempt_<n>/<local rank>/ (default ./outputs/torchrun_logs),
+#             whatever LOG_RANK shows; torchrun's failure summary names the rank that failed
 # DRY_RUN=1   plan instead of training: build the layout for NGPU ranks in this one process
 #             (fake process group, no GPU) and predict memory and step time (docs/planning.md)
 # Extra arguments are passed to the trainer (--section.key value).
@@ -22,6 +25,7 @@ fi
 CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+LOG_DIR=${LOG_DIR:-./outputs/torchrun_logs}
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
   exec python3 scripts/plan.py --world_size "${NGPU}" --job.config_file "${CONFIG_FILE}" "$@"
@@ -34,5 +38,5 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 
 exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
-  --max-restarts="${MAX_RESTARTS}" --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 \
+  --max-restarts="${MAX_RESTARTS}" --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 --log-dir "${LOG_DIR}" \
   -m torchtitan.train --job.config_file "${CONFIG_FILE}" "$@"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
 
 from torchtitan.components.checkpoint import CheckpointError, CheckpointManager, CheckpointSettings
@@ -529,7 +530,9 @@ class Trainer:
         if torch.distributed.is_initialized():
             if clean:
                 torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+                torch.distributed.destroy_process_group()
+            else:
+                dist_utils.abandon_process_groups()
 
 
 def _fail(message: str) -> None:
@@ -537,6 +540,7 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+@record  # a rank's uncaught exception goes to torchrun's failure summary, with the rank
 def main(argv: list[str] | None = None) -> None:
     init_logger()
     try:

@@ -192,7 +192,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Fault:
-    kind: str  # kill | sigterm | sigusr1 | sigstop | nan
+    kind: str  # kill | sigterm | sigusr1 | sigstop | nan | oom
     rank: int
     step: int
     attempt: int | None  # torchrun restart count it applies to; None = every attempt
@@ -204,14 +204,15 @@ class FaultInjector:
     ``kind`` is ``kill`` (SIGKILL, as from the OOM killer or a lost node), ``sigterm`` /
     ``sigusr1`` (as from a scheduler's preemption notice), ``sigstop`` (the process freezes
     until it gets SIGCONT, as under a debugger or a frozen cgroup; a test changes files
-    under a running trainer meanwhile) or ``nan`` (the loss and this rank's gradients
-    become NaN). Each fault fires once per job: a marker file in
+    under a running trainer meanwhile), ``nan`` (the loss and this rank's gradients
+    become NaN) or ``oom`` (``torch.OutOfMemoryError`` raised on this rank alone, while the
+    others wait in a collective). Each fault fires once per job: a marker file in
     ``once_dir`` (the dump folder) remembers it across torchrun restarts, so a restarted
     job does not die at the same place. ``@attempt`` instead limits a fault to one torchrun
     attempt (``TORCHELASTIC_RESTART_COUNT``).
     """
 
-    KINDS = ("kill", "sigterm", "sigusr1", "sigstop", "nan")
+    KINDS = ("kill", "sigterm", "sigusr1", "sigstop", "nan", "oom")
 
     def __init__(self, spec: str, rank: int, attempt: int, once_dir: str | None = None):
         self.once_dir = once_dir
@@ -255,6 +256,8 @@ class FaultInjector:
                         if p.grad is not None:
                             p.grad.mul_(float("nan"))
                 loss = loss * float("nan")
+            elif fault.kind == "oom":
+                raise torch.OutOfMemoryError(f"{FAULT_ENV}: injected out-of-memory at step {step}")
         return loss
 
     def _fired_before(self, fault: _Fault) -> bool:

@@ -160,6 +160,24 @@ def set_pg_timeout(timeout_seconds: int, world_mesh: DeviceMesh | None = None) -
         dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
+def abandon_process_groups() -> None:
+    """Leave the process groups after this rank failed. ``destroy_process_group`` under NCCL
+    waits for the rank's outstanding operations, e.g. a pipeline send a dead peer will never
+    receive, so a rank that hit an error could hang instead of exiting (and torchrun would
+    not notice the failure until a watchdog timeout). NCCL communicators are aborted instead;
+    other backends have nothing in flight and are destroyed."""
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is not None and "nccl" in str(dist.get_backend()):
+        try:
+            abort()
+            return
+        except Exception as e:  # fall back to the normal path
+            logger.warning(f"aborting the NCCL process groups failed ({e}); destroying them")
+    dist.destroy_process_group()
+
+
 def set_determinism(
     world_mesh: DeviceMesh | None,
     device: torch.device,
