@@ -1,15 +1,22 @@
 """Run a function on N CPU ranks (gloo) and collect what each rank returns.
 
-A launch costs seconds (each rank imports torch), so tests put many checks into one launch:
-``launch("module:function", world_size, **kwargs)`` spawns the ranks, each sets up the
+A launch costs seconds, so tests put many checks into one launch:
+``launch("module:function", world_size, **kwargs)`` starts the ranks, each sets up the
 process group through ``torchtitan.distributed.utils.init_distributed`` exactly as under
 torchrun, calls ``function(**kwargs)``, and sends back its (picklable) return value. A rank
 that raises sends its traceback; the others are then stopped instead of waiting for a
 collective that will never come, and ``launch`` raises ``RankFailure`` with that traceback.
+
+Ranks are forked from multiprocessing's fork server, a clean process started once per pytest
+session (like a spawned one: it has imported only the torch modules in ``_PRELOAD`` and has
+not touched CUDA), so a rank does not spend seconds importing torch. Each rank then takes
+the launching process's current environment, working directory and ``sys.path``, as a
+spawned one would.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import queue as queue_module
@@ -37,6 +44,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Imported once by the fork server; nothing from torchtitan, which reads the devices on import.
+_PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+    "torch.distributed.tensor",
+]
+
+
+def _share_meshes() -> None:
+    """Build one DeviceMesh per shape per launch (ParallelDims.build_mesh still runs, flattened
+    views included, on the shared mesh). Every mesh creates a gloo process group per dim, and
+    each group keeps a thread that wakes 100 times a second until the launch ends: a launch
+    that builds a mesh per layout piled up ~400 such threads per rank, which slowed the
+    later layouts about twofold on two cores."""
+    import functools
+
+    from torchtitan.distributed import parallel_dims
+
+    parallel_dims.init_device_mesh = functools.cache(parallel_dims.init_device_mesh)
+
+
 def _rank_main(
     rank: int,
     world_size: int,
@@ -46,7 +77,10 @@ def _rank_main(
     results: Any,
     dump_folder: str,
     cpu_only: bool,
+    environ: dict[str, str],
 ) -> None:
+    os.environ.clear()  # the launcher's environment now, not the fork server's at its start
+    os.environ.update(environ)
     if cpu_only:  # before anything initialises CUDA: gloo on CPU even on a GPU machine
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(
@@ -64,11 +98,13 @@ def _rank_main(
         import torch.distributed as dist
 
         torch.set_num_threads(1)  # ranks share few cores; oversubscription only slows them
+        _share_meshes()
         from torchtitan.distributed.utils import init_distributed
 
         init_distributed(init_timeout_seconds=300, trace_buf_size=0, dump_folder=dump_folder)
         module_name, _, fn_name = target.partition(":")
         fn = getattr(importlib.import_module(module_name), fn_name)
+        gc.freeze()  # the imported modules: ~10% of a rank's time went to re-scanning them
         value = fn(**kwargs)
         dist.barrier()
         dist.destroy_process_group()
@@ -92,14 +128,15 @@ def launch(
     with ``cpu_only=False`` each rank takes GPU ``rank`` and NCCL (needs that many GPUs).
     Results must be picklable without CUDA (move tensors to the CPU).
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # takes effect when the server starts (first launch)
     results = ctx.Queue()
     port = _free_port()
     with tempfile.TemporaryDirectory() as dump_folder:
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(rank, world_size, port, target, kwargs, results, dump_folder, cpu_only),
+                args=(rank, world_size, port, target, kwargs, results, dump_folder, cpu_only, dict(os.environ)),
                 daemon=True,
             )
             for rank in range(world_size)
