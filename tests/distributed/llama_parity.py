@@ -66,6 +66,7 @@ class Layout:
     loss_parallel: bool = True
     ac_mode: str = "none"
     ac_option: str = "2"
+    op_saved_matmuls: str = "every_other"
     mixed_precision: str = "float32"
     compile_backend: str | None = None
     n_kv_heads: int | None = None  # override, to provoke the tp / kv-heads check
@@ -138,6 +139,7 @@ def _job_config(layout: Layout) -> JobConfig:
     jc.parallelism.enable_async_tensor_parallel = layout.async_tp
     jc.activation_checkpoint.mode = layout.ac_mode
     jc.activation_checkpoint.selective_ac_option = layout.ac_option
+    jc.activation_checkpoint.op_saved_matmuls = layout.op_saved_matmuls
     jc.training.mixed_precision_param = layout.mixed_precision
     jc.training.mixed_precision_reduce = "float32"
     jc.compile.enable = layout.compile_backend is not None

@@ -36,6 +36,7 @@ TWO_RANK_LAYOUTS = [
     dict(name="fsdp2_ac_full", dp_shard=2, ac_mode="full"),
     dict(name="fsdp2_ac_selective2", dp_shard=2, ac_mode="selective", ac_option="2"),
     dict(name="fsdp2_ac_op", dp_shard=2, ac_mode="selective", ac_option="op"),
+    dict(name="fsdp2_ac_op_all", dp_shard=2, ac_mode="selective", ac_option="op", op_saved_matmuls="all"),
     dict(name="fsdp2_bf16", dp_shard=2, mixed_precision="bfloat16"),
     dict(name="tp2_bf16", tp=2, mixed_precision="bfloat16"),
     # The AOTAutograd path that mis-routed gradients on CPU (docs/composability.md).
@@ -84,6 +85,7 @@ def _assert_matches(report: dict, tol: float = FP32_TOL) -> None:
         "fsdp2_ac_full",
         "fsdp2_ac_selective2",
         "fsdp2_ac_op",
+        "fsdp2_ac_op_all",
         "tp2_compile_aot_eager",
     ],
 )
@@ -107,7 +109,7 @@ def test_activation_checkpointing_recomputes_what_its_mode_says(two_ranks: dict)
     layouts = two_ranks["layouts"]
     ops = {
         name: layouts[name]["backward_ops"]
-        for name in ("fsdp2", "fsdp2_ac_full", "fsdp2_ac_selective2", "fsdp2_ac_op")
+        for name in ("fsdp2", "fsdp2_ac_full", "fsdp2_ac_selective2", "fsdp2_ac_op", "fsdp2_ac_op_all")
     }
     sdpa = "_scaled_dot_product_flash_attention_for_cpu"
     extra_mm = {name: counts["mm"] - ops["fsdp2"]["mm"] for name, counts in ops.items()}
@@ -120,9 +122,14 @@ def test_activation_checkpointing_recomputes_what_its_mode_says(two_ranks: dict)
     # Every 2nd block: half of that.
     assert ops["fsdp2_ac_selective2"].get(sdpa, 0) == n_layers // 2
     assert extra_mm["fsdp2_ac_selective2"] * 2 == extra_mm["fsdp2_ac_full"]
-    # Op-level: attention is saved, and only some matmuls are recomputed.
+    # Full reruns 6 matmuls per block (w2's output is never needed again).
+    assert extra_mm["fsdp2_ac_full"] == 6 * n_layers, extra_mm
+    # Op-level: attention is saved, and of the matmuls only wk, wo and w3 are rerun.
     assert ops["fsdp2_ac_op"].get(sdpa, 0) == 0
-    assert 0 < extra_mm["fsdp2_ac_op"] < extra_mm["fsdp2_ac_full"], extra_mm
+    assert extra_mm["fsdp2_ac_op"] == 3 * n_layers, extra_mm
+    # Op-level saving every matmul: no matmul and no attention is rerun.
+    assert ops["fsdp2_ac_op_all"].get(sdpa, 0) == 0
+    assert extra_mm["fsdp2_ac_op_all"] == 0, extra_mm
 
 
 @pytest.mark.parametrize("name", ["fsdp2_bf16", "tp2_bf16"])

@@ -344,7 +344,9 @@ def _inductor_saved(block: torch.nn.Module, x: torch.Tensor, freqs: torch.Tensor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,option,key", [("selective", "op", "op"), ("none", "op", "none")])
+@pytest.mark.parametrize(
+    "mode,option,key", [("selective", "op", "op"), ("selective", "op", "op_all"), ("none", "op", "none")]
+)
 def test_compiled_block_saves_what_the_model_says(mode, option, key):
     from torchtitan.distributed.activation_checkpoint import apply_ac
     from torchtitan.models.common.rope import precompute_freqs_cis
@@ -354,7 +356,7 @@ def test_compiled_block_saves_what_the_model_says(mode, option, key):
     args = TransformerModelArgs(dim=256, n_layers=1, n_heads=16, n_kv_heads=8, vocab_size=512, max_seq_len=128)
     holder = torch.nn.Module()
     holder.layers = torch.nn.ModuleDict({"0": TransformerBlock(0, args)})
-    apply_ac(holder, mode, option)
+    apply_ac(holder, mode, option, "all" if key == "op_all" else "every_other")
     x = torch.randn(2, 96, 256, requires_grad=True)  # 192 tokens: no weight dim is 2 or 192
     acts, weights = _inductor_saved(holder.layers["0"], x, precompute_freqs_cis(16, 128, 500000.0, None))
     g = Geometry.from_model_args(args)

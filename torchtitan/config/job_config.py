@@ -496,6 +496,11 @@ class ActivationCheckpoint(Section):
     selective_ac_option: str = _opt(
         "2", '"op" (save selected op outputs) or N (checkpoint every N-th block)'
     )
+    op_saved_matmuls: str = _opt(
+        "every_other",
+        'op AC: matmul outputs to save: "every_other" (half their memory, recomputes half) or "all"',
+        choices=("every_other", "all"),
+    )
 
     def check(self) -> None:
         option = self.selective_ac_option

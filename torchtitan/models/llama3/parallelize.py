@@ -63,8 +63,11 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
 
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
-        apply_ac(model, ac.mode, ac.selective_ac_option)
-        logger.info(f"applied {ac.mode} activation checkpointing ({ac.selective_ac_option})")
+        apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls)
+        detail = ac.selective_ac_option
+        if ac.mode == "selective" and detail == "op":
+            detail = "op, " + ("every other" if ac.op_saved_matmuls == "every_other" else "every") + " matmul output saved"
+        logger.info(f"applied {ac.mode} activation checkpointing ({detail})")
 
     if compile_model:
         apply_compile(model, backend)

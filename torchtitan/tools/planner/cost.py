@@ -58,19 +58,19 @@ def model_flops_per_token(g: Geometry, seq: int) -> float:
 def recompute_fraction(g: Geometry, seq: int, ac_mode: str, ac_option: str, compiled: bool) -> float:
     """Extra forward FLOPs activation checkpointing adds, as a share of the step's FLOPs.
 
-    Full AC reruns every block forward; per-op SAC reruns the matmuls it does not save
-    (eager: wk, wo, w3; compiled: only wk and w3, what backward needs); "N" reruns 1/N.
+    Full AC reruns every block forward; per-op SAC reruns the matmuls it does not save (wk,
+    wo and w3: backward needs k, the residual after wo and w3's output; compiled or not), and
+    none with ``op_all``; "N" reruns 1/N.
     """
     d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
     block_fwd = 2 * g.block_params + 4 * g.n_heads * g.head_dim * seq  # per token and block
     total = model_flops_per_token(g, seq) / g.n_layers
-    if ac_mode == "none":
+    if ac_mode == "none" or ac_option == "op_all":
         return 0.0
     if ac_mode == "full":
         return block_fwd / total
     if ac_option == "op":
-        redone = kv * d + h * d if compiled else kv * d + d * q + h * d
-        return 2 * redone / total
+        return 2 * (kv * d + d * q + h * d) / total
     return block_fwd / total / int(ac_option)
 
 
@@ -136,7 +136,7 @@ def step_cost(
     if lay.tp > 1:
         act = tokens_fwd * g.dim * a  # one gathered activation
         per_layer = 8 + {"full": 4, "none": 0}.get(lay.ac_mode, 2)  # fwd 4, bwd 4, recompute
-        if lay.ac_mode == "selective" and lay.ac_option != "op":
+        if lay.ac_mode == "selective" and lay.ac_option not in ("op", "op_all"):
             per_layer = 8 + 4 / int(lay.ac_option)
         volume = (per_layer * layers + 2) * _ring(act, lay.tp) * forwards
         tp_s = volume / _bandwidth(gpu, tp_span) * ((1 - ASYNC_TP_HIDDEN) if async_tp else 1.0)

@@ -67,8 +67,7 @@ class Layout:
             grad_accum=check.grad_accumulation_steps,
             seq=t.seq_len,
             ac_mode=cfg.activation_checkpoint.mode,
-            # the option only matters for selective AC; one spelling keeps layouts comparable
-            ac_option=cfg.activation_checkpoint.selective_ac_option if cfg.activation_checkpoint.mode == "selective" else "op",
+            ac_option=_ac_option(cfg),
             schedule=p.pipeline_parallel_schedule,
             microbatch_size=p.pipeline_parallel_microbatch_size,
             microbatches=p.pipeline_parallel_microbatches,
@@ -98,7 +97,8 @@ class Layout:
         t.global_batch_size = self.global_batch
         t.seq_len = self.seq
         out.activation_checkpoint.mode = self.ac_mode
-        out.activation_checkpoint.selective_ac_option = self.ac_option
+        out.activation_checkpoint.selective_ac_option = "op" if self.ac_option == "op_all" else self.ac_option
+        out.activation_checkpoint.op_saved_matmuls = "all" if self.ac_option == "op_all" else "every_other"
         return out
 
     def overrides(self) -> list[str]:
@@ -113,7 +113,8 @@ class Layout:
             "--training.global_batch_size", str(self.global_batch),
             "--training.seq_len", str(self.seq),
             "--activation_checkpoint.mode", self.ac_mode,
-            "--activation_checkpoint.selective_ac_option", self.ac_option,
+            "--activation_checkpoint.selective_ac_option", "op" if self.ac_option == "op_all" else self.ac_option,
+            "--activation_checkpoint.op_saved_matmuls", "all" if self.ac_option == "op_all" else "every_other",
         ]
         if self.pp > 1:
             args += [
@@ -138,6 +139,17 @@ class Layout:
         ac = self.ac_mode if self.ac_mode != "selective" else f"sel {self.ac_option}"
         accum = f" x{self.grad_accum} acc" if self.grad_accum > 1 else ""
         return f"{text} | AC {ac} | lb {self.local_batch}{accum}"
+
+
+def _ac_option(cfg: JobConfig) -> str:
+    """The planner's one-word AC option: "op", "op_all" (op AC saving every matmul) or N.
+    It only matters for selective AC; one spelling otherwise keeps layouts comparable."""
+    ac = cfg.activation_checkpoint
+    if ac.mode != "selective":
+        return "op"
+    if ac.selective_ac_option == "op" and ac.op_saved_matmuls == "all":
+        return "op_all"
+    return ac.selective_ac_option
 
 
 def rank_workload(

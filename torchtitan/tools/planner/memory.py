@@ -99,7 +99,7 @@ class Workload:
     inflight: int = 1  # (microbatch, local stage) chunks alive at the peak
     grad_accum: int = 1
     ac_mode: str = "selective"  # none | full | selective
-    ac_option: str = "op"  # "op" or N (every N-th block)
+    ac_option: str = "op"  # "op", "op_all" (op AC saving every matmul) or N (every N-th block)
     compile_model: bool = False
     compile_loss: bool = False
     compute_bytes: int = 2  # dtype of activations and logits
@@ -157,8 +157,8 @@ def _block_modes(w: Workload, n_blocks: int) -> list[str]:
     """The checkpointing of each block of one stage, as apply_ac decides it."""
     if w.ac_mode in ("none", "full"):
         return [w.ac_mode] * n_blocks
-    if str(w.ac_option) == "op":
-        return ["op"] * n_blocks
+    if str(w.ac_option) in ("op", "op_all"):
+        return [str(w.ac_option)] * n_blocks
     every = int(w.ac_option)
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
 
@@ -166,7 +166,8 @@ def _block_modes(w: Workload, n_blocks: int) -> list[str]:
 def block_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
     """Bytes one block keeps for backward per token of its sequence (``w.tokens``).
 
-    ``mode``: ``none``, ``full`` or ``op`` (selective per-op). Sequence-parallel tensors (block
+    ``mode``: ``none``, ``full``, ``op`` (selective per-op) or ``op_all`` (the same saving every
+    matmul output). Sequence-parallel tensors (block
     input, residual, norm statistics) have tokens / tp rows when tp > 1.
     """
     a, r, tp = w.compute_bytes, w.residual_bytes, w.tp
@@ -186,6 +187,12 @@ def block_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
         if not w.compile_model:
             # Eager SAC stores w2's output and the reduce-scatters although backward never
             # reads them; the compiled graph keeps only what backward needs.
+            saved += a * d + (2 * a * d * s if tp > 1 else 0.0)
+        return saved
+    if mode == "op_all":
+        # also wk, wo and w3; w2's output is dead in the compiled graph, as above.
+        saved = x + a * q + 2 * a * kv + a * q + lse + a * d + 2 * a * h
+        if not w.compile_model:
             saved += a * d + (2 * a * d * s if tp > 1 else 0.0)
         return saved
     if mode != "none":
