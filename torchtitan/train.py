@@ -163,7 +163,7 @@ class Trainer:
             self.pp_schedule, parts, self.pp_has_first_stage, self.pp_has_last_stage = (
                 self.model_spec.pipelining_fn(
                     model, pd, cfg, self.device, self.model_args, self.model_spec.parallelize_fn,
-                    lambda pred, labels: self.loss_fn(pred, labels) / self.grad_accumulation_steps,
+                    self._pipeline_loss_fn,
                 )
             )
             del model
@@ -313,13 +313,21 @@ class Trainer:
         self.ntokens_seen = state_dict["ntokens_seen"]
 
     # ---- one step -------------------------------------------------------------------
+    def _pipeline_loss_fn(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one microbatch at the last stage; with the chunked loss that stage
+        returns the loss itself (it got the labels as a keyword argument)."""
+        if self.job_config.training.loss_chunk_size > 0:
+            return pred / self.grad_accumulation_steps
+        return self.loss_fn(pred, labels) / self.grad_accumulation_steps
+
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.pp_schedule is not None:
             # Inputs enter at the first stage, labels meet the logits at the last; the loss
             # (already scaled by the pipelining loss_fn) is known only where the last stage is.
             with self.train_context(), self.amp_context:
                 return pipeline_step(
-                    self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage
+                    self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage,
+                    labels_to_stages=self.job_config.training.loss_chunk_size > 0,
                 )
         model = self.model_parts[0]
         p = self.job_config.parallelism

@@ -84,6 +84,13 @@ def _trainer_configs(dump: str) -> dict[str, list[str]]:
         # debugmodel has 6 layers: stages [0,1] [2] [3,4] [5], two per rank.
         "pp2_interleaved_split": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
                                   "--parallelism.pipeline_parallel_split_points", "layers.2,layers.3,layers.5"],
+        # The chunked loss (8 chunks of 16 tokens per microbatch): the last stage computes
+        # the loss itself from the labels the schedule hands it per microbatch.
+        "pp2_1f1b_chunked_loss": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "1F1B",
+                                  "--parallelism.pipeline_parallel_microbatch_size", "2",
+                                  "--training.loss_chunk_size", "16"],
+        "pp2_interleaved_chunked_loss": [*common, *pp, "--parallelism.pipeline_parallel_schedule",
+                                         "Interleaved1F1B", "--training.loss_chunk_size", "16"],
         # Two stages per rank, checkpointed at steps 2 and 3; then TP 2 resumes from step 2
         # (a PP -> TP reshard) and trains step 3: it must end where the tp2 run ended.
         "pp2_interleaved_ckpt": [*common, *pp, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
@@ -200,7 +207,9 @@ def test_stage_count_must_fit_schedule(two_ranks: dict) -> None:
 
 
 # ---- the real Trainer ----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["pp2_1f1b", "pp2_interleaved_split"])
+@pytest.mark.parametrize(
+    "name", ["pp2_1f1b", "pp2_interleaved_split", "pp2_1f1b_chunked_loss", "pp2_interleaved_chunked_loss"]
+)
 def test_trainer_with_pp_matches_trainer_without(two_ranks: dict, name: str) -> None:
     """Same TOML, same seed: the pipelined Trainer starts from the same weights (per-stage
     init from the seeded full model), sees the same global batch, reports the same loss on

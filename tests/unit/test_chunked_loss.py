@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchtitan.components.chunked_loss import (
@@ -122,10 +123,36 @@ def test_compiles_to_the_same_loss() -> None:
     assert h.grad is not None and w.grad is not None
 
 
-@pytest.mark.parametrize("option", ["tensor_parallel_degree", "pipeline_parallel_degree"])
-def test_refused_with_tp_and_pp(option: str) -> None:
+def test_refused_with_tp() -> None:
     jc = JobConfig()
     jc.training.loss_chunk_size = 128
-    setattr(jc.parallelism, option, 2)
+    jc.parallelism.tensor_parallel_degree = 2
     with pytest.raises(ConfigError, match="training.loss_chunk_size"):
         jc.validate()
+
+
+def test_a_stage_takes_labels_as_a_keyword() -> None:
+    """A pipeline stage gets the schedule's keyword arguments: the last stage returns the
+    chunked loss against them, a stage without the output ignores them, and the labels do not
+    outlive the call (a later plain call returns logits)."""
+    from torchtitan.components.chunked_loss import take_labels_kwarg
+
+    class LastStage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(16)
+            self.output = nn.Linear(16, 32, bias=False)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.output(self.norm(h))
+
+    torch.manual_seed(0)
+    last = LastStage()
+    apply_chunked_loss(last, 5)
+    take_labels_kwarg(last)
+    h, y = torch.randn(2, 7, 16), torch.randint(0, 32, (2, 7))
+    loss = last(h, labels=y)
+    torch.testing.assert_close(loss, _plain(last.norm(h), last.output.weight, y), rtol=1e-6, atol=1e-6)
+    assert last(h).shape == (2, 7, 32)
+    middle = take_labels_kwarg(nn.Linear(16, 16))
+    torch.testing.assert_close(middle(h, labels=y), middle(h))

@@ -15,6 +15,12 @@ forward returns the loss instead of the logits, so ``model(inputs)`` is the loss
 the loss is computed inside the output module's own forward, FSDP's hooks gather and free its
 weight exactly as for the plain projection. Tensor-parallel (vocab-sharded) outputs are not
 supported: the trainer refuses that combination.
+
+Under pipeline parallelism the schedule, not the trainer, calls each stage per microbatch,
+so labels cannot be set around the call: :func:`take_labels_kwarg` lets a stage take them
+as the keyword argument ``labels``, which the schedule splits into microbatches like the
+inputs and hands to every stage (stages without the output drop it). The last stage then
+returns the microbatch loss and the schedule's loss function passes it through.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["chunked_cross_entropy", "ChunkedLossLinear", "apply_chunked_loss", "labels_for_loss"]
+__all__ = [
+    "chunked_cross_entropy",
+    "ChunkedLossLinear",
+    "apply_chunked_loss",
+    "labels_for_loss",
+    "take_labels_kwarg",
+]
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -99,3 +111,25 @@ def labels_for_loss(model: nn.Module, labels: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         output.labels = None
+
+
+def take_labels_kwarg(stage: nn.Module) -> nn.Module:
+    """Let ``stage(h, labels=y)`` return the chunked loss against ``y`` if ``stage`` holds the
+    chunked-loss output, and ignore ``labels`` otherwise (for pipeline stages, which receive
+    the schedule's per-microbatch keyword arguments). Returns ``stage``."""
+
+    def set_labels(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        labels = kwargs.pop("labels", None)
+        output = getattr(module, "output", None)
+        if isinstance(output, ChunkedLossLinear):
+            output.labels = labels
+        return args, kwargs
+
+    def clear_labels(module: nn.Module, args: tuple, result: torch.Tensor) -> None:
+        output = getattr(module, "output", None)
+        if isinstance(output, ChunkedLossLinear):
+            output.labels = None
+
+    stage.register_forward_pre_hook(set_labels, with_kwargs=True)
+    stage.register_forward_hook(clear_labels, always_call=True)
+    return stage

@@ -680,12 +680,10 @@ class JobConfig:
                     f"training.local_batch_size = {training.local_batch_size} must be divisible "
                     f"by parallelism.{what} = {count}"
                 )
-        if training.loss_chunk_size > 0 and (
-            par.tensor_parallel_degree > 1 or par.pipeline_parallel_degree > 1
-        ):
+        if training.loss_chunk_size > 0 and par.tensor_parallel_degree > 1:
             raise ConfigError(
-                "training.loss_chunk_size > 0 does not compose with tensor or pipeline parallelism "
-                "(vocab-sharded or staged logits); set training.loss_chunk_size = 0"
+                "training.loss_chunk_size > 0 does not compose with tensor parallelism "
+                "(vocab-sharded logits: loss parallel); set training.loss_chunk_size = 0"
             )
         cp = par.context_parallel_degree
         if cp > 1:

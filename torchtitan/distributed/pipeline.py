@@ -369,17 +369,21 @@ def pipeline_step(
     labels: torch.Tensor,
     has_first_stage: bool,
     has_last_stage: bool,
+    labels_to_stages: bool = False,
 ) -> torch.Tensor:
     """Run forward and backward of one batch through the pipeline.
 
-    Inputs are fed where the first stage lives, labels where the last one does. Returns the
-    batch's loss (sum of the scaled microbatch losses) on the rank of the last stage, zero
-    elsewhere (see ``share_last_stage_loss``).
+    Inputs are fed where the first stage lives, labels where the last one does (and, with
+    ``labels_to_stages``, also to the stages as the keyword ``labels``, for a last stage that
+    computes its loss itself: the chunked loss). Returns the batch's loss (sum of the scaled
+    microbatch losses) on the rank of the last stage, zero elsewhere (see
+    ``share_last_stage_loss``).
     """
     losses: list[torch.Tensor] | None = [] if has_last_stage else None
     target = labels if has_last_stage else None
     args = (inputs,) if has_first_stage else ()
-    schedule.step(*args, target=target, losses=losses, return_outputs=False)
+    kwargs = {"labels": labels} if labels_to_stages and has_last_stage else {}
+    schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
     if not has_last_stage:
         return torch.zeros((), device=labels.device)
     loss = torch.stack([_plain(loss.detach()) for loss in losses]).sum()  # type: ignore[union-attr]

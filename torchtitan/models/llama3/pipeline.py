@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchtitan.components.chunked_loss import take_labels_kwarg
 from torchtitan.config import JobConfig
 from torchtitan.distributed import pipeline as pp_lib
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -80,6 +81,8 @@ def pipeline_llama(
     parts, stages = [], []
     for stage_id, part in zip(stage_ids, split_llama(model, layout, stage_ids)):
         part = parallelize_fn(part, parallel_dims, job_config)
+        if job_config.training.loss_chunk_size > 0:  # the last stage returns the loss
+            take_labels_kwarg(part)
         parts.append(part)
         stages.append(
             PipelineStage(part, stage_id, layout.num_stages, device, group=pp_mesh.get_group())
