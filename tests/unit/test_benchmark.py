@@ -76,6 +76,25 @@ def test_standard_suite_parses_into_the_five_configurations():
     assert (e.model.flavor, e.training.local_batch_size, e.activation_checkpoint.selective_ac_option,
             e.compile.enable) == ("1B", 4, "op", True)
 
+    # Where memory allows, op AC saves every matmul output (A frees the logits for it).
+    assert [j.activation_checkpoint.op_saved_matmuls for j in (a, b, c, e)] == ["all"] * 4
+    assert a.training.loss_chunk_size > 0
+
+
+def test_ac_ablation_is_the_suite_before_saving_every_matmul():
+    """train_configs/benchmarks/ac_ablation.toml must differ from A, B and E only in what
+    docs/performance.md says it does."""
+    suite = {e.name: e.job for e in bm.load_sweep(STANDARD)}
+    before = {e.name: e.job for e in bm.load_sweep(STANDARD.parent / "ac_ablation.toml")}
+    assert list(before) == ["A0", "B0", "E0"]
+    for name, job in before.items():
+        after = suite[name[0]]
+        assert job.activation_checkpoint.op_saved_matmuls == "every_other"
+        assert job.training.loss_chunk_size == 0
+        job.activation_checkpoint.op_saved_matmuls = after.activation_checkpoint.op_saved_matmuls
+        job.training.loss_chunk_size = after.training.loss_chunk_size
+        assert job == after, name
+
 
 DEFAULTS = """[defaults]
 config_file = "train_configs/debug_model.toml"
