@@ -220,6 +220,8 @@ def test_cli_errors(argv, fragment):
         ("activation_checkpoint.selective_ac_option", "0"),
         ("activation_checkpoint.selective_ac_option", "-2"),
         ("activation_checkpoint.selective_ac_option", "ops"),
+        ("activation_checkpoint.op_ac_layers", "-2"),
+        ("activation_checkpoint.op_ac_layers", "3"),  # needs selective op AC (the default is "2")
         ("checkpoint.async_mode", "threaded"),
         ("checkpoint.export_dtype", "int8"),
         ("checkpoint.keep_latest_k", "-1"),

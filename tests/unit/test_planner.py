@@ -270,13 +270,17 @@ def _measured_step(trainer) -> tuple[int, int]:
 
 MEASURED = [
     (1, [], "none", 0.03), (1, [], "full", 0.03), (1, [], "op", 0.03), (1, [], "2", 0.03),
+    # op AC on layers 0-2 of 6, full AC on 3-5
+    (1, ["--activation_checkpoint.op_ac_layers", "3"], "op", 0.03),
     # rank 0 of FSDP 2 x TP 2: sequence-parallel activations, gathered units, vocab-parallel loss
     (4, ["--parallelism.tensor_parallel_degree", "2"], "none", 0.10),
     (4, ["--parallelism.tensor_parallel_degree", "2"], "op", 0.10),
 ]
 
 
-@pytest.mark.parametrize("world,args,ac,peak_tol", MEASURED, ids=[f"w{w}-{ac}" for w, _, ac, _ in MEASURED])
+@pytest.mark.parametrize(
+    "world,args,ac,peak_tol", MEASURED, ids=[f"w{w}-{ac}" + (f"-{args[0].rsplit('.', 1)[1]}{args[1]}" if args else "") for w, args, ac, _ in MEASURED]
+)
 def test_activations_and_peak_match_memtracker_on_a_real_step(cpu_trainer, tmp_path, world, args, ac, peak_tol):
     """A real step of the debug model on this CPU (fp32, eager) against the model's CPU path
     (keys/values repeated, rms_norm decomposed): the bytes alive after forward are exact

@@ -501,11 +501,20 @@ class ActivationCheckpoint(Section):
         'op AC: matmul outputs to save: "every_other" (half their memory, recomputes half) or "all"',
         choices=("every_other", "all"),
     )
+    op_ac_layers: int = _opt(
+        -1, "op AC on layers 0..N-1 only, full AC on the later ones (less memory than op); -1 = all"
+    )
 
     def check(self) -> None:
         option = self.selective_ac_option
         if option != "op" and not (option.isdigit() and int(option) >= 1):
             self._fail("selective_ac_option", 'must be "op" or a positive integer such as "2"')
+        self._at_least("op_ac_layers", -1)
+        if self.op_ac_layers >= 0 and not (self.mode == "selective" and option == "op"):
+            self._fail(
+                "op_ac_layers",
+                'applies to mode = "selective" with selective_ac_option = "op"; set it to -1',
+            )
 
 
 @dataclass

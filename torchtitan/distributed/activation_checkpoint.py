@@ -14,7 +14,9 @@ Modes (``[activation_checkpoint]``):
   while recomputing only half of the matmul FLOPs. ``op_saved_matmuls = "all"`` saves every
   matmul output instead: only cheap ops are rerun (on the 3B shape, compiled, that removes
   ~9% of the step's matmul FLOPs for ~0.5 GiB per block at 16k tokens), for when memory
-  allows it (``scripts/plan.py`` says whether it does).
+  allows it (``scripts/plan.py`` says whether it does). ``op_ac_layers = N`` keeps op AC
+  on layers 0..N-1 only and checkpoints the later ones fully: a dial between op AC's speed
+  and full AC's memory for shapes where op AC on every layer does not fit.
 
 Blocks are replaced in ``model.layers`` by a checkpoint wrapper, so parameter names gain a
 ``_checkpoint_wrapped_module.`` segment that ``torch.distributed.checkpoint.state_dict``
@@ -102,7 +104,11 @@ def _every_n(option: str | int) -> int:
 
 
 def apply_ac(
-    model: nn.Module, mode: str, selective_ac_option: str | int = "2", op_saved_matmuls: str = "every_other"
+    model: nn.Module,
+    mode: str,
+    selective_ac_option: str | int = "2",
+    op_saved_matmuls: str = "every_other",
+    op_ac_layers: int = -1,
 ) -> nn.Module:
     """Wrap the blocks of ``model.layers`` in place according to ``mode``; returns ``model``."""
     if mode not in AC_MODES:
@@ -116,6 +122,9 @@ def apply_ac(
     op_level = mode == "selective" and str(selective_ac_option) == "op"
     every = 1 if mode == "full" or op_level else _every_n(selective_ac_option)
     for i, (name, block) in enumerate(list(model.layers.named_children())):
+        # The layer's index in the whole model: a pipeline stage keeps the global names.
+        layer = int(name) if name.isdigit() else i
+        op_here = op_level and (op_ac_layers < 0 or layer < op_ac_layers)
         if (i + 1) % every == 0:
-            model.layers.register_module(name, _wrap(block, op_level, op_saved_matmuls))
+            model.layers.register_module(name, _wrap(block, op_here, op_saved_matmuls))
     return model

@@ -55,22 +55,27 @@ def model_flops_per_token(g: Geometry, seq: int) -> float:
     return 6 * nparams_no_embedding + 12 * g.n_layers * g.n_heads * g.head_dim * seq
 
 
-def recompute_fraction(g: Geometry, seq: int, ac_mode: str, ac_option: str, compiled: bool) -> float:
+def recompute_fraction(
+    g: Geometry, seq: int, ac_mode: str, ac_option: str, compiled: bool, op_layers: int = -1
+) -> float:
     """Extra forward FLOPs activation checkpointing adds, as a share of the step's FLOPs.
 
     Full AC reruns every block forward; per-op SAC reruns the matmuls it does not save (wk,
     wo and w3: backward needs k, the residual after wo and w3's output; compiled or not), and
-    none with ``op_all``; "N" reruns 1/N.
+    none with ``op_all``; "N" reruns 1/N. ``op_layers`` >= 0: op AC on that many layers
+    only, full AC on the rest.
     """
     d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
     block_fwd = 2 * g.block_params + 4 * g.n_heads * g.head_dim * seq  # per token and block
     total = model_flops_per_token(g, seq) / g.n_layers
-    if ac_mode == "none" or ac_option == "op_all":
+    if ac_mode == "none":
         return 0.0
     if ac_mode == "full":
         return block_fwd / total
-    if ac_option == "op":
-        return 2 * (kv * d + d * q + h * d) / total
+    if ac_option in ("op", "op_all"):
+        op = 0.0 if ac_option == "op_all" else 2 * (kv * d + d * q + h * d) / total
+        share = 1.0 if op_layers < 0 else min(op_layers, g.n_layers) / g.n_layers
+        return share * op + (1 - share) * block_fwd / total
     return block_fwd / total / int(ac_option)
 
 
@@ -110,12 +115,13 @@ def step_cost(
     stages_per_rank: int = 1,
     param_bytes_gathered: int = 2,
     reduce_bytes: int = 4,
+    op_layers: int = -1,
 ) -> StepCost:
     """The cost of one step of ``lay`` (see the module docstring)."""
     flops_tok = model_flops_per_token(g, lay.seq)
     tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
     model_flops = flops_tok * tokens_dp / (lay.tp * lay.cp * lay.pp)
-    hw_flops = model_flops * (1 + recompute_fraction(g, lay.seq, lay.ac_mode, lay.ac_option, compiled))
+    hw_flops = model_flops * (1 + recompute_fraction(g, lay.seq, lay.ac_mode, lay.ac_option, compiled, op_layers))
     eff = gpu.compute_efficiency_compiled if compiled else gpu.compute_efficiency_eager
     compute = hw_flops / (gpu.peak_flops() * eff)
     if float8:
@@ -193,4 +199,5 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         reshard=cfg.parallelism.fsdp_reshard_after_forward,
         stages_per_rank=stages_per_rank,
         reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
+        op_layers=cfg.activation_checkpoint.op_ac_layers,
     )

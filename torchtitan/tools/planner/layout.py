@@ -99,7 +99,13 @@ class Layout:
         out.activation_checkpoint.mode = self.ac_mode
         out.activation_checkpoint.selective_ac_option = "op" if self.ac_option == "op_all" else self.ac_option
         out.activation_checkpoint.op_saved_matmuls = "all" if self.ac_option == "op_all" else "every_other"
+        if not self._op_ac:
+            out.activation_checkpoint.op_ac_layers = -1  # only meaningful with op AC
         return out
+
+    @property
+    def _op_ac(self) -> bool:
+        return self.ac_mode == "selective" and self.ac_option in ("op", "op_all")
 
     def overrides(self) -> list[str]:
         """Trainer options (``--section.key value``) that select this layout."""
@@ -116,6 +122,8 @@ class Layout:
             "--activation_checkpoint.selective_ac_option", "op" if self.ac_option == "op_all" else self.ac_option,
             "--activation_checkpoint.op_saved_matmuls", "all" if self.ac_option == "op_all" else "every_other",
         ]
+        if not self._op_ac:
+            args += ["--activation_checkpoint.op_ac_layers", "-1"]
         if self.pp > 1:
             args += [
                 "--parallelism.pipeline_parallel_schedule", self.schedule,
@@ -188,6 +196,7 @@ def rank_workload(
         grad_accum=layout.grad_accum,
         ac_mode=layout.ac_mode,
         ac_option=layout.ac_option,
+        op_layers=cfg.activation_checkpoint.op_ac_layers,
         compile_model=compile_on and "model" in cfg.compile.components,
         compile_loss=compile_on and "loss" in cfg.compile.components,
         compute_bytes=2 if bf16 else 4,

@@ -100,6 +100,7 @@ class Workload:
     grad_accum: int = 1
     ac_mode: str = "selective"  # none | full | selective
     ac_option: str = "op"  # "op", "op_all" (op AC saving every matmul) or N (every N-th block)
+    op_layers: int = -1  # op AC on this many layers only, full AC on the others; -1 = all
     compile_model: bool = False
     compile_loss: bool = False
     compute_bytes: int = 2  # dtype of activations and logits
@@ -153,12 +154,15 @@ class MemoryEstimate:
     host: int = 0  # bytes kept on the CPU (FSDP CPU offload)
 
 
-def _block_modes(w: Workload, n_blocks: int) -> list[str]:
-    """The checkpointing of each block of one stage, as apply_ac decides it."""
+def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
+    """The checkpointing of each block of one stage, as apply_ac decides it (with
+    ``op_layers``, exactly for a whole model; a pipeline stage gets the model's share of op
+    blocks, since the workload does not say which layers the stage holds)."""
     if w.ac_mode in ("none", "full"):
         return [w.ac_mode] * n_blocks
     if str(w.ac_option) in ("op", "op_all"):
-        return [str(w.ac_option)] * n_blocks
+        n_op = n_blocks if w.op_layers < 0 else round(n_blocks * min(w.op_layers, n_layers) / n_layers)
+        return [str(w.ac_option)] * n_op + ["full"] * (n_blocks - n_op)
     every = int(w.ac_option)
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
 
@@ -330,7 +334,7 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
     per_stage, transient = [], 0.0
     grad_temps = a * (3 * g.hidden / w.tp + 2 * g.dim) * T  # gradients inside one block
     for n in w.stage_layers:
-        modes = _block_modes(w, n)
+        modes = _block_modes(w, n, g.n_layers)
         per_stage.append(sum(block_saved_per_token(g, w, m) for m in modes) * T)
         for m in set(modes):
             recompute = block_saved_per_token(g, w, "none") - block_saved_per_token(g, w, m)
@@ -341,7 +345,7 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
 
     copies = 0.0  # autocast: bf16 copies of fp32 weights, kept by the matmuls that saved them
     if w.autocast:
-        no_ac = sum(m == "none" for n in w.stage_layers for m in _block_modes(w, n))
+        no_ac = sum(m == "none" for n in w.stage_layers for m in _block_modes(w, n, g.n_layers))
         copies = 2 * (states.output_params + no_ac * states.block_params)
 
     boundary = loss = 0.0
