@@ -12,8 +12,8 @@ Modes (``[activation_checkpoint]``):
   every other matmul (mm/addmm/bmm). The rest (norms, activations, rotary, elementwise) is
   cheap and recomputed. Saving alternate matmuls keeps roughly half of the matmul memory
   while recomputing only half of the matmul FLOPs. ``op_saved_matmuls = "all"`` saves every
-  matmul output instead: only cheap ops are rerun (on the 3B shape, compiled, that removes
-  ~9% of the step's matmul FLOPs for ~0.5 GiB per block at 16k tokens), for when memory
+  matmul output instead: only cheap ops are rerun (on the 3B shape that removes wk, wo and
+  w3's reruns, ~11% of the step's matmul FLOPs, for 0.38 GiB per block at 16k tokens), for when memory
   allows it (``scripts/plan.py`` says whether it does). ``op_ac_layers = N`` keeps op AC
   on layers 0..N-1 only and checkpoints the later ones fully: a dial between op AC's speed
   and full AC's memory for shapes where op AC on every layer does not fit.
