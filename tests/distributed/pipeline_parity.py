@@ -62,6 +62,7 @@ class Layout:
     split_points: list[str] = dataclasses.field(default_factory=list)
     layers_per_stage: int | None = None
     reshard: str = "default"
+    loss_chunk_size: int = 0  # > 0: the last stage computes the loss itself, in chunks
 
 
 def loss_fn(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,7 @@ def _job_config(layout: Layout) -> JobConfig:
     jc.training.mixed_precision_reduce = "float32"
     jc.training.local_batch_size = GLOBAL_BATCH // layout.dp_shard
     jc.training.seq_len = SEQ_LEN
+    jc.training.loss_chunk_size = layout.loss_chunk_size
     return jc
 
 
@@ -139,8 +141,10 @@ def train_pipeline(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
     jc = _job_config(layout)
     with torch.device("meta"):
         model = Transformer(ARGS)
+    chunked = layout.loss_chunk_size > 0
     schedule, parts, has_first, has_last = pipeline_llama(
-        model, pd, jc, torch.device("cpu"), ARGS, parallelize_llama, loss_fn
+        model, pd, jc, torch.device("cpu"), ARGS, parallelize_llama,
+        (lambda loss, labels: loss) if chunked else loss_fn,  # the last stage returns the loss
     )
     for part in parts:
         part.to_empty(device="cpu")
@@ -157,7 +161,7 @@ def train_pipeline(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
     for inputs, labels in batches():
         opt.zero_grad()
         with train_context():
-            loss = pipeline_step(schedule, inputs[rows], labels[rows], has_first, has_last)
+            loss = pipeline_step(schedule, inputs[rows], labels[rows], has_first, has_last, labels_to_stages=chunked)
         loss = share_last_stage_loss(loss, pp_mesh)
         norms.append(dist_utils.clip_grad_norm_(params, MAX_NORM, foreach=True, pp_mesh=pp_mesh).item())
         opt.step()

@@ -51,6 +51,9 @@ FOUR_RANK_LAYOUTS = [
         for s in ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
     ],
     dict(name="pp2_fsdp2_1F1B_reshard_always", pp=2, dp_shard=2, schedule="1F1B", reshard="always"),
+    # The chunked loss under PP x FSDP (FSDP's root hooks and the labels keyword together).
+    dict(name="pp2_fsdp2_1F1B_chunked_loss", pp=2, dp_shard=2, schedule="1F1B", loss_chunk_size=8),
+    dict(name="pp2_fsdp2_ZBV_chunked_loss", pp=2, dp_shard=2, schedule="ZBVZeroBubble", loss_chunk_size=8),
     dict(name="pp2_fsdp2_ZBV_reshard_always", pp=2, dp_shard=2, schedule="ZBVZeroBubble", reshard="always"),
     *[dict(name=f"pp2_tp2_{s}", pp=2, tp=2, schedule=s) for s in ("1F1B", "Interleaved1F1B", "ZBVZeroBubble")],
 ]
@@ -182,6 +185,13 @@ def test_reshard_always_is_refused_for_zero_bubble(four_ranks: dict) -> None:
     error = four_ranks["layouts"]["pp2_fsdp2_ZBV_reshard_always"].get("error", "")
     assert error.startswith("ConfigError"), error
     assert "fsdp_reshard_after_forward" in error and "ZBVZeroBubble" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("name", ["pp2_fsdp2_1F1B_chunked_loss", "pp2_fsdp2_ZBV_chunked_loss"])
+def test_chunked_loss_under_pp_and_fsdp_matches(four_ranks: dict, name: str) -> None:
+    """The last stage computes the loss in chunks from the labels keyword the schedule hands
+    it per microbatch: same losses, gradient norms and parameters as one process."""
+    _assert_matches(four_ranks["layouts"][name])
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
