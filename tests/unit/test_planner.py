@@ -275,6 +275,7 @@ MEASURED = [
     # rank 0 of FSDP 2 x TP 2: sequence-parallel activations, gathered units, vocab-parallel loss
     (4, ["--parallelism.tensor_parallel_degree", "2"], "none", 0.10),
     (4, ["--parallelism.tensor_parallel_degree", "2"], "op", 0.10),
+    # rank 0 of CP 2 (FSDP over cp): sequence-sharded activations, gathered keys and values
     (2, ["--parallelism.context_parallel_degree", "2"], "op", 0.10),
     (2, ["--parallelism.context_parallel_degree", "2"], "full", 0.10),
 ]
