@@ -415,6 +415,17 @@ def test_paper_setups_fit_on_h100(name):
 
 
 # ---- search and command line ----------------------------------------------------------
+def test_tp_and_cp_layouts_warn_about_the_gpu_gap_until_the_margin_covers_it(tmp_path):
+    def gap_warnings(world: int, margin: float, *args: str) -> list[str]:
+        plan = dry_run(_cfg(tmp_path, *args), world, H100, margin=margin)
+        return [w for w in plan.warnings if "TP and CP layouts" in w]
+
+    assert gap_warnings(2, 0.05, "--parallelism.tensor_parallel_degree", "2")
+    assert gap_warnings(2, 0.05, "--parallelism.context_parallel_degree", "2")
+    assert not gap_warnings(2, 0.2, "--parallelism.tensor_parallel_degree", "2")
+    assert not gap_warnings(2, 0.05)  # FSDP 2: within 4% on the GPU
+
+
 def test_search_agrees_with_the_dry_run(tmp_path):
     from torchtitan.distributed.context_parallel import validate_cp
     from torchtitan.tools.planner.search import SearchSpace, search, verify

@@ -337,6 +337,11 @@ def _build_rank(cfg: JobConfig, layout: Layout, rank: int, gpu: GpuSpec, tokeniz
     return plan, geometry
 
 
+# The worst measured shortfall of the memory model on GPUs outside FSDP-only layouts: CP 2 at
+# 65,536 tokens (-21%) and TP 2 (-14%), 2026-12-01 (docs/planning.md).
+TP_CP_MARGIN = 0.2
+
+
 def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float = 2.0, margin: float = 0.05) -> Plan:
     """Build ``cfg`` for ``world_size`` ranks, one role at a time, and predict each role's
     memory and the step time. Raises what the real launch would raise while building."""
@@ -355,6 +360,11 @@ def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float =
         ranks.append(plan)
     assert geometry is not None
     cost = step_cost_for_config(cfg, geometry, layout, gpu, stages_per_rank=len(ranks[0].stages))
+    if (layout.tp > 1 or layout.cp > 1) and margin < TP_CP_MARGIN:
+        warnings.append(
+            "on GPUs, TP and CP layouts have measured 14-21% above this memory model (docs/planning.md); "
+            f"this verdict uses --margin {margin:g}, --margin {TP_CP_MARGIN:g} covers that"
+        )
     return Plan(
         layout=layout,
         gpu=gpu,
