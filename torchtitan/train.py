@@ -254,7 +254,6 @@ class Trainer:
             p.context_parallel_load_balance,
             p.context_parallel_rotate_method,
             tp=p.tensor_parallel_degree,
-            pp=p.pipeline_parallel_degree,
         )
         if unbuilt:
             raise ConfigError(f"not available in this version of torchtitan yet: {', '.join(unbuilt)}")
@@ -321,26 +320,26 @@ class Trainer:
         return self.loss_fn(pred, labels) / self.grad_accumulation_steps
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.pp_schedule is not None:
-            # Inputs enter at the first stage, labels meet the logits at the last; the loss
-            # (already scaled by the pipelining loss_fn) is known only where the last stage is.
-            with self.train_context(), self.amp_context:
-                return pipeline_step(
-                    self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage,
-                    labels_to_stages=self.job_config.training.loss_chunk_size > 0,
-                )
-        model = self.model_parts[0]
         p = self.job_config.parallelism
         # CP: every rank of a cp group holds the same batch; the context shards inputs,
-        # labels and the rotary table along the sequence and makes SDPA ring attention.
+        # labels and the rotary tables along the sequence and makes SDPA ring attention.
         cp = (
             cp_context(
-                self.parallel_dims.get_mesh("cp"), model, inputs, labels,
+                self.parallel_dims.get_mesh("cp"), self.model_parts, inputs, labels,
                 p.context_parallel_rotate_method, p.context_parallel_load_balance,
             )
             if self.parallel_dims.cp_enabled
             else None
         )
+        if self.pp_schedule is not None:
+            # Inputs enter at the first stage, labels meet the logits at the last; the loss
+            # (already scaled by the pipelining loss_fn) is known only where the last stage is.
+            with self.train_context(cp), self.amp_context:
+                return pipeline_step(
+                    self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage,
+                    labels_to_stages=self.job_config.training.loss_chunk_size > 0,
+                )
+        model = self.model_parts[0]
         with self.train_context(cp):
             with self.amp_context:
                 if self.job_config.training.loss_chunk_size > 0:

@@ -120,9 +120,45 @@ def two_ranks(tmp_path_factory) -> dict:
     )[0]
 
 
+def _cp_trainer_configs(dump: str) -> dict[str, list[str]]:
+    """PP 2 x CP 2 through the real Trainer against CP 4 (itself tested against one process in
+    test_context_parallel.py): one data-parallel replica in both, so the same batches."""
+    common = [
+        "--job.config_file", str(REPO / "train_configs/debug_model.toml"),
+        "--job.dump_folder", dump,
+        "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
+        "--training.mixed_precision_param", "float32",
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "4",
+        "--training.global_batch_size", "4",
+        "--training.max_norm", "0.5",
+        "--activation_checkpoint.mode", "none",
+        "--metrics.log_freq", "1",
+        "--parallelism.data_parallel_shard_degree", "1",
+    ]
+    pp_cp = [*common, "--parallelism.pipeline_parallel_degree", "2", "--parallelism.context_parallel_degree", "2"]
+    return {
+        "cp4": [*common, "--parallelism.context_parallel_degree", "4"],
+        "pp2_cp2_1f1b": [*pp_cp, "--parallelism.pipeline_parallel_schedule", "1F1B",
+                         "--parallelism.pipeline_parallel_microbatch_size", "2"],
+        # two stages per rank, the chunked loss, keys and values exchanged all-to-all
+        "pp2_cp2_interleaved_chunked_alltoall": [
+            *pp_cp, "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+            "--training.loss_chunk_size", "16", "--parallelism.context_parallel_rotate_method", "alltoall"],
+    }
+
+
 @pytest.fixture(scope="module")
-def four_ranks() -> dict:
-    return launch("pipeline_parity:main", 4, timeout=500, layouts=FOUR_RANK_LAYOUTS)[0]
+def four_ranks(tmp_path_factory) -> dict:
+    dump = str(tmp_path_factory.mktemp("pp_cp_trainer"))
+    return launch(
+        "pipeline_parity:main",
+        4,
+        timeout=600,
+        layouts=FOUR_RANK_LAYOUTS,
+        trainers=_cp_trainer_configs(dump),
+        trainer_reference="cp4",
+    )[0]
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +221,18 @@ def test_reshard_always_is_refused_for_zero_bubble(four_ranks: dict) -> None:
     error = four_ranks["layouts"]["pp2_fsdp2_ZBV_reshard_always"].get("error", "")
     assert error.startswith("ConfigError"), error
     assert "fsdp_reshard_after_forward" in error and "ZBVZeroBubble" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("name", ["pp2_cp2_1f1b", "pp2_cp2_interleaved_chunked_alltoall"])
+def test_trainer_with_pp_and_cp_matches_cp_alone(four_ranks: dict, name: str) -> None:
+    """Context parallel inside the pipeline: the whole pipelined step runs in the CP context
+    (inputs, labels and every stage's rotary table sharded along the sequence; SDPA as ring
+    attention), stages pass sequence shards; same losses and parameters as CP 4."""
+    ref, run = four_ranks["trainers"]["cp4"], four_ranks["trainers"][name]
+    assert len(run["losses"]) == len(ref["losses"]) == 3
+    assert run["losses"] == pytest.approx(ref["losses"], rel=FP32_TOL)
+    assert not run["param_names_differ"], run["param_names_differ"]
+    assert run["param_rel_err"] < FP32_TOL, run["param_rel_err"]
 
 
 @pytest.mark.parametrize("name", ["pp2_fsdp2_1F1B_chunked_loss", "pp2_fsdp2_ZBV_chunked_loss"])

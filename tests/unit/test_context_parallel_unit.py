@@ -94,7 +94,6 @@ def test_rotary_positions_follow_the_tokens(load_balance: bool) -> None:
         (dict(cp=2, seq_len=6, load_balance=True, rotate_method="allgather"), "divisible by 4"),
         (dict(cp=4, seq_len=6, load_balance=False, rotate_method="allgather"), "divisible by 4"),
         (dict(cp=2, seq_len=8, load_balance=True, rotate_method="ring"), "rotate_method"),
-        (dict(cp=2, seq_len=8, load_balance=True, rotate_method="allgather", pp=2), "pipeline"),
         (dict(cp=2, seq_len=12, load_balance=True, rotate_method="allgather", tp=4), "multiple of 8"),
     ],
 )
@@ -104,7 +103,7 @@ def test_validation_names_the_option(kwargs: dict, match: str) -> None:
 
 
 def test_validation_accepts_good_settings() -> None:
-    validate_cp(cp=1, seq_len=7, load_balance=True, rotate_method="allgather", pp=2)
+    validate_cp(cp=1, seq_len=7, load_balance=True, rotate_method="allgather")
     validate_cp(cp=2, seq_len=8, load_balance=True, rotate_method="alltoall")
     validate_cp(cp=3, seq_len=9, load_balance=False, rotate_method="allgather")
     validate_cp(cp=2, seq_len=16, load_balance=True, rotate_method="allgather", tp=2)

@@ -86,7 +86,6 @@ def _seq_66(cfg):
 BROKEN = {
     "degrees ≠ world size": (4, ["--parallelism.data_parallel_shard_degree", "3", "--parallelism.tensor_parallel_degree", "2"], None),
     "tp does not divide the heads": (16, ["--parallelism.tensor_parallel_degree", "16"], None),
-    "CP x PP refused": (4, ["--parallelism.context_parallel_degree", "2", "--parallelism.pipeline_parallel_degree", "2"], None),
     "seq not divisible by 2 cp": (2, ["--parallelism.context_parallel_degree", "2"], _seq_66),
     "1F1B with too few microbatches": (2, ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "1"], None),
     "more stages than layers": (8, ["--parallelism.pipeline_parallel_degree", "8", "--training.local_batch_size", "8"], None),
@@ -427,7 +426,7 @@ def test_tp_and_cp_layouts_warn_about_the_gpu_gap_until_the_margin_covers_it(tmp
 
 
 def test_search_agrees_with_the_dry_run(tmp_path):
-    from torchtitan.distributed.context_parallel import validate_cp
+    from torchtitan.distributed.pipeline import validate_microbatches
     from torchtitan.tools.planner.search import SearchSpace, search, verify
 
     cfg = _cfg(tmp_path, "--training.local_batch_size", "4")
@@ -441,7 +440,7 @@ def test_search_agrees_with_the_dry_run(tmp_path):
     assert res.configured.memory.peak_reserved == max(r.memory.peak_reserved for r in plan.ranks)
     # a refusal is the trainer's own message
     with pytest.raises(Exception) as refused:
-        validate_cp(2, 64, True, "allgather", pp=2)
+        validate_microbatches("1F1B", 1, 2, 2)
     assert str(refused.value) in res.examples.values()
     passed = verify(cfg, res, H100, top=2)
     assert len(passed) == 2 and all(c.verified == "ok" for c in passed)

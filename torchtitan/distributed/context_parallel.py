@@ -59,7 +59,6 @@ def validate_cp(
     load_balance: bool,
     rotate_method: str,
     tp: int = 1,
-    pp: int = 1,
 ) -> None:
     """Fail early, with the option to change, on a CP setting this build cannot run."""
     if cp <= 1:
@@ -82,11 +81,6 @@ def validate_cp(
     if rotate_method not in ROTATE_METHODS:
         raise ConfigError(
             f"parallelism.context_parallel_rotate_method {rotate_method!r} is not one of {ROTATE_METHODS}"
-        )
-    if pp > 1:
-        raise ConfigError(
-            "parallelism.context_parallel_degree > 1 with pipeline_parallel_degree > 1 is not "
-            "supported in this build; set one of them to 1"
         )
     _cp_attention()  # torch must have the CP dispatcher
 
@@ -260,7 +254,7 @@ def _freqs_for_seq(model: nn.Module, seq_len: int) -> Iterator[torch.Tensor | No
 @contextlib.contextmanager
 def cp_context(
     cp_mesh: DeviceMesh,
-    model: nn.Module,
+    model: nn.Module | Sequence[nn.Module],
     inputs: torch.Tensor,
     labels: torch.Tensor,
     rotate_method: str = "allgather",
@@ -270,8 +264,12 @@ def cp_context(
     along the sequence over ``cp_mesh``, and run SDPA as ring attention, for one
     forward + backward. Every rank of ``cp_mesh`` must pass the same full batch.
 
+    ``model`` may be this rank's pipeline stages: each has its own rotary table, and the
+    whole pipelined step (every microbatch's forward and backward) runs inside the context;
+    the activations passed between stages are then sequence shards already.
+
     ``inputs``/``labels`` stay sharded after the context (they are not needed again);
-    the rotary table is restored.
+    the rotary tables are restored.
     """
     attention = _cp_attention()
     if rotate_method not in ROTATE_METHODS:
@@ -286,9 +284,11 @@ def cp_context(
     old_balance = options.enable_load_balance
     options.enable_load_balance = load_balance  # read by torch's default (head-tail) balancer
     try:
-        with _freqs_for_seq(model, seq_len) as freqs:
-            buffers = [inputs, labels] + ([freqs] if freqs is not None else [])
-            seq_dims = [1, 1] + ([0] if freqs is not None else [])
+        with contextlib.ExitStack() as tables:
+            models = [model] if isinstance(model, nn.Module) else list(model)
+            freqs = [f for m in models if (f := tables.enter_context(_freqs_for_seq(m, seq_len))) is not None]
+            buffers = [inputs, labels, *freqs]
+            seq_dims = [1, 1] + [0] * len(freqs)
             with attention.context_parallel(
                 cp_mesh, buffers=buffers, buffer_seq_dims=seq_dims, no_restore_buffers=set(buffers)
             ):
