@@ -63,8 +63,9 @@ EIGHT_RANK_LAYOUTS = [
 ]
 
 
-def _trainer_configs(dump: str) -> dict[str, list[str]]:
-    common = [
+def _common_trainer_args(dump: str) -> list[str]:
+    """The debug TOML in fp32 with 4 samples of 64 tokens per step and clipping active."""
+    return [
         "--job.config_file", str(REPO / "train_configs/debug_model.toml"),
         "--job.dump_folder", dump,
         "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
@@ -75,6 +76,10 @@ def _trainer_configs(dump: str) -> dict[str, list[str]]:
         "--activation_checkpoint.mode", "none",
         "--metrics.log_freq", "1",
     ]
+
+
+def _trainer_configs(dump: str) -> dict[str, list[str]]:
+    common = _common_trainer_args(dump)
     pp = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
           "--training.local_batch_size", "4"]
     return {
@@ -123,19 +128,8 @@ def two_ranks(tmp_path_factory) -> dict:
 def _cp_trainer_configs(dump: str) -> dict[str, list[str]]:
     """PP 2 x CP 2 through the real Trainer against CP 4 (itself tested against one process in
     test_context_parallel.py): one data-parallel replica in both, so the same batches."""
-    common = [
-        "--job.config_file", str(REPO / "train_configs/debug_model.toml"),
-        "--job.dump_folder", dump,
-        "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
-        "--training.mixed_precision_param", "float32",
-        "--training.seq_len", "64",
-        "--training.local_batch_size", "4",
-        "--training.global_batch_size", "4",
-        "--training.max_norm", "0.5",
-        "--activation_checkpoint.mode", "none",
-        "--metrics.log_freq", "1",
-        "--parallelism.data_parallel_shard_degree", "1",
-    ]
+    common = [*_common_trainer_args(dump), "--training.local_batch_size", "4",
+              "--parallelism.data_parallel_shard_degree", "1"]
     pp_cp = [*common, "--parallelism.pipeline_parallel_degree", "2", "--parallelism.context_parallel_degree", "2"]
     return {
         "cp4": [*common, "--parallelism.context_parallel_degree", "4"],
