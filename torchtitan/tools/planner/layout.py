@@ -96,12 +96,17 @@ class Layout:
         t.local_batch_size = self.local_batch
         t.global_batch_size = self.global_batch
         t.seq_len = self.seq
-        out.activation_checkpoint.mode = self.ac_mode
-        out.activation_checkpoint.selective_ac_option = "op" if self.ac_option == "op_all" else self.ac_option
-        out.activation_checkpoint.op_saved_matmuls = "all" if self.ac_option == "op_all" else "every_other"
+        ac = out.activation_checkpoint
+        ac.mode = self.ac_mode
+        ac.selective_ac_option, ac.op_saved_matmuls = self._ac_settings
         if not self._op_ac:
-            out.activation_checkpoint.op_ac_layers = -1  # only meaningful with op AC
+            ac.op_ac_layers = -1  # only meaningful with op AC
         return out
+
+    @property
+    def _ac_settings(self) -> tuple[str, str]:
+        """(selective_ac_option, op_saved_matmuls) spelling this layout's AC option."""
+        return ("op", "all") if self.ac_option == "op_all" else (self.ac_option, "every_other")
 
     @property
     def _op_ac(self) -> bool:
@@ -119,8 +124,8 @@ class Layout:
             "--training.global_batch_size", str(self.global_batch),
             "--training.seq_len", str(self.seq),
             "--activation_checkpoint.mode", self.ac_mode,
-            "--activation_checkpoint.selective_ac_option", "op" if self.ac_option == "op_all" else self.ac_option,
-            "--activation_checkpoint.op_saved_matmuls", "all" if self.ac_option == "op_all" else "every_other",
+            "--activation_checkpoint.selective_ac_option", self._ac_settings[0],
+            "--activation_checkpoint.op_saved_matmuls", self._ac_settings[1],
         ]
         if not self._op_ac:
             args += ["--activation_checkpoint.op_ac_layers", "-1"]
