@@ -79,3 +79,31 @@ def test_unknown_saved_matmuls_is_refused():
     args = TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
     with pytest.raises(ConfigError, match="op_saved_matmuls"):
         apply_ac(Transformer(args), "selective", "op", "some")
+
+
+def test_op_ac_saves_float8_amax():
+    """Float8 linears scale each cast by max(|x|); op AC keeps that scalar, so the recompute
+    before backward does not reduce over the activations again (torchao's CPU float8 path)."""
+    pytest.importorskip("torchao.float8")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    def backward_ops(*ac_args) -> Counter:
+        torch.manual_seed(0)
+        args = TransformerModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
+        model = Transformer(args)
+        model.init_weights()
+        convert_to_float8_training(
+            model, config=Float8LinearConfig.from_recipe_name("tensorwise"),
+            module_filter_fn=lambda _, fqn: fqn != "output",
+        )
+        if ac_args:
+            apply_ac(model, *ac_args)
+        loss = model(torch.randint(0, 128, (2, 32))).float().logsumexp(-1).mean()
+        with _Count() as counter:
+            loss.backward()
+        return counter.ops
+
+    plain, op, full = backward_ops(), backward_ops("selective", "op", "all"), backward_ops("full")
+    assert full["max"] > plain["max"] > 0  # recomputing the forward casts does rerun amax
+    assert op["max"] == plain["max"]  # op AC keeps them
+    assert op["mm"] == plain["mm"]
