@@ -340,8 +340,7 @@ def test_async_save_is_a_snapshot_marked_only_when_written(tmp_path, pg, monkeyp
     assert _equal(loaded.params(), snapshot)  # the staged copy, not the later weights
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_stager_copies_each_tensor_once_and_reuses_its_buffers(pg, reuse):
+def test_stager_copies_each_tensor_once_and_reuses_its_buffers(pg):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -352,7 +351,7 @@ def test_stager_copies_each_tensor_once_and_reuses_its_buffers(pg, reuse):
         "optimizer": {"state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 4)}}, "param_groups": [{"lr": 0.1}]},
         "train_state": {"tokens": [1, 2]},
     }
-    stager = StateStager(("model", "optimizer"), reuse_buffers=reuse)
+    stager = StateStager(("model", "optimizer"), pin_memory=False)
     first = stager.stage(state)
     staged_w = first["model"]["w"]
     assert isinstance(staged_w, DTensor) and staged_w.placements == weight.placements
@@ -365,15 +364,69 @@ def test_stager_copies_each_tensor_once_and_reuses_its_buffers(pg, reuse):
     state["train_state"]["tokens"].append(3)
     assert not torch.equal(staged_w.to_local(), weight.to_local())
     assert first["train_state"] == {"tokens": [1, 2]}
-    second = stager.stage(state)
+    first_b = first["model"]["b"].clone()
+    second = stager.stage(state)  # the next save, once the first one is written
     assert torch.equal(second["model"]["w"].to_local(), weight.to_local())
-    assert torch.equal(second["model"]["b"], state["model"]["b"])
-    same = second["model"]["b"].data_ptr() == first["model"]["b"].data_ptr()
-    assert same == reuse  # one allocation for the run only when buffers are reused
-    if reuse:
-        assert second["model"]["w"].to_local().data_ptr() == staged_w.to_local().data_ptr()
-        state["model"]["b"] = torch.randn(5)  # a changed shape gets a new buffer
-        assert stager.stage(state)["model"]["b"].shape == (5,)
+    assert torch.equal(second["model"]["b"], state["model"]["b"]) and not torch.equal(second["model"]["b"], first_b)
+    # one allocation for the run: the second save copies into the first one's buffers
+    assert second["model"]["b"].data_ptr() == first["model"]["b"].data_ptr()
+    assert second["model"]["w"].to_local().data_ptr() == staged_w.to_local().data_ptr()
+    state["model"]["b"] = torch.randn(5)  # a changed shape gets a new buffer
+    assert stager.stage(state)["model"]["b"].shape == (5,)
+
+
+def test_stager_reserves_its_buffers_ahead_of_the_first_save(pg):
+    """``reserve`` allocates on a thread from the shapes alone; the first ``stage`` copies
+    into exactly those buffers (pinning them is what made the 8B flavor's first save slow)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard
+
+    weight = distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+    state = {"model": {"w": weight}, "optimizer": {"state": {"w": {"exp_avg": torch.randn(8, 4)}}, "groups": [(0.1, torch.ones(2))]}}
+    stager = StateStager(("model", "optimizer"), pin_memory=False)
+    stager.reserve(state)
+    stager.wait_reserved()
+    reserved = stager._buffers
+    assert stager.reserve_seconds is not None and reserved["model"]["w"].placements == weight.placements
+    staged = stager.stage(state)
+    assert staged["model"]["w"].to_local().data_ptr() == reserved["model"]["w"].to_local().data_ptr()
+    assert staged["optimizer"]["state"]["w"]["exp_avg"].data_ptr() == reserved["optimizer"]["state"]["w"]["exp_avg"].data_ptr()
+    assert torch.equal(staged["model"]["w"].to_local(), weight.to_local())
+    assert torch.equal(staged["optimizer"]["groups"][0][1], torch.ones(2)) and staged["optimizer"]["groups"][0][0] == 0.1
+    # one host arena (page-locked as a whole where CUDA is), yet every buffer has a storage of
+    # its own size: DCP's writer would copy a tensor that views a larger storage once more
+    arena = stager._arena.data
+    for t in (staged["model"]["w"].to_local(), staged["optimizer"]["state"]["w"]["exp_avg"]):
+        assert arena.data_ptr() <= t.data_ptr() < arena.data_ptr() + arena.numel()
+        assert t.untyped_storage().size() == t.nbytes
+
+
+@pytest.mark.parametrize("mode", ["async", "async_with_pinned_mem"])
+def test_manager_reserves_staging_after_the_first_step(tmp_path, pg, mode):
+    run = Run(tmp_path, async_mode=mode, interval=3)
+    run.step()
+    assert not run.manager.save(1)  # not a checkpoint step, but the buffers get reserved
+    stager = run.manager._stager
+    stager.wait_reserved()
+    reserved = stager._buffers
+    assert set(reserved) == {"model", "optimizer"}
+    ptrs = {t.data_ptr() for t in _tensors(reserved)}
+    for step in (2, 3):
+        run.step()
+        run.manager.save(step)
+    assert {t.data_ptr() for t in _tensors(stager._buffers)} == ptrs  # the save used them
+    snapshot = run.params()
+    run.manager.close()
+    loaded = Run(tmp_path, seed=3, load_step=3)
+    assert loaded.manager.load() and _equal(loaded.params(), snapshot)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return [tree] if isinstance(tree, torch.Tensor) else []
 
 
 # ---------------------------------------------------------------- seed, export, initial load
@@ -531,3 +584,29 @@ def test_cli_load_error_exits_2_with_one_line(tmp_path):
     err = [line for line in out.stderr.splitlines() if line.startswith("torchtitan: error")]
     assert len(err) == 1 and "initial_load_path" in err[0] and "does not exist" in err[0]
     assert "Traceback" not in out.stderr
+
+
+def test_staging_layout_keeps_each_tensor_inside_one_registered_region(monkeypatch):
+    """CUDA rejects a copy whose host range spans two cudaHostRegister calls (seen on the GPU
+    as 'invalid argument' for the 3B embedding's 1.5 GiB), so regions never split a tensor."""
+    from torchtitan.components.checkpoint import staging
+
+    monkeypatch.setattr(staging, "_REGION", 64 << 10)  # 64 KiB regions at test scale
+    sizes = [10_000, 30_000, 200_000, 5, 40_000, 40_000, 0, 70_000]  # float32 elements
+    layout = staging._Layout()
+    slots = layout.add([torch.empty(n) for n in sizes])
+    regions = layout.regions()
+    assert regions[0][0] == 0 and all(a % staging._PAGE == 0 for a, _ in regions)
+    assert all(b <= c for (_, b), (c, _) in zip(regions, regions[1:]))  # ordered, disjoint
+    for slot in (s for s in slots if s.nbytes):  # (an empty tensor is never copied)
+        inside = [r for r in regions if r[0] <= slot.offset and slot.offset + slot.nbytes <= r[1]]
+        assert len(inside) == 1, (slot.offset, slot.nbytes, regions)
+    for a, b in regions:  # a region over the size holds a single tensor that needs it all
+        held = [s for s in slots if s.nbytes and a <= s.offset < b]
+        assert held and (b - a <= 64 << 10 or len(held) == 1), (a, b, [s.nbytes for s in held])
+    assert len(regions) > 3  # the sizes above do not fit one region
+    arena = staging.HostArena(layout.nbytes, regions, pin=False)
+    views = [arena.view(s.offset, s.shape, s.dtype) for s in slots]
+    for v, n in zip(views, sizes):
+        v.fill_(float(n))
+    assert [float(v[0]) if v.numel() else 0.0 for v in views] == [float(n) if n else 0.0 for n in sizes]

@@ -148,6 +148,7 @@ class CheckpointManager:
         self.last_saved_step: int | None = None  # newest step this run wrote (or is writing)
         self.last_blocked_seconds: float | None = None  # how long the last save() held training
         self._stager: StateStager | None = None
+        self._reserved = False  # whether the stager was asked to allocate its buffers
         self._async_pg: dist.ProcessGroup | None = None
         if not s.enable:
             return
@@ -157,10 +158,10 @@ class CheckpointManager:
             if self._distributed:
                 self._async_pg = dist.new_group(backend="gloo")
             self._stager = StateStager(
-                (MODEL, "optimizer"), reuse_buffers=s.async_mode == "async_with_pinned_mem"
+                (MODEL, "optimizer"), pin_memory=s.async_mode == "async_with_pinned_mem"
             )
             if s.async_mode == "async_with_pinned_mem" and not self._stager.pin_memory and self.rank == 0:
-                logger.info("checkpoint: no CUDA, so the reused staging buffers are not pinned")
+                logger.info("checkpoint: no CUDA, so the staging buffers are not pinned")
         # Names this run's in-progress directories, so leftovers of a killed run are never
         # written into (they are removed after the next successful save).
         self._nonce = self._from_rank0(lambda: secrets.token_hex(4))
@@ -173,6 +174,11 @@ class CheckpointManager:
         if not self.settings.enable:
             return False
         self._reap(block=False)
+        if self._stager is not None and not self._reserved:
+            # After the first optimizer step every state tensor exists: allocate (and pin)
+            # the staging buffers now, in the background, instead of inside the first save.
+            self._reserved = True
+            self._stager.reserve(self._state(self._stager.tensor_groups))
         if not (last_step or force or step % self.settings.interval == 0):
             return False
         if step == self.last_saved_step:
@@ -186,7 +192,7 @@ class CheckpointManager:
             model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self._model_state().items()}
             self._write(step, {MODEL: model}, background=False)
         else:
-            state = {MODEL: self._model_state(), **{k: v.state_dict() for k, v in self.states.items()}}
+            state = self._state()
             self._write(step, state, background=self._stager is not None)
         # What async checkpointing is for: the time the training loop stood still.
         self.last_blocked_seconds = time.perf_counter() - started
@@ -382,6 +388,11 @@ class CheckpointManager:
         for name in groups:
             template[name] = self._model_state() if name == MODEL else self.states[name].state_dict()
         return template
+
+    def _state(self, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """What a save writes: the model's and each registered state's state dict."""
+        rest = {k: v.state_dict() for k, v in self.states.items() if only is None or k in only}
+        return {MODEL: self._model_state(), **rest}
 
     def _model_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
