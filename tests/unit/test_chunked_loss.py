@@ -156,3 +156,24 @@ def test_a_stage_takes_labels_as_a_keyword() -> None:
     assert last(h).shape == (2, 7, 32)
     middle = take_labels_kwarg(nn.Linear(16, 16))
     torch.testing.assert_close(middle(h, labels=y), middle(h))
+
+
+def test_compiled_chunks_give_the_same_loss_and_gradients() -> None:
+    """``compile_backend`` compiles each chunk's projection + loss (eager checkpointing
+    around it, so backward still recomputes one chunk at a time); the last chunk is shorter."""
+    torch.manual_seed(0)
+    plain = nn.Sequential()
+    plain.output = nn.Linear(DIM, VOCAB, bias=False)
+    chunked = copy.deepcopy(plain)
+    apply_chunked_loss(chunked, 8, compile_backend="aot_eager")
+    assert chunked.output.chunk_fn is not ChunkedLossLinear.chunk_fn
+    hidden, _, labels = _data(ignore=True)  # 30 tokens: chunks of 8, 8, 8, 6
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    loss = _plain(h1, plain.output.weight, labels)
+    loss.backward()
+    with labels_for_loss(chunked, labels):
+        chunked_loss = chunked.output(h2)
+    chunked_loss.backward()
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked.output.weight.grad, plain.output.weight.grad, rtol=1e-6, atol=1e-6)

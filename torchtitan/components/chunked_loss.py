@@ -26,7 +26,7 @@ returns the microbatch loss and the schedule's loss function passes it through.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,18 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    chunk_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = _chunk_loss_sum,
 ) -> torch.Tensor:
     """Token-mean cross-entropy of ``hidden @ weight.T`` against ``labels``.
 
     ``hidden`` ``[..., dim]``, ``weight`` ``[vocab, dim]``, ``labels`` ``hidden.shape[:-1]``;
     ``chunk_size`` tokens per chunk. Equals
     ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten())``.
+    ``chunk_fn`` computes one chunk's summed loss (a compiled ``_chunk_loss_sum``, say).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -65,7 +70,7 @@ def chunked_cross_entropy(
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         end = min(start + chunk_size, h.shape[0])
-        total = total + checkpoint(_chunk_loss_sum, h[start:end], weight, y[start:end], use_reentrant=False)
+        total = total + checkpoint(chunk_fn, h[start:end], weight, y[start:end], use_reentrant=False)
     # Same denominator as F.cross_entropy's mean: tokens whose label is not ignore_index.
     return total / (y != -100).sum()
 
@@ -75,18 +80,26 @@ class ChunkedLossLinear(nn.Linear):
 
     chunk_size: int = 1024
     labels: torch.Tensor | None = None
+    chunk_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = staticmethod(_chunk_loss_sum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.labels is None:
             return super().forward(x)
         if self.bias is not None:
             raise ValueError("chunked loss supports an output projection without bias only")
-        return chunked_cross_entropy(x, self.weight, self.labels, self.chunk_size)
+        return chunked_cross_entropy(x, self.weight, self.labels, self.chunk_size, self.chunk_fn)
 
 
-def apply_chunked_loss(model: nn.Module, chunk_size: int) -> nn.Module:
+def apply_chunked_loss(model: nn.Module, chunk_size: int, compile_backend: str | None = None) -> nn.Module:
     """Make ``model.output`` compute the loss in chunks of ``chunk_size`` tokens when given
-    labels. Call on the model before FSDP wraps it (on meta is fine)."""
+    labels. Call on the model before FSDP wraps it (on meta is fine).
+
+    ``compile_backend`` compiles the per-chunk projection + cross-entropy (the checkpointing
+    around it stays eager): in eager, each chunk's fp32 cast, log-softmax and their backward
+    are separate passes over a ``chunk × vocab`` tensor. On one H200 the 1B flavor (compiled
+    blocks, 32k tokens a step) ran 13% below the plain compiled loss with eager chunks, 9%
+    with compiled ones (the extra projection forward alone is ~6% of the FLOPs), for 13 GiB
+    less memory."""
     output = getattr(model, "output", None)
     if output is None:  # a non-last pipeline stage
         return model
@@ -97,6 +110,8 @@ def apply_chunked_loss(model: nn.Module, chunk_size: int) -> nn.Module:
         )
     output.__class__ = ChunkedLossLinear
     output.chunk_size = chunk_size
+    if compile_backend is not None:
+        output.chunk_fn = torch.compile(_chunk_loss_sum, backend=compile_backend)
     return model
 
 

@@ -38,7 +38,8 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
         # Ring attention takes equal-head q/k/v; inputs are sharded by the trainer's context.
         prepare_model_for_cp(model)
     if job_config.training.loss_chunk_size > 0:
-        apply_chunked_loss(model, job_config.training.loss_chunk_size)
+        compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
+        apply_chunked_loss(model, job_config.training.loss_chunk_size, backend if compile_loss else None)
 
     if parallel_dims.tp_enabled:
         if p.enable_async_tensor_parallel:
