@@ -480,3 +480,21 @@ def test_flops_and_params_match_the_model():
     g = Geometry.from_model_args(args)
     assert model_flops_per_token(g, 8192) == flops
     assert g.n_layers * g.block_params + 2 * g.vocab * g.dim + g.dim == nparams
+
+
+def test_chunked_loss_costs_one_more_output_projection_forward():
+    """The loss chunks rerun their projection in backward: 2·vocab·dim FLOPs per token more."""
+    from torchtitan.models import get_model_args
+    from torchtitan.tools.planner.cost import step_cost
+    from torchtitan.tools.planner.layout import Layout
+
+    g = Geometry.from_model_args(get_model_args("llama3", "1B"))
+    lay = Layout(world_size=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch=4, grad_accum=1,
+                 seq=8192, ac_mode="selective", ac_option="op_all")
+    gpu = get_gpu("H100")
+    plain = step_cost(g, lay, gpu, compiled=True)
+    chunked = step_cost(g, lay, gpu, compiled=True, chunked_loss=True)
+    extra_s = 2 * g.vocab * g.dim * 4 * 8192 / (gpu.peak_flops() * gpu.compute_efficiency_compiled)
+    assert chunked.compute_s == pytest.approx(plain.compute_s + extra_s)
+    assert 0.04 < chunked.compute_s / plain.compute_s - 1 < 0.08  # ~6% on the 1B shape
+    assert chunked.mfu < plain.mfu  # MFU counts model FLOPs only

@@ -117,12 +117,16 @@ def step_cost(
     param_bytes_gathered: int = 2,
     reduce_bytes: int = 4,
     op_layers: int = -1,
+    chunked_loss: bool = False,
 ) -> StepCost:
-    """The cost of one step of ``lay`` (see the module docstring)."""
+    """The cost of one step of ``lay`` (see the module docstring). ``chunked_loss``: the
+    loss chunks recompute their output projection in backward, one more forward of it."""
     flops_tok = model_flops_per_token(g, lay.seq)
     tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
     model_flops = flops_tok * tokens_dp / (lay.tp * lay.cp * lay.pp)
     hw_flops = model_flops * (1 + recompute_fraction(g, lay.seq, lay.ac_mode, lay.ac_option, compiled, op_layers))
+    if chunked_loss:
+        hw_flops += 2 * g.vocab * g.dim * tokens_dp / (lay.tp * lay.cp * lay.pp)
     eff = gpu.compute_efficiency_compiled if compiled else gpu.compute_efficiency_eager
     compute = hw_flops / (gpu.peak_flops() * eff)
     if float8:
@@ -201,4 +205,5 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         stages_per_rank=stages_per_rank,
         reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
+        chunked_loss=cfg.training.loss_chunk_size > 0,
     )
