@@ -45,7 +45,8 @@ class PlannerOptions:
     margin: float = _opt(0.05, "share of the rest kept free against the memory model's error (up to 7% low so far)")
     memory_gib: float = _opt(0.0, "override the GPU's memory (GiB); 0 = the table's")
     tflops: float = _opt(0.0, "override the dense bf16 peak (TFLOP/s); 0 = the table's")
-    efficiency: float = _opt(0.0, "override the compute efficiency (compiled and eager); 0 = measured")
+    efficiency: float = _opt(0.0, "override the dense compute efficiency (compiled and eager); 0 = measured")
+    attention_efficiency: float = _opt(0.0, "override the attention kernels' efficiency; 0 = measured")
     intra_node_gbps: float = _opt(0.0, "override NVLink GB/s per GPU and direction; 0 = the table's")
     inter_node_gbps: float = _opt(0.0, "override network GB/s per GPU and direction; 0 = the table's")
     gpus_per_node: int = _opt(0, "override GPUs per node; 0 = the table's")
@@ -75,8 +76,9 @@ class PlannerOptions:
         for name in ("memory_gib", "tflops", "intra_node_gbps", "inter_node_gbps"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0 (0 = the table's value)")
-        if not 0 <= self.efficiency <= 1:
-            fail("efficiency", "must be in [0, 1] (0 = the measured one)")
+        for name in ("efficiency", "attention_efficiency"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail(name, "must be in [0, 1] (0 = the measured one)")
         if self.gpus_per_node < 0:
             fail("gpus_per_node", "must be >= 0 (0 = the table's value)")
         if not self.schedules:
@@ -94,6 +96,7 @@ class PlannerOptions:
             bf16_tflops=self.tflops or None,
             compute_efficiency_compiled=eff,
             compute_efficiency_eager=eff,
+            attention_efficiency=self.attention_efficiency or None,
             intra_node_gbps=self.intra_node_gbps or None,
             inter_node_gbps=self.inter_node_gbps or None,
             gpus_per_node=self.gpus_per_node or None,

@@ -6,9 +6,12 @@ memory is what ``torch.cuda.get_device_properties().total_memory`` reports for t
 link bandwidths are per GPU and per direction. Every value can be overridden from the
 command line (``scripts/plan.py --help``). Achieved rates are the peak times an efficiency:
 
-- compute: the hardware-FLOP efficiency that reproduces the standard suite's measured
-  throughput (docs/performance.md, 2026-11-30, 2x H200 = H100 compute; cost.py counts the
-  recomputation): 0.59 for compiled blocks (B, D, E), 0.55 eager (A);
+- compute: hardware-FLOP efficiencies fitted (least squares on step time) to ten measured
+  runs on 2x H200 (= H100 compute): the standard suite A, B, D, E at 8k tokens and the 3B
+  flavor with full AC at 16k (CP 1 and 2), 65k (CP 2, eager and compiled), 131k (CP 1) and
+  262k (CP 2) (docs/performance.md, docs/context_parallel.md); every run is predicted within
+  10%. Dense work (matmuls, norms, elementwise): 0.523 compiled, 0.461 eager; causal
+  attention (cuDNN, counted as FlashAttention counts it): 0.545;
 - communication: 0.8 of the link rate (NCCL ring all-gather / reduce-scatter bus bandwidth on
   NVLink and InfiniBand typically reaches 75-85% of the nominal rate for large messages).
 """
@@ -37,8 +40,9 @@ class GpuSpec:
     gpus_per_node: int
     intra_node_gbps: float  # GB/s per GPU per direction inside a node (NVLink)
     inter_node_gbps: float  # GB/s per GPU per direction between nodes (NICs / GPUs per node)
-    compute_efficiency_compiled: float = 0.59
-    compute_efficiency_eager: float = 0.55
+    compute_efficiency_compiled: float = 0.523  # dense work, compiled blocks
+    compute_efficiency_eager: float = 0.461  # dense work, eager
+    attention_efficiency: float = 0.545  # causal attention kernels
     comm_efficiency: float = 0.8
 
     def peak_flops(self, float8: bool = False) -> float:

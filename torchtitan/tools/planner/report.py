@@ -23,7 +23,8 @@ def format_assumptions(gpu: GpuSpec, headroom_gib: float, margin: float = 0.05) 
     return (
         f"assumptions: {gpu.name}, {gpu.memory_gib:g} GiB, budget {budget:.1f} GiB ({headroom_gib:g} GiB "
         f"headroom for the CUDA context and NCCL, then a {100 * margin:g}% margin); {gpu.bf16_tflops:g} TFLOP/s bf16 "
-        f"at {gpu.compute_efficiency_compiled:g} (compiled) / {gpu.compute_efficiency_eager:g} (eager); "
+        f"at {gpu.compute_efficiency_compiled:g} (compiled) / {gpu.compute_efficiency_eager:g} (eager) for dense "
+        f"work and {gpu.attention_efficiency:g} for attention; "
         f"{gpu.gpus_per_node} GPUs per node, {gpu.intra_node_gbps:g} GB/s NVLink and "
         f"{gpu.inter_node_gbps:g} GB/s network per GPU and direction, at {gpu.comm_efficiency:g}"
     )
