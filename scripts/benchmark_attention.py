@@ -3,8 +3,10 @@
     python scripts/benchmark_attention.py [--seq 8192] [--batch 2] [--iters 20]
 
 Prints one markdown row per (shape, backend, grouped-query mode): milliseconds per
-forward + backward and the achieved TFLOP/s (causal: half of 4·b·h·s²·d forward, 2.5× that
-for forward + backward), and the largest difference of the output and of dq from the flash
+forward + backward and the achieved TFLOP/s (causal: half of 4·b·h·s²·d forward, 3.5× that
+for forward + backward, FlashAttention's count: the backward's five matmuls include the
+recomputed scores; before 2026-12-01 this script used 2.5×, so older figures read 5/7 of
+these), and the largest difference of the output and of dq from the flash
 backend's. This is the measurement behind ``model.attention_backend = "auto"``.
 """
 
@@ -70,7 +72,7 @@ def main() -> None:
 
         q, k, v = rand(b, h, s, d), rand(b, kvh, s, d), rand(b, kvh, s, d)
         grad = rand(b, h, s, d)
-        flops = 2.5 * 0.5 * 4 * b * h * s * s * d
+        flops = 3.5 * 0.5 * 4 * b * h * s * s * d
         ref = None
         for bname, backend in BACKENDS.items():
             for gqa in (True, False):
