@@ -62,10 +62,14 @@ class StepCost:
     mfu: float  # model FLOPs / peak bf16
 
 
+def _params_no_embedding(g: Geometry) -> int:
+    """Blocks, the output projection and the final norm (as the trainer counts them)."""
+    return g.n_layers * g.block_params + g.vocab * g.dim + g.dim
+
+
 def model_flops_per_token(g: Geometry, seq: int) -> float:
     """The trainer's FLOPs per token (``TransformerModelArgs.get_nparams_and_flops``)."""
-    nparams_no_embedding = g.n_layers * g.block_params + g.vocab * g.dim + g.dim
-    return 6 * nparams_no_embedding + 12 * g.n_layers * g.n_heads * g.head_dim * seq
+    return 6 * _params_no_embedding(g) + 12 * g.n_layers * g.n_heads * g.head_dim * seq
 
 
 def _recomputed_share(g: Geometry, ac_mode: str, ac_option: str, op_layers: int) -> tuple[float, float]:
@@ -91,7 +95,7 @@ def dense_flops_per_token(
     ``op_all``; "N" reruns 1/N of the blocks; ``op_layers`` >= 0: op AC on that many layers
     only, full AC on the rest."""
     d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
-    flops = 6 * (g.n_layers * g.block_params + g.vocab * g.dim + g.dim)
+    flops = 6 * _params_no_embedding(g)
     whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers)
     op_rerun = 0.0 if ac_option == "op_all" else 2 * (kv * d + d * q + h * d)
     flops += g.n_layers * (whole * 2 * g.block_params + op * op_rerun)
