@@ -3,7 +3,8 @@
 A 4-layer Llama (fp32, CPU, one process): the matmuls and attention forwards that run during
 backward are the recomputation. Per block: full AC reruns 6 matmuls (w2's output is never
 needed again) and the attention forward; op AC saving every other matmul reruns 3 (wk, wo,
-w3) and no attention; saving every matmul reruns none. ``op_ac_layers = N`` gives layers
+w3) and no attention; saving every matmul reruns none; saving none (attention's output only)
+reruns full AC's 6 and no attention. ``op_ac_layers = N`` gives layers
 0..N-1 op AC and the others full AC. Gradients must not change.
 """
 
@@ -59,6 +60,7 @@ def plain() -> tuple[Counter, dict[str, torch.Tensor]]:
         (("full",), 6 * N_LAYERS, N_LAYERS),
         (("selective", "op"), 3 * N_LAYERS, 0),
         (("selective", "op", "all"), 0, 0),
+        (("selective", "op", "none"), 6 * N_LAYERS, 0),  # full AC's matmul reruns, no attention
         (("selective", "op", "every_other", 1), 3 + 6 * 3, 3),  # layer 0 op, 1-3 full
         (("selective", "op", "all", 3), 0 + 6, 1),  # layers 0-2 op (all saved), 3 full
         (("selective", "op", "every_other", 0), 6 * N_LAYERS, N_LAYERS),  # = full

@@ -73,11 +73,12 @@ def test_standard_suite_parses_into_the_five_configurations():
     assert c.float8.enable_fsdp_float8_all_gather and c.float8.precompute_float8_dynamic_scale_for_fsdp
     assert (d.model.flavor, d.training.local_batch_size, d.activation_checkpoint.mode, d.compile.enable) == (
         "8B", 1, "full", True)
-    assert (e.model.flavor, e.training.local_batch_size, e.activation_checkpoint.selective_ac_option,
-            e.compile.enable) == ("1B", 4, "op", True)
+    # E: the suite leaves its AC free; on one 80 GB GPU none fits (74.5 GiB), the cheapest.
+    assert (e.model.flavor, e.training.local_batch_size, e.activation_checkpoint.mode,
+            e.compile.enable) == ("1B", 4, "none", True)
 
     # Where memory allows, op AC saves every matmul output (A frees the logits for it).
-    assert [j.activation_checkpoint.op_saved_matmuls for j in (a, b, c, e)] == ["all"] * 4
+    assert [j.activation_checkpoint.op_saved_matmuls for j in (a, b, c)] == ["all"] * 3
     assert a.training.loss_chunk_size > 0
 
 
@@ -91,7 +92,9 @@ def test_ac_ablation_is_the_suite_before_saving_every_matmul():
         after = suite[name[0]]
         assert job.activation_checkpoint.op_saved_matmuls == "every_other"
         assert job.training.loss_chunk_size == 0
-        job.activation_checkpoint.op_saved_matmuls = after.activation_checkpoint.op_saved_matmuls
+        assert job.activation_checkpoint.mode == "selective"
+        # after: A and B save every matmul; E has no AC at all since 2026-12-01 (session 6)
+        job.activation_checkpoint = after.activation_checkpoint
         job.training.loss_chunk_size = after.training.loss_chunk_size
         assert job == after, name
 

@@ -30,6 +30,7 @@ from torchtitan.tools.planner import dry_run, get_gpu
 from torchtitan.tools.planner.dry_run import fake_process_group, role_ranks
 from torchtitan.tools.planner.layout import rank_workload
 from torchtitan.tools.planner.memory import (
+    OP_AC_SAVED_MATMULS,
     Geometry,
     Workload,
     analytical_states,
@@ -271,6 +272,8 @@ MEASURED = [
     (1, [], "none", 0.03), (1, [], "full", 0.03), (1, [], "op", 0.03), (1, [], "2", 0.03),
     # op AC on layers 0-2 of 6, full AC on 3-5
     (1, ["--activation_checkpoint.op_ac_layers", "3"], "op", 0.03),
+    # op AC saving attention's output only
+    (1, ["--activation_checkpoint.op_saved_matmuls", "none"], "op", 0.03),
     # rank 0 of FSDP 2 x TP 2: sequence-parallel activations, gathered units, vocab-parallel loss
     (4, ["--parallelism.tensor_parallel_degree", "2"], "none", 0.10),
     (4, ["--parallelism.tensor_parallel_degree", "2"], "op", 0.10),
@@ -351,7 +354,8 @@ def _inductor_saved(block: torch.nn.Module, x: torch.Tensor, freqs: torch.Tensor
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mode,option,key", [("selective", "op", "op"), ("selective", "op", "op_all"), ("none", "op", "none")]
+    "mode,option,key",
+    [("selective", "op", "op"), ("selective", "op", "op_all"), ("selective", "op", "op_attn"), ("none", "op", "none")],
 )
 def test_compiled_block_saves_what_the_model_says(mode, option, key):
     from torchtitan.distributed.activation_checkpoint import apply_ac
@@ -362,7 +366,7 @@ def test_compiled_block_saves_what_the_model_says(mode, option, key):
     args = TransformerModelArgs(dim=256, n_layers=1, n_heads=16, n_kv_heads=8, vocab_size=512, max_seq_len=128)
     holder = torch.nn.Module()
     holder.layers = torch.nn.ModuleDict({"0": TransformerBlock(0, args)})
-    apply_ac(holder, mode, option, "all" if key == "op_all" else "every_other")
+    apply_ac(holder, mode, option, OP_AC_SAVED_MATMULS.get(key, "every_other"))
     x = torch.randn(2, 96, 256, requires_grad=True)  # 192 tokens: no weight dim is 2 or 192
     acts, weights = _inductor_saved(holder.layers["0"], x, precompute_freqs_cis(16, 128, 500000.0, None))
     g = Geometry.from_model_args(args)
@@ -514,6 +518,11 @@ MEASURED = {
     "65k CP 2 compiled": ("3B", 65536, 2, 2, 1, ("full", ""), True, True, 6_825),
     "131k FSDP 2": ("3B", 131072, 2, 1, 1, ("full", ""), False, True, 4_238),
     "262k CP 2": ("3B", 262144, 2, 2, 1, ("full", ""), False, True, 2_328),
+    # one H200 (the H100's compute), 2026-12-01 session 6: E without AC (harness), and 65k
+    # tokens on one GPU with full AC and with op AC saving attention only
+    "E no AC": ("1B", 8192, 1, 1, 4, ("none", ""), True, False, 55_331),
+    "65k one GPU compiled": ("3B", 65536, 1, 1, 1, ("full", ""), True, True, 7_552),
+    "65k one GPU op_attn": ("3B", 65536, 1, 1, 1, ("selective", "op_attn"), True, True, 8_774),
 }
 
 

@@ -498,8 +498,9 @@ class ActivationCheckpoint(Section):
     )
     op_saved_matmuls: str = _opt(
         "every_other",
-        'op AC: matmul outputs to save: "every_other" (half their memory, recomputes half) or "all"',
-        choices=("every_other", "all"),
+        'op AC: matmul outputs to save: "every_other" (half their memory, recomputes half), "all", '
+        'or "none" (only attention\'s output: full AC without rerunning attention, for long sequences)',
+        choices=("every_other", "all", "none"),
     )
     op_ac_layers: int = _opt(
         -1, "op AC on layers 0..N-1 only, full AC on the later ones (less memory than op); -1 = all"

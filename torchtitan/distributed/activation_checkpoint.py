@@ -16,7 +16,11 @@ Modes (``[activation_checkpoint]``):
   while recomputing only half of the matmul FLOPs. ``op_saved_matmuls = "all"`` saves every
   matmul output instead: only cheap ops are rerun (on the 3B shape that removes wk, wo and
   w3's reruns, ~11% of the step's matmul FLOPs, for 0.38 GiB per block at 16k tokens), for when memory
-  allows it (``scripts/plan.py`` says whether it does). ``op_ac_layers = N`` keeps op AC
+  allows it (``scripts/plan.py`` says whether it does). ``op_saved_matmuls = "none"`` saves
+  no matmul output, only attention's: backward reruns the block's matmuls as full AC does but
+  not attention, whose FLOPs grow with the sequence (at 65k tokens on the 3B shape attention
+  is ~3/4 of the step) while its saved output costs one activation per block (about a tenth of
+  op AC's memory). ``op_ac_layers = N`` keeps op AC
   on layers 0..N-1 only and checkpoints the later ones fully: a dial between op AC's speed
   and full AC's memory for shapes where op AC on every layer does not fit.
 
@@ -41,7 +45,7 @@ from torchtitan.config import ConfigError
 __all__ = ["apply_ac", "AC_MODES", "op_sac_save_list"]
 
 AC_MODES = ("none", "full", "selective")
-OP_SAVED_MATMULS = ("every_other", "all")
+OP_SAVED_MATMULS = ("every_other", "all", "none")
 
 
 def _ops(namespace: Any, names: tuple[str, ...]) -> set:
@@ -70,17 +74,20 @@ def op_sac_save_list() -> set:
     return attention | comms | amax | _MATMUL_OPS
 
 
-def _op_sac_context_fn(every_other_matmul: bool = True) -> tuple[Any, Any]:
+def _op_sac_context_fn(saved_matmuls: str = "every_other") -> tuple[Any, Any]:
     """Fresh contexts for one checkpointed forward; called by checkpoint on every forward."""
     save_list = op_sac_save_list()
     # Forward and recompute count matmuls separately so both make the same decisions.
     matmul_count: dict[bool, int] = defaultdict(int)
 
     def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        if op in _MATMUL_OPS and every_other_matmul:
-            matmul_count[ctx.is_recompute] += 1
-            if matmul_count[ctx.is_recompute] % 2 == 0:
+        if op in _MATMUL_OPS:
+            if saved_matmuls == "none":
                 return CheckpointPolicy.PREFER_RECOMPUTE
+            if saved_matmuls == "every_other":
+                matmul_count[ctx.is_recompute] += 1
+                if matmul_count[ctx.is_recompute] % 2 == 0:
+                    return CheckpointPolicy.PREFER_RECOMPUTE
         if op in save_list:
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
@@ -91,7 +98,7 @@ def _op_sac_context_fn(every_other_matmul: bool = True) -> tuple[Any, Any]:
 def _wrap(block: nn.Module, op_level: bool, op_saved_matmuls: str) -> nn.Module:
     kwargs: dict[str, Any] = {"preserve_rng_state": False}
     if op_level:
-        kwargs["context_fn"] = functools.partial(_op_sac_context_fn, op_saved_matmuls == "every_other")
+        kwargs["context_fn"] = functools.partial(_op_sac_context_fn, op_saved_matmuls)
     return checkpoint_wrapper(block, **kwargs)
 
 

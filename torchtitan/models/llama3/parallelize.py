@@ -67,7 +67,8 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
         apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers)
         detail = ac.selective_ac_option
         if ac.mode == "selective" and detail == "op":
-            detail = "op, " + ("every other" if ac.op_saved_matmuls == "every_other" else "every") + " matmul output saved"
+            saved = {"every_other": "every other matmul", "all": "every matmul", "none": "attention only, no matmul"}
+            detail = f"op, {saved[ac.op_saved_matmuls]} output saved"
             if ac.op_ac_layers >= 0:
                 detail += f", on the first {ac.op_ac_layers} layers; full AC on the others"
         logger.info(f"applied {ac.mode} activation checkpointing ({detail})")

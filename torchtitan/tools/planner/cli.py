@@ -38,7 +38,7 @@ class PlannerOptions:
     global_batch: int = _opt(0, "search: samples per step to keep; 0 = the configured layout's")
     schedules: list[str] = _opt(["1F1B", "Interleaved1F1B"], "search: pipeline schedules to try")
     ac_modes: list[str] = _opt(
-        ["none", "op_all", "op", "2", "full"], "search: AC modes (none, op_all, op, N, full)"
+        ["none", "op_all", "op", "op_attn", "2", "full"], "search: AC modes (none, op_all, op, op_attn, N, full)"
     )
     max_local_batch: int = _opt(32, "search: largest local batch to try")
     headroom_gib: float = _opt(2.0, "GiB per GPU kept free for the CUDA context and NCCL buffers")
@@ -85,7 +85,7 @@ class PlannerOptions:
             fail("schedules", "give at least one schedule, e.g. 1F1B")
         bad = [m for m in self.ac_modes if m not in AC_CHOICES and not (m.isdigit() and int(m) >= 1)]
         if bad or not self.ac_modes:
-            fail("ac_modes", "entries are none, op_all, op, full or a positive integer N (every N-th block)")
+            fail("ac_modes", "entries are none, op_all, op, op_attn, full or a positive integer N (every N-th block)")
 
     def gpu_spec(self):
         from torchtitan.tools.planner.hardware import get_gpu

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from torchtitan.config import JobConfig
 from torchtitan.tools.planner.hardware import GpuSpec
 from torchtitan.tools.planner.layout import Layout
-from torchtitan.tools.planner.memory import Geometry
+from torchtitan.tools.planner.memory import OP_AC_OPTIONS, Geometry
 
 __all__ = [
     "StepCost",
@@ -78,10 +78,18 @@ def _recomputed_share(g: Geometry, ac_mode: str, ac_option: str, op_layers: int)
         return 0.0, 0.0
     if ac_mode == "full":
         return 1.0, 0.0
-    if ac_option in ("op", "op_all"):
+    if ac_option in OP_AC_OPTIONS:
         op = 1.0 if op_layers < 0 else min(op_layers, g.n_layers) / g.n_layers
         return 1.0 - op, op
     return 1.0 / int(ac_option), 0.0
+
+
+def _op_matmul_rerun(g: Geometry, ac_option: str) -> float:
+    """Forward matmul FLOPs per token one per-op-AC block reruns: wk, wo and w3 (the matmuls
+    it does not save; backward needs k, the residual after wo and w3's output), none with
+    ``op_all``, all of them with ``op_attn`` (which saves attention's output only)."""
+    d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
+    return {"op_all": 0.0, "op_attn": 2 * g.block_params}.get(ac_option, 2 * (kv * d + d * q + h * d))
 
 
 def dense_flops_per_token(
@@ -90,15 +98,12 @@ def dense_flops_per_token(
     """Hardware FLOPs per token outside attention: 6 x non-embedding params, the forward
     matmuls activation checkpointing reruns, and the loss chunks' second output projection.
 
-    Full AC reruns every block forward; per-op AC reruns the matmuls it does not save (wk,
-    wo and w3: backward needs k, the residual after wo and w3's output), none with
-    ``op_all``; "N" reruns 1/N of the blocks; ``op_layers`` >= 0: op AC on that many layers
-    only, full AC on the rest."""
-    d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
+    Full AC reruns every block forward; per-op AC the matmuls it does not save
+    (``_op_matmul_rerun``); "N" reruns 1/N of the blocks; ``op_layers`` >= 0: op AC on that
+    many layers only, full AC on the rest."""
     flops = 6 * _params_no_embedding(g)
     whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers)
-    op_rerun = 0.0 if ac_option == "op_all" else 2 * (kv * d + d * q + h * d)
-    flops += g.n_layers * (whole * 2 * g.block_params + op * op_rerun)
+    flops += g.n_layers * (whole * 2 * g.block_params + op * _op_matmul_rerun(g, ac_option))
     if chunked_loss:
         flops += 2 * g.vocab * g.dim
     return flops
@@ -181,7 +186,7 @@ def step_cost(
     if lay.tp > 1:
         act = tokens_fwd * g.dim * a  # one gathered activation
         per_layer = 8 + {"full": 4, "none": 0}.get(lay.ac_mode, 2)  # fwd 4, bwd 4, recompute
-        if lay.ac_mode == "selective" and lay.ac_option not in ("op", "op_all"):
+        if lay.ac_mode == "selective" and lay.ac_option not in OP_AC_OPTIONS:
             per_layer = 8 + 4 / int(lay.ac_option)
         volume = (per_layer * layers + 2) * _ring(act, lay.tp) * forwards
         tp_s = volume / _bandwidth(gpu, tp_span) * ((1 - ASYNC_TP_HIDDEN) if async_tp else 1.0)

@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 
 from torchtitan.config import JobConfig
+from torchtitan.tools.planner.memory import OP_AC_OPTIONS, OP_AC_SAVED_MATMULS
 
 __all__ = ["Layout"]
 
@@ -106,11 +107,13 @@ class Layout:
     @property
     def _ac_settings(self) -> tuple[str, str]:
         """(selective_ac_option, op_saved_matmuls) spelling this layout's AC option."""
-        return ("op", "all") if self.ac_option == "op_all" else (self.ac_option, "every_other")
+        if self.ac_option in OP_AC_OPTIONS:
+            return "op", OP_AC_SAVED_MATMULS[self.ac_option]
+        return self.ac_option, "every_other"
 
     @property
     def _op_ac(self) -> bool:
-        return self.ac_mode == "selective" and self.ac_option in ("op", "op_all")
+        return self.ac_mode == "selective" and self.ac_option in OP_AC_OPTIONS
 
     def overrides(self) -> list[str]:
         """Trainer options (``--section.key value``) that select this layout."""
@@ -155,13 +158,13 @@ class Layout:
 
 
 def _ac_option(cfg: JobConfig) -> str:
-    """The planner's one-word AC option: "op", "op_all" (op AC saving every matmul) or N.
+    """The planner's one-word AC option: one of OP_AC_OPTIONS or N (every N-th block).
     It only matters for selective AC; one spelling otherwise keeps layouts comparable."""
     ac = cfg.activation_checkpoint
     if ac.mode != "selective":
         return "op"
-    if ac.selective_ac_option == "op" and ac.op_saved_matmuls == "all":
-        return "op_all"
+    if ac.selective_ac_option == "op":
+        return {v: k for k, v in OP_AC_SAVED_MATMULS.items()}[ac.op_saved_matmuls]
     return ac.selective_ac_option
 
 

@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 
+
+# The planner's names for per-op AC, by the matmul outputs saved: every other one (the
+# trainer's default), all of them, or none (attention's output only).
+OP_AC_SAVED_MATMULS = {"op": "every_other", "op_all": "all", "op_attn": "none"}
+OP_AC_OPTIONS = tuple(OP_AC_SAVED_MATMULS)
+
 @dataclass(frozen=True)
 class Geometry:
     """The shape of a Llama-style transformer (global, before any sharding)."""
@@ -99,7 +105,7 @@ class Workload:
     inflight: int = 1  # (microbatch, local stage) chunks alive at the peak
     grad_accum: int = 1
     ac_mode: str = "selective"  # none | full | selective
-    ac_option: str = "op"  # "op", "op_all" (op AC saving every matmul) or N (every N-th block)
+    ac_option: str = "op"  # one of OP_AC_OPTIONS or N (every N-th block)
     op_layers: int = -1  # op AC on this many layers only, full AC on the others; -1 = all
     compile_model: bool = False
     compile_loss: bool = False
@@ -160,7 +166,7 @@ def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
     blocks, since the workload does not say which layers the stage holds)."""
     if w.ac_mode in ("none", "full"):
         return [w.ac_mode] * n_blocks
-    if str(w.ac_option) in ("op", "op_all"):
+    if str(w.ac_option) in OP_AC_OPTIONS:
         n_op = n_blocks if w.op_layers < 0 else round(n_blocks * min(w.op_layers, n_layers) / n_layers)
         return [str(w.ac_option)] * n_op + ["full"] * (n_blocks - n_op)
     every = int(w.ac_option)
@@ -170,8 +176,8 @@ def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
 def block_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
     """Bytes one block keeps for backward per token of its sequence (``w.tokens``).
 
-    ``mode``: ``none``, ``full``, ``op`` (selective per-op) or ``op_all`` (the same saving every
-    matmul output). Sequence-parallel tensors (block
+    ``mode``: ``none``, ``full``, ``op`` (selective per-op), ``op_all`` (the same saving every
+    matmul output) or ``op_attn`` (saving attention's only). Sequence-parallel tensors (block
     input, residual, norm statistics) have tokens / tp rows when tp > 1.
     """
     a, r, tp = w.compute_bytes, w.residual_bytes, w.tp
@@ -193,6 +199,9 @@ def block_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
             # reads them; the compiled graph keeps only what backward needs.
             saved += a * d + (2 * a * d * s if tp > 1 else 0.0)
         return saved
+    if mode == "op_attn":
+        # attention output and its log-sum-exp; every matmul is rerun as under full AC
+        return x + a * q + lse
     if mode == "op_all":
         # also wk, wo and w3; w2's output is dead in the compiled graph, as above.
         saved = x + a * q + 2 * a * kv + a * q + lse + a * d + 2 * a * h

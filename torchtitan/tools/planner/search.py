@@ -30,7 +30,7 @@ __all__ = ["Candidate", "SearchResult", "SearchSpace", "evaluate", "search"]
 
 AC_CHOICES = {
     "none": ("none", "op"), "op": ("selective", "op"), "op_all": ("selective", "op_all"),
-    "2": ("selective", "2"), "full": ("full", "op"),
+    "op_attn": ("selective", "op_attn"), "2": ("selective", "2"), "full": ("full", "op"),
 }
 
 
@@ -43,7 +43,7 @@ class SearchSpace:
     pp: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     # zero-bubble schedules are opt-in: their bubble is an assumption, not yet measured here
     schedules: tuple[str, ...] = ("1F1B", "Interleaved1F1B")
-    ac: tuple[str, ...] = ("none", "op_all", "op", "2", "full")
+    ac: tuple[str, ...] = ("none", "op_all", "op", "op_attn", "2", "full")
     max_local_batch: int = 32
     max_replicate: int = 0  # 0: any dp_replicate that divides the world
 
