@@ -5,7 +5,8 @@ backward are the recomputation. Per block: full AC reruns 6 matmuls (w2's output
 needed again) and the attention forward; op AC saving every other matmul reruns 3 (wk, wo,
 w3) and no attention; saving every matmul reruns none; saving none (attention's output only)
 reruns full AC's 6 and no attention. ``op_ac_layers = N`` gives layers
-0..N-1 op AC and the others full AC. Gradients must not change.
+0..N-1 op AC and the others full AC (``later_layers = "attention"``: attention-only op AC).
+Gradients must not change.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def plain() -> tuple[Counter, dict[str, torch.Tensor]]:
         (("selective", "op", "all", 3), 0 + 6, 1),  # layers 0-2 op (all saved), 3 full
         (("selective", "op", "every_other", 0), 6 * N_LAYERS, N_LAYERS),  # = full
         (("selective", "op", "every_other", 10), 3 * N_LAYERS, 0),  # more than the model has = op
+        (("selective", "op", "all", 1, "attention"), 0 + 6 * 3, 0),  # layer 0 op (all), 1-3 attention only
     ],
 )
 def test_recomputation_and_gradients(plain, ac_args, extra_mm, sdpa):

@@ -222,6 +222,9 @@ def test_cli_errors(argv, fragment):
         ("activation_checkpoint.selective_ac_option", "ops"),
         ("activation_checkpoint.op_ac_layers", "-2"),
         ("activation_checkpoint.op_ac_layers", "3"),  # needs selective op AC (the default is "2")
+        ("activation_checkpoint.later_layers", "attention"),  # needs op_ac_layers >= 0
+        ("activation_checkpoint.later_layers", "op"),
+        ("activation_checkpoint.op_saved_matmuls", "some"),
         ("checkpoint.async_mode", "threaded"),
         ("checkpoint.export_dtype", "int8"),
         ("checkpoint.keep_latest_k", "-1"),

@@ -272,6 +272,8 @@ MEASURED = [
     (1, [], "none", 0.03), (1, [], "full", 0.03), (1, [], "op", 0.03), (1, [], "2", 0.03),
     # op AC on layers 0-2 of 6, full AC on 3-5
     (1, ["--activation_checkpoint.op_ac_layers", "3"], "op", 0.03),
+    # the same, layers 3-5 with attention-only op AC instead of full AC
+    (1, ["--activation_checkpoint.op_ac_layers", "3", "--activation_checkpoint.later_layers", "attention"], "op", 0.03),
     # op AC saving attention's output only
     (1, ["--activation_checkpoint.op_saved_matmuls", "none"], "op", 0.03),
     # rank 0 of FSDP 2 x TP 2: sequence-parallel activations, gathered units, vocab-parallel loss

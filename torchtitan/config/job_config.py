@@ -505,6 +505,12 @@ class ActivationCheckpoint(Section):
     op_ac_layers: int = _opt(
         -1, "op AC on layers 0..N-1 only, full AC on the later ones (less memory than op); -1 = all"
     )
+    later_layers: str = _opt(
+        "full",
+        'with op_ac_layers >= 0, AC of the later layers: "full", or "attention" (op AC saving '
+        "attention's output only: full AC's matmul reruns without attention's)",
+        choices=("full", "attention"),
+    )
 
     def check(self) -> None:
         option = self.selective_ac_option
@@ -516,6 +522,8 @@ class ActivationCheckpoint(Section):
                 "op_ac_layers",
                 'applies to mode = "selective" with selective_ac_option = "op"; set it to -1',
             )
+        if self.later_layers != "full" and self.op_ac_layers < 0:
+            self._fail("later_layers", "applies to the layers after op_ac_layers; set op_ac_layers >= 0 or leave it full")
 
 
 @dataclass

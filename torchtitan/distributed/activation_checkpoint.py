@@ -22,7 +22,8 @@ Modes (``[activation_checkpoint]``):
   is ~3/4 of the step) while its saved output costs one activation per block (about a tenth of
   op AC's memory). ``op_ac_layers = N`` keeps op AC
   on layers 0..N-1 only and checkpoints the later ones fully: a dial between op AC's speed
-  and full AC's memory for shapes where op AC on every layer does not fit.
+  and full AC's memory for shapes where op AC on every layer does not fit;
+  ``later_layers = "attention"`` gives those later layers attention-only op AC instead.
 
 Blocks are replaced in ``model.layers`` by a checkpoint wrapper, so parameter names gain a
 ``_checkpoint_wrapped_module.`` segment that ``torch.distributed.checkpoint.state_dict``
@@ -45,6 +46,7 @@ from torchtitan.config import ConfigError
 __all__ = ["apply_ac", "AC_MODES", "op_sac_save_list"]
 
 AC_MODES = ("none", "full", "selective")
+LATER_LAYERS = ("full", "attention")
 OP_SAVED_MATMULS = ("every_other", "all", "none")
 
 
@@ -95,10 +97,11 @@ def _op_sac_context_fn(saved_matmuls: str = "every_other") -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(policy)
 
 
-def _wrap(block: nn.Module, op_level: bool, op_saved_matmuls: str) -> nn.Module:
+def _wrap(block: nn.Module, saved_matmuls: str | None) -> nn.Module:
+    """Checkpoint ``block``: fully (``saved_matmuls`` None) or per op, saving those matmuls."""
     kwargs: dict[str, Any] = {"preserve_rng_state": False}
-    if op_level:
-        kwargs["context_fn"] = functools.partial(_op_sac_context_fn, op_saved_matmuls)
+    if saved_matmuls is not None:
+        kwargs["context_fn"] = functools.partial(_op_sac_context_fn, saved_matmuls)
     return checkpoint_wrapper(block, **kwargs)
 
 
@@ -121,6 +124,7 @@ def apply_ac(
     selective_ac_option: str | int = "2",
     op_saved_matmuls: str = "every_other",
     op_ac_layers: int = -1,
+    later_layers: str = "full",
 ) -> nn.Module:
     """Wrap the blocks of ``model.layers`` in place according to ``mode``; returns ``model``."""
     if mode not in AC_MODES:
@@ -129,6 +133,8 @@ def apply_ac(
         raise ConfigError(
             f"activation_checkpoint.op_saved_matmuls {op_saved_matmuls!r} is not one of {OP_SAVED_MATMULS}"
         )
+    if later_layers not in LATER_LAYERS:
+        raise ConfigError(f"activation_checkpoint.later_layers {later_layers!r} is not one of {LATER_LAYERS}")
     if mode == "none":
         return model
     op_level = mode == "selective" and str(selective_ac_option) == "op"
@@ -136,7 +142,11 @@ def apply_ac(
     for i, (name, block) in enumerate(list(model.layers.named_children())):
         # The layer's index in the whole model: a pipeline stage keeps the global names.
         layer = int(name) if name.isdigit() else i
-        op_here = op_level and (op_ac_layers < 0 or layer < op_ac_layers)
+        saved: str | None = None  # full AC
+        if op_level and (op_ac_layers < 0 or layer < op_ac_layers):
+            saved = op_saved_matmuls
+        elif op_level and later_layers == "attention":
+            saved = "none"
         if (i + 1) % every == 0:
-            model.layers.register_module(name, _wrap(block, op_here, op_saved_matmuls))
+            model.layers.register_module(name, _wrap(block, saved))
     return model

@@ -64,13 +64,14 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
 
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
-        apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers)
+        apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
         detail = ac.selective_ac_option
         if ac.mode == "selective" and detail == "op":
             saved = {"every_other": "every other matmul", "all": "every matmul", "none": "attention only, no matmul"}
             detail = f"op, {saved[ac.op_saved_matmuls]} output saved"
             if ac.op_ac_layers >= 0:
-                detail += f", on the first {ac.op_ac_layers} layers; full AC on the others"
+                later = "full AC" if ac.later_layers == "full" else "attention output only saved"
+                detail += f", on the first {ac.op_ac_layers} layers; {later} on the others"
         logger.info(f"applied {ac.mode} activation checkpointing ({detail})")
 
     if compile_model:

@@ -109,13 +109,17 @@ def dense_flops_per_token(
     return flops
 
 
-def attention_flops_per_token(g: Geometry, seq: int, ac_mode: str, ac_option: str, op_layers: int = -1) -> float:
+def attention_flops_per_token(
+    g: Geometry, seq: int, ac_mode: str, ac_option: str, op_layers: int = -1, later_attention: bool = False
+) -> float:
     """Causal attention's hardware FLOPs per token, counted as FlashAttention counts them:
     forward 2·heads·head_dim·seq per layer (half of the non-causal 4), backward 2.5x the
     forward (it recomputes the scores), plus the forwards full AC reruns (per-op AC saves
     the attention output). The trainer's MFU counts 12·heads·head_dim·seq instead."""
     forward = 2 * g.n_heads * g.head_dim * seq * g.n_layers
     whole, _ = _recomputed_share(g, ac_mode, ac_option, op_layers)
+    if later_attention and ac_option in OP_AC_OPTIONS:
+        whole = 0.0  # the layers after op_layers keep attention's output
     return forward * (3.5 + whole)
 
 
@@ -157,6 +161,7 @@ def step_cost(
     reduce_bytes: int = 4,
     op_layers: int = -1,
     chunked_loss: bool = False,
+    later_attention: bool = False,
 ) -> StepCost:
     """The cost of one step of ``lay`` (see the module docstring). ``chunked_loss``: the
     loss chunks recompute their output projection in backward, one more forward of it."""
@@ -164,7 +169,8 @@ def step_cost(
     tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
     tokens_gpu = tokens_dp / (lay.tp * lay.cp * lay.pp)  # work-equivalent tokens per GPU
     dense = dense_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers, chunked_loss) * tokens_gpu
-    attention = attention_flops_per_token(g, lay.seq, lay.ac_mode, lay.ac_option, op_layers) * tokens_gpu
+    attention = attention_flops_per_token(g, lay.seq, lay.ac_mode, lay.ac_option, op_layers, later_attention)
+    attention *= tokens_gpu
     eff = gpu.compute_efficiency_compiled if compiled else gpu.compute_efficiency_eager
     dense_s = dense / (gpu.peak_flops() * eff)
     if float8:
@@ -245,4 +251,5 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
         chunked_loss=cfg.training.loss_chunk_size > 0,
+        later_attention=cfg.activation_checkpoint.later_layers == "attention",
     )

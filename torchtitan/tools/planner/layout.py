@@ -101,7 +101,7 @@ class Layout:
         ac.mode = self.ac_mode
         ac.selective_ac_option, ac.op_saved_matmuls = self._ac_settings
         if not self._op_ac:
-            ac.op_ac_layers = -1  # only meaningful with op AC
+            ac.op_ac_layers, ac.later_layers = -1, "full"  # only meaningful with op AC
         return out
 
     @property
@@ -131,7 +131,7 @@ class Layout:
             "--activation_checkpoint.op_saved_matmuls", self._ac_settings[1],
         ]
         if not self._op_ac:
-            args += ["--activation_checkpoint.op_ac_layers", "-1"]
+            args += ["--activation_checkpoint.op_ac_layers", "-1", "--activation_checkpoint.later_layers", "full"]
         if self.pp > 1:
             args += [
                 "--parallelism.pipeline_parallel_schedule", self.schedule,
@@ -205,6 +205,7 @@ def rank_workload(
         ac_mode=layout.ac_mode,
         ac_option=layout.ac_option,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
+        later_layers="op_attn" if cfg.activation_checkpoint.later_layers == "attention" else "full",
         compile_model=compile_on and "model" in cfg.compile.components,
         compile_loss=compile_on and "loss" in cfg.compile.components,
         compute_bytes=2 if bf16 else 4,

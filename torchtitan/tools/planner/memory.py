@@ -107,6 +107,7 @@ class Workload:
     ac_mode: str = "selective"  # none | full | selective
     ac_option: str = "op"  # one of OP_AC_OPTIONS or N (every N-th block)
     op_layers: int = -1  # op AC on this many layers only, full AC on the others; -1 = all
+    later_layers: str = "full"  # the others' AC: "full" or "op_attn"
     compile_model: bool = False
     compile_loss: bool = False
     compute_bytes: int = 2  # dtype of activations and logits
@@ -168,7 +169,7 @@ def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
         return [w.ac_mode] * n_blocks
     if str(w.ac_option) in OP_AC_OPTIONS:
         n_op = n_blocks if w.op_layers < 0 else round(n_blocks * min(w.op_layers, n_layers) / n_layers)
-        return [str(w.ac_option)] * n_op + ["full"] * (n_blocks - n_op)
+        return [str(w.ac_option)] * n_op + [w.later_layers] * (n_blocks - n_op)
     every = int(w.ac_option)
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
 
