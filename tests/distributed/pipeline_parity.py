@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 from typing import Any
 
 import torch
@@ -206,6 +207,7 @@ def run_layouts(layouts: list[dict[str, Any]]) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for spec in layouts:
         layout = Layout(**spec)
+        started = time.perf_counter()
         try:
             result = train_pipeline(layout, state)
         except ValueError as e:  # a rejected layout (ConfigError) is a result, on every rank
@@ -214,6 +216,7 @@ def run_layouts(layouts: list[dict[str, Any]]) -> dict[str, Any]:
         if reference is not None:
             report[layout.name] = compare(result, reference)
             report[layout.name]["losses_exact"] = result["losses"]
+            report[layout.name]["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
         dist.barrier()
     return report
 
