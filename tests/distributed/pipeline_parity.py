@@ -227,7 +227,7 @@ def run_trainers(configs: dict[str, list[str]], steps: int, reference: str) -> d
     group down); return each one's losses and, on rank 0, the worst relative parameter error
     against the ``reference`` run (tensors do not travel back: only numbers)."""
     from torchtitan.config import ConfigManager
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     out: dict[str, Any] = {}
     params: dict[str, dict[str, torch.Tensor]] = {}

@@ -144,7 +144,7 @@ def resume_report(
 ) -> dict[str, Any]:
     """Per async mode: the saving run's and the resumed run's losses and final parameters,
     compared with one run without checkpoints."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     base = os.path.join(workdir, name)
     steps = ["--training.steps", str(RESUME_STEPS)]
@@ -185,7 +185,7 @@ def resume_report(
 
 def save_reshard_source(workdir: str, layout: dict[str, int]) -> None:
     """Train 3 steps and save; write the full parameters and optimizer state aside."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     trainer = Trainer(_reshard_config(workdir, layout))
     trainer.train()
@@ -220,7 +220,7 @@ def _reshard_config(workdir: str, layout: dict[str, int]):
 
 def reshard_report(workdir: str, layout: dict[str, int]) -> dict[str, Any]:
     """Load the FSDP 4 checkpoint under ``layout``; compare with what FSDP 4 had."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     trainer = Trainer(_reshard_config(workdir, layout))
     loaded = trainer.checkpointer.load()
@@ -320,7 +320,7 @@ def test_fsdp4_checkpoint_loads_into_tp2(two_ranks: dict) -> None:
 
 def test_fsdp4_checkpoint_loads_into_one_process(workdir: str, four_ranks: dict, monkeypatch) -> None:
     from torchtitan.models.llama3 import llama3_configs
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     monkeypatch.setitem(llama3_configs, FLAVOR, tiny_flavor())
     trainer = Trainer(_reshard_config(workdir, {}))

@@ -18,7 +18,7 @@ import torch
 from torch.cuda import _memory_viz
 
 from torchtitan.config import ConfigManager
-from torchtitan.train import Trainer
+from torchtitan.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -540,7 +540,7 @@ def run_plan(plan: Plan, settings: Settings, results: dict[str, Result], verbose
 
 def preflight(plan: Plan) -> str | None:
     """The trainer's own layout checks, without launching: its one-line refusal, or None."""
-    from torchtitan.train import Trainer, validate_layout  # imports torch: only when running
+    from torchtitan.trainer import Trainer, validate_layout  # imports torch: only when running
 
     try:
         validate_layout(plan.entry.job, plan.layout.world)

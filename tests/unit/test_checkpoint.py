@@ -511,7 +511,7 @@ def _trainer_config(dump: Path, *overrides: str):
 
 
 def _train(cfg) -> tuple[list[float], dict[str, torch.Tensor], object]:
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
@@ -544,7 +544,7 @@ def test_trainer_resume_is_bit_exact_in_every_async_mode(tmp_path):
 
 def test_trainer_seed_checkpoint(tmp_path):
     """One process writes step-0; a run with another seed starts from those weights."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     seed_cfg = _trainer_config(tmp_path, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint")
     losses, seed_params, _ = _train(seed_cfg)

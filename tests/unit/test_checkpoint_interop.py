@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
     """The debug flavor after 2 training steps, checkpointed by the trainer (a full
     checkpoint: model, optimizer, ...); the model itself for reference outputs."""
     from torchtitan.config import ConfigManager
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     dump = tmp_path_factory.mktemp("trained")
     cfg = ConfigManager().parse_args(

@@ -28,7 +28,7 @@ CHILD = r"""
 import sys, time
 from torch.distributed.checkpoint import FileSystemWriter
 from torchtitan.config import ConfigManager
-from torchtitan.train import Trainer
+from torchtitan.trainer import Trainer
 
 original = FileSystemWriter.write_data
 
@@ -118,7 +118,7 @@ def _run_until_writing(args: list[str], log_file: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("mode", ["disabled", "async"])
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, mode):
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     killed_losses = _run_until_writing(_args(tmp_path, mode), tmp_path / "child.log")
     assert sorted(killed_losses) == [1, 2, 3, 4]

@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # The trainer's hook for a failed step: writes <dump_folder>/comm_traces/rank_<r>.
         from types import SimpleNamespace
 
-        from torchtitan.train import Trainer
+        from torchtitan.trainer import Trainer
 
         cfg = SimpleNamespace(comm=SimpleNamespace(trace_buf_size=64), job=SimpleNamespace(dump_folder=os.path.dirname(out)))
         Trainer._dump_comm_trace(SimpleNamespace(job_config=cfg, rank=rank))

@@ -225,7 +225,7 @@ def test_combinations_that_do_not_compose(recipe, float8, tp, match) -> None:
 
 # ---- the trainer -----------------------------------------------------------------------
 def test_trainer_runs_with_float8_converter(tmp_path) -> None:
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     cfg = ConfigManager().parse_args(
         [

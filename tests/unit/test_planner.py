@@ -70,7 +70,7 @@ def cpu_trainer(monkeypatch):
 
 def _trainer_error(cfg, world_size: int) -> Exception | None:
     """What the real trainer raises when built as rank 0 of ``world_size`` ranks."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     with fake_process_group(0, world_size):
         try:
@@ -160,7 +160,7 @@ def _planned_states(plan, role: int = 0) -> dict[str, int]:
 
 
 def test_state_bytes_equal_a_real_step_on_one_process(cpu_trainer, tmp_path):
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     cfg = _cfg(tmp_path)
     plan = dry_run(copy.deepcopy(cfg), 1, H100)
@@ -181,7 +181,7 @@ def test_state_bytes_equal_a_real_step_on_one_process(cpu_trainer, tmp_path):
 )
 def test_state_bytes_equal_a_real_step_as_rank_0(cpu_trainer, tmp_path, world, args):
     """The real trainer as rank 0 of a fake group allocates exactly the planned bytes."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     cfg = _cfg(tmp_path, *args)
     plan = dry_run(copy.deepcopy(cfg), world, H100)
@@ -195,7 +195,7 @@ def test_state_bytes_equal_a_real_step_as_rank_0(cpu_trainer, tmp_path, world, a
 
 
 def _gloo_rank_states(config_args: list[str], dump_folder: str) -> dict[str, int]:
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     cfg = ConfigManager().parse_args(config_args + ["--job.dump_folder", dump_folder])
     trainer = Trainer(cfg)
@@ -293,7 +293,7 @@ def test_activations_and_peak_match_memtracker_on_a_real_step(cpu_trainer, tmp_p
     (keys/values repeated, rms_norm decomposed): the bytes alive after forward are exact
     (1%); the peak is within 3% on one process, and at most 10% above the measurement
     under FSDP (the model takes the worst overlap of gathered units and gradient buffers)."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     mode, option = {"none": ("none", "op"), "full": ("full", "op"), "op": ("selective", "op"), "2": ("selective", "2")}[ac]
     cfg = _cfg(tmp_path, "--activation_checkpoint.mode", mode, "--activation_checkpoint.selective_ac_option", option, *args)
@@ -464,7 +464,7 @@ def test_cli_and_run_train_dry_run(tmp_path):
     plan = dry_run(ConfigManager().parse_args(["--job.config_file", DEBUG, "--parallelism.tensor_parallel_degree", "2"]), 4, H100)
     assert json.loads(report.read_text())["peak_reserved_bytes"] == plan.peak_reserved
 
-    from torchtitan.train import validate_layout
+    from torchtitan.trainer import validate_layout
 
     bad = ["--parallelism.tensor_parallel_degree", "3"]
     with pytest.raises(Exception) as real:

@@ -11,7 +11,7 @@ import torch
 
 from torchtitan.config import ConfigManager
 from torchtitan.tools.profiling import MemorySnapshotter
-from torchtitan.train import Trainer
+from torchtitan.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 

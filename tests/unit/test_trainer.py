@@ -1,6 +1,5 @@
 """The trainer end to end on one CPU process: gradient accumulation and a short run."""
 
-import os
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from torchtitan.config import ConfigManager
-from torchtitan.train import Trainer
+from torchtitan.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
@@ -98,14 +97,26 @@ def test_cli_short_run_loss_falls_and_logs_every_step(tmp_path):
     assert again.training.steps == 40 and again.training.seq_len == 128
 
 
-def test_bad_option_exits_2_with_one_line(tmp_path):
+def test_bad_option_exits_2_with_one_line_before_torch_is_imported(tmp_path):
+    # -X importtime lists every module imported, on stderr: torch must not be among them.
     out = subprocess.run(
-        [sys.executable, "-m", "torchtitan.train", "--training.sequence_len", "5"],
+        [sys.executable, "-X", "importtime", "-m", "torchtitan.train", "--training.sequence_len", "5"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2
-    err = out.stderr.strip().splitlines()
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "torchtitan.config" in imported and "torch" not in imported
+    err = [line for line in out.stderr.strip().splitlines() if not line.startswith("import time:")]
     assert len(err) == 1 and "seq_len" in err[0] and "Traceback" not in out.stderr
+
+
+def test_trainer_is_still_importable_from_the_entry_point():
+    import torchtitan.train as entry
+    from torchtitan.trainer import Trainer
+
+    assert entry.Trainer is Trainer
+    with pytest.raises(AttributeError, match="no_such_name"):
+        entry.no_such_name  # noqa: B018
 
 
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])

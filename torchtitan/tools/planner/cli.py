@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             plan = dry_run(cfg, opts.world_size, gpu, opts.headroom_gib, opts.margin)
         except (ConfigError, ValueError, FileNotFoundError) as e:
-            # what the real launch would print (train.main does the same)
+            # what the real launch would print (torchtitan.train does the same)
             _fail(f"the run would stop with {type(e).__name__}: {str(e).splitlines()[0]}")
         print(report.format_plan(plan, name, time.perf_counter() - t0))
         if opts.json:

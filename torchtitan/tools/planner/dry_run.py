@@ -279,7 +279,7 @@ def _build_rank(cfg: JobConfig, layout: Layout, rank: int, gpu: GpuSpec, tokeniz
     from torchtitan.components.data.loader import ShardLayout
     from torchtitan.components.float8 import _import_torchao, build_model_converters, check_float8_device
     from torchtitan.models import get_model_args, get_model_spec
-    from torchtitan.train import validate_layout
+    from torchtitan.trainer import validate_layout
 
     t = cfg.training
     with fake_process_group(rank, layout.world_size), _quiet():
@@ -345,7 +345,7 @@ TP_CP_MARGIN = 0.2
 def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float = 2.0, margin: float = 0.05) -> Plan:
     """Build ``cfg`` for ``world_size`` ranks, one role at a time, and predict each role's
     memory and the step time. Raises what the real launch would raise while building."""
-    from torchtitan.train import Trainer
+    from torchtitan.trainer import Trainer
 
     if cfg.experimental.custom_import:
         importlib.import_module(cfg.experimental.custom_import)

@@ -100,7 +100,7 @@ def check_legal(cfg: JobConfig, lay: Layout, tiny_model) -> tuple[JobConfig, obj
     from torchtitan.components.data.loader import ShardLayout
     from torchtitan.distributed import pipeline as pp_lib
     from torchtitan.distributed.tensor_parallel import check_tp_divisibility
-    from torchtitan.train import Trainer, validate_layout
+    from torchtitan.trainer import Trainer, validate_layout
 
     cand = lay.apply(cfg)
     cand.validate()
