@@ -10,6 +10,7 @@ the pytest side decides pass/fail.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -194,6 +195,8 @@ def main(layouts: list[dict[str, Any]]) -> dict[str, Any]:
     A layout is a Layout's fields plus ``recipe``, ``all_gather``, ``precompute``; with
     ``compare_to`` (an earlier layout's name) it is also compared with that layout.
     """
+    # torch's CPU float8 matmul, not oneDNN's reference kernel (see test_float8.py)
+    torch.backends.mkldnn.enabled = False
     state = initial_state()
     rank = dist.get_rank()
     references: dict[str | None, dict[str, Any]] = {}
@@ -215,7 +218,9 @@ def main(layouts: list[dict[str, Any]]) -> dict[str, Any]:
             dist.barrier()
             continue
         entry: dict[str, Any] = {"kinds": _weight_kinds(model)}
+        started = time.perf_counter()
         result = _train(model, pd, converters, distributed=True)
+        entry["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
         entry["precomputed_scales"] = sum(
             getattr(getattr(p, "_local_tensor", None), "_precomputed_scale", None) is not None
             for p in model.parameters()

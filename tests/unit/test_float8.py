@@ -38,6 +38,16 @@ TINY = dataclasses.replace(
 )
 
 
+@pytest.fixture(autouse=True)
+def _native_cpu_float8_matmul():
+    """oneDNN serves float8 x float8 matmuls on AVX512-FP16/AMX CPUs with its reference
+    kernel, ~600x slower than torch's own CPU kernel (docs/float8.md); both dequantize the
+    float8 operands and accumulate in fp32. bf16 and fp32 matmuls do not go through oneDNN
+    in these tests, so only the float8 kernel changes."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
 def _job_config(recipe: str | None = None, **float8) -> JobConfig:
     jc = JobConfig()
     jc.model.converters = ["float8"]
