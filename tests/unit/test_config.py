@@ -266,23 +266,29 @@ def test_out_of_range_and_bad_choices(option, value):
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "argv, expected",
     [
-        ["--training.global_batch_size", "16"],
-        ["--training.global_batch_size", "-1"],
-        ["--lr_scheduler.min_lr_factor", "1.0", "--lr_scheduler.decay_ratio", "0"],
-        ["--activation_checkpoint.selective_ac_option", "op"],
-        ["--activation_checkpoint.selective_ac_option", "1"],
-        ["--parallelism.data_parallel_shard_degree", "4"],
-        ["--parallelism.pipeline_parallel_schedule", "Zigzag",
-         "--parallelism.pipeline_parallel_schedule_csv", "s.csv"],
-        ["--training.max_norm", "0"],
-        ["--training.max_norm", "-1"],
-        ["--experimental.custom_import", "my_pkg.my_model"],
+        (["--training.global_batch_size", "16"], {"training.global_batch_size": 16}),
+        (["--training.global_batch_size", "-1"], {"training.global_batch_size": -1}),
+        (["--lr_scheduler.min_lr_factor", "1.0", "--lr_scheduler.decay_ratio", "0"],
+         {"lr_scheduler.min_lr_factor": 1.0, "lr_scheduler.decay_ratio": 0.0}),
+        (["--activation_checkpoint.selective_ac_option", "op"], {"activation_checkpoint.selective_ac_option": "op"}),
+        (["--activation_checkpoint.selective_ac_option", "1"], {"activation_checkpoint.selective_ac_option": "1"}),
+        (["--parallelism.data_parallel_shard_degree", "4"], {"parallelism.data_parallel_shard_degree": 4}),
+        (["--parallelism.pipeline_parallel_schedule", "Zigzag",
+          "--parallelism.pipeline_parallel_schedule_csv", "s.csv"],
+         {"parallelism.pipeline_parallel_schedule": "Zigzag", "parallelism.pipeline_parallel_schedule_csv": "s.csv"}),
+        (["--training.max_norm", "0"], {"training.max_norm": 0.0}),
+        (["--training.max_norm", "-1"], {"training.max_norm": -1.0}),
+        (["--experimental.custom_import", "my_pkg.my_model"], {"experimental.custom_import": "my_pkg.my_model"}),
     ],
 )  # fmt: skip
-def test_boundary_values_are_accepted(argv):
-    parse(*argv)
+def test_boundary_values_are_accepted(argv, expected):
+    """Accepted as given, not silently clamped or replaced."""
+    cfg = parse(*argv)
+    for dotted, value in expected.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(cfg, section), key) == value, dotted
 
 
 @pytest.mark.parametrize(
@@ -438,8 +444,10 @@ def test_same_option_under_both_names_must_agree(tmp_path):
     message = error_of("--training.batch_size", "4", "--training.local_batch_size", "8")
     assert "--training.batch_size" in message and "--training.local_batch_size" in message
     # agreeing values are fine, and so is the inverted pair when consistent
-    assert parse("--training.batch_size", "4", "--training.local_batch_size", "4")
-    assert parse("--metrics.disable_color_printing", "--metrics.no-enable_color_printing")
+    cfg = parse("--training.batch_size", "4", "--training.local_batch_size", "4")
+    assert cfg.training.local_batch_size == 4
+    cfg = parse("--metrics.disable_color_printing", "--metrics.no-enable_color_printing")
+    assert cfg.metrics.enable_color_printing is False
     message = error_of(
         "--job.config_file",
         write_toml(tmp_path, "[checkpoint]\nenable = true\nenable_checkpoint = false\n"),

@@ -132,18 +132,28 @@ def test_non_finite_step_is_skipped_in_both_guard_modes(tmp_path, monkeypatch, i
     trainer = Trainer(_config(tmp_path / "skip", *common))
     try:
         assert trainer.lagged_guard is (implementation == "fused")
-        snapshots = []
+        snapshots, moments = [], []
         original = trainer.train_step
 
         def recording_step(it):
             out = original(it)
             snapshots.append({k: v.detach().clone() for k, v in trainer.model_parts[0].named_parameters()})
+            moments.append({
+                (o, i, k): v.clone()
+                for o, opt in enumerate(trainer.optimizers)
+                for i, state in enumerate(opt.state.values())
+                for k, v in state.items() if torch.is_tensor(v)
+            })  # exp_avg, exp_avg_sq and step of every parameter
             return out
 
         trainer.train_step = recording_step
         losses = trainer.train()
         assert trainer.step_guard.total_skips == 1 and trainer.step == 3
         assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])  # step 2: nothing
+        assert moments[0] and moments[0].keys() == moments[1].keys()
+        assert all(torch.equal(moments[0][k], moments[1][k]) for k in moments[0]), [
+            k for k in moments[0] if not torch.equal(moments[0][k], moments[1][k])
+        ][:5]
         assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[0])  # step 3 trains
         assert all(torch.isfinite(v).all() for v in snapshots[2].values()) and losses
     finally:
