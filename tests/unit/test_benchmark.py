@@ -140,6 +140,13 @@ BAD_SWEEPS = [
 ]
 
 
+@pytest.mark.parametrize("sweep", sorted(p.name for p in STANDARD.parent.glob("*.toml")))
+def test_every_bundled_sweep_file_is_valid(sweep):
+    """Each entry's options parse and its degrees fit its GPUs (checked before any launch)."""
+    entries = bm.load_sweep(STANDARD.parent / sweep)
+    assert entries and len({e.name for e in entries}) == len(entries)
+
+
 @pytest.mark.parametrize("text, fragment", BAD_SWEEPS)
 def test_sweep_validation_errors_name_file_entry_and_fix(tmp_path, capsys, text, fragment):
     path = tmp_path / "sweep.toml"
