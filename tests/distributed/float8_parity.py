@@ -38,7 +38,7 @@ from llama_parity import (
     load_full_state,
     loss_fn,
 )
-from torchtitan.components.float8 import build_model_converters
+from torchtitan.components.float8 import build_model_converters, native_cpu_float8_matmuls
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models.llama3 import Transformer
@@ -195,10 +195,7 @@ def main(layouts: list[dict[str, Any]]) -> dict[str, Any]:
     A layout is a Layout's fields plus ``recipe``, ``all_gather``, ``precompute``; with
     ``compare_to`` (an earlier layout's name) it is also compared with that layout.
     """
-    # torch's CPU float8 matmul, not oneDNN's reference kernel (see test_float8.py)
-    torch.backends.mkldnn.enabled = False
     state = initial_state()
-    rank = dist.get_rank()
     references: dict[str | None, dict[str, Any]] = {}
     results: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {}
@@ -206,40 +203,54 @@ def main(layouts: list[dict[str, Any]]) -> dict[str, Any]:
         spec = dict(spec)
         name = spec.pop("name")
         recipe = spec.pop("recipe", None)
-        all_gather = spec.pop("all_gather", False)
-        precompute = spec.pop("precompute", False)
-        compare_to = spec.pop("compare_to", None)
-        layout = Layout(name=name, **spec)
-        jc = _float8_config(layout, recipe, all_gather, precompute)
-        try:
-            model, pd, converters = _build(jc, layout.dp_shard, layout.tp, state)
-        except ValueError as e:  # a rejected combination (ConfigError) is a result
-            report[name] = {"error": f"{type(e).__name__}: {e}"}
-            dist.barrier()
-            continue
-        entry: dict[str, Any] = {"kinds": _weight_kinds(model)}
-        started = time.perf_counter()
-        result = _train(model, pd, converters, distributed=True)
-        entry["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
-        entry["precomputed_scales"] = sum(
-            getattr(getattr(p, "_local_tensor", None), "_precomputed_scale", None) is not None
-            for p in model.parameters()
-        )
-        if pd.fsdp_enabled:  # after training: a forward leaves some units unsharded
-            expected = _expected_all_gather_bytes(model, all_gather)
-            entry["all_gather"] = {**_forward_all_gather(model, pd), "expected_bytes": expected}
-        if rank == 0:
-            if recipe not in references:
-                ref_jc = _float8_config(Layout("reference"), recipe, False, False)
-                ref_model, ref_pd, ref_conv = _build(ref_jc, 1, 1, state)
-                references[recipe] = _train(ref_model, ref_pd, ref_conv, distributed=False)
-            results[name] = result
-            entry["vs_single_process"] = _compare(result, references[recipe])
-            if compare_to is not None:
-                entry["vs_" + compare_to] = _compare(result, results[compare_to])
-            entry["losses"] = result["losses"]
-        report[name] = entry
+        # torch's CPU float8 matmul, not oneDNN's reference kernel, where it takes the recipe
+        with native_cpu_float8_matmuls(recipe):
+            report[name] = _run_layout(name, recipe, spec, state, references, results)
         dist.barrier()
     jc = _float8_config(Layout("ckpt", dp_shard=dist.get_world_size()), None, True, True)
-    report["checkpoint"] = _checkpoint_round_trip(jc, dist.get_world_size(), state)
+    with native_cpu_float8_matmuls("tensorwise"):
+        report["checkpoint"] = _checkpoint_round_trip(jc, dist.get_world_size(), state)
     return report
+
+
+def _run_layout(
+    name: str,
+    recipe: str | None,
+    spec: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    references: dict[str | None, dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """One layout's report entry; ``references`` (one process per recipe) and ``results``
+    (by layout name, for ``compare_to``) fill up on rank 0 as layouts run."""
+    all_gather = spec.pop("all_gather", False)
+    precompute = spec.pop("precompute", False)
+    compare_to = spec.pop("compare_to", None)
+    layout = Layout(name=name, **spec)
+    jc = _float8_config(layout, recipe, all_gather, precompute)
+    try:
+        model, pd, converters = _build(jc, layout.dp_shard, layout.tp, state)
+    except ValueError as e:  # a rejected combination (ConfigError) is a result
+        return {"error": f"{type(e).__name__}: {e}"}
+    entry: dict[str, Any] = {"kinds": _weight_kinds(model)}
+    started = time.perf_counter()
+    result = _train(model, pd, converters, distributed=True)
+    entry["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
+    entry["precomputed_scales"] = sum(
+        getattr(getattr(p, "_local_tensor", None), "_precomputed_scale", None) is not None
+        for p in model.parameters()
+    )
+    if pd.fsdp_enabled:  # after training: a forward leaves some units unsharded
+        expected = _expected_all_gather_bytes(model, all_gather)
+        entry["all_gather"] = {**_forward_all_gather(model, pd), "expected_bytes": expected}
+    if dist.get_rank() == 0:
+        if recipe not in references:
+            ref_jc = _float8_config(Layout("reference"), recipe, False, False)
+            ref_model, ref_pd, ref_conv = _build(ref_jc, 1, 1, state)
+            references[recipe] = _train(ref_model, ref_pd, ref_conv, distributed=False)
+        results[name] = result
+        entry["vs_single_process"] = _compare(result, references[recipe])
+        if compare_to is not None:
+            entry["vs_" + compare_to] = _compare(result, results[compare_to])
+        entry["losses"] = result["losses"]
+    return entry

@@ -24,6 +24,7 @@ from torchtitan.components.float8 import (
     build_model_converters,
     check_float8_device,
     float8_module_filter,
+    native_cpu_float8_matmuls,
 )
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
 from torchtitan.distributed.parallel_dims import ParallelDims
@@ -40,11 +41,9 @@ TINY = dataclasses.replace(
 
 @pytest.fixture(autouse=True)
 def _native_cpu_float8_matmul():
-    """oneDNN serves float8 x float8 matmuls on AVX512-FP16/AMX CPUs with its reference
-    kernel, ~600x slower than torch's own CPU kernel (docs/float8.md); both dequantize the
-    float8 operands and accumulate in fp32. bf16 and fp32 matmuls do not go through oneDNN
-    in these tests, so only the float8 kernel changes."""
-    with torch.backends.mkldnn.flags(enabled=False):
+    """torch's CPU float8 kernel, not oneDNN's reference one (docs/float8.md); the rowwise
+    recipes choose again below."""
+    with native_cpu_float8_matmuls("tensorwise"):
         yield
 
 
@@ -146,7 +145,8 @@ def test_float8_training_stays_close_to_fp32(fp32_run, recipe: str) -> None:
     to ~2.6 and differs by < 1% (measured <= 0.7%); allowed 3%. A gradient must also differ
     from fp32 by more than fp32 noise, or nothing was cast."""
     ref_losses, ref_grads, _ = fp32_run
-    losses, grads, model = _train(recipe)
+    with native_cpu_float8_matmuls(recipe):
+        losses, grads, model = _train(recipe)
     assert len(_float8_names(model)) == 14
     assert ref_losses[-1] < 0.6 * ref_losses[0]  # the comparison spans real learning
     for a, b in zip(losses, ref_losses):
@@ -154,6 +154,20 @@ def test_float8_training_stays_close_to_fp32(fp32_run, recipe: str) -> None:
     rel = {n: ((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()).item() for n in grads}
     assert max(rel.values()) < 0.25, rel
     assert rel["layers.0.feed_forward.w2.weight"] > 1e-4, rel
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_native_cpu_float8_matmuls_switches_onednn_and_restores_it(recipe: str) -> None:
+    before = torch.backends.mkldnn.enabled
+    with native_cpu_float8_matmuls(recipe) as native:
+        assert torch.backends.mkldnn.enabled is (not native)
+        assert native or recipe != "tensorwise"  # torch's kernel always takes tensor-wise scales
+        a = torch.randn(32, 32).to(torch.float8_e4m3fn)
+        scale = torch.ones(()) if recipe == "tensorwise" else (torch.ones(32, 1), torch.ones(1, 32))
+        sa, sb = (scale, scale) if recipe == "tensorwise" else scale
+        out = torch._scaled_mm(a, a.t(), sa, sb, out_dtype=torch.float32)
+        torch.testing.assert_close(out, a.float() @ a.float().t())  # exact products, fp32 sums
+    assert torch.backends.mkldnn.enabled is before
 
 
 def test_emulate_keeps_the_numerics_of_real_float8_matmuls() -> None:

@@ -23,9 +23,11 @@ Everything skipped is logged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ __all__ = [
     "build_model_converters",
     "check_float8_device",
     "float8_module_filter",
+    "native_cpu_float8_matmuls",
     "register_model_converter",
 ]
 
@@ -147,6 +150,34 @@ def check_float8_device(emulate: bool, device_type: str, capability: tuple[int, 
             f"this one is {capability[0]}.{capability[1]}: set float8.emulate = true to test the "
             "float8 path without float8 matmuls, or drop 'float8' from model.converters"
         )
+
+
+@functools.cache
+def _native_cpu_rowwise_scaled_mm() -> bool:
+    """Whether torch's own CPU ``_scaled_mm`` takes row-wise scales (2.13 does, 2.11 asserts
+    "only supports per-tensor scaling for CPU backend")."""
+    a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
+    with torch.backends.mkldnn.flags(enabled=False):
+        try:
+            torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+        except RuntimeError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def native_cpu_float8_matmuls(recipe_name: str | None = None) -> Iterator[bool]:
+    """Run CPU float8 matmuls on torch's own kernel instead of oneDNN's, where torch's
+    handles the recipe's scales; yields whether it does.
+
+    On CPUs with AVX512-FP16 / AMX oneDNN takes float8 x float8 matmuls and serves them
+    with its reference kernel, ~600x slower than torch's (docs/float8.md). Turning oneDNN
+    off affects CPU matmuls only (bf16 ones lose oneDNN's AMX kernels); both float8 kernels
+    dequantize and accumulate in fp32. For tests and CPU experiments, not the trainer.
+    """
+    native = (recipe_name or "tensorwise") == "tensorwise" or _native_cpu_rowwise_scaled_mm()
+    with torch.backends.mkldnn.flags(enabled=not native):
+        yield native
 
 
 def float8_module_filter(
