@@ -23,6 +23,7 @@ from torchtitan.components.float8 import (
     Float8Converter,
     build_model_converters,
     check_float8_device,
+    cpu_rowwise_scaled_mm,
     float8_module_filter,
     native_cpu_float8_matmuls,
 )
@@ -136,7 +137,20 @@ def fp32_run():
     return _train(None)
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+ROWWISE_ON_CPU = pytest.mark.skipif(
+    not (cpu_rowwise_scaled_mm(onednn=False) or cpu_rowwise_scaled_mm(onednn=True)),
+    reason="this torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the converter refuses rowwise",
+)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "tensorwise",
+        pytest.param("rowwise", marks=ROWWISE_ON_CPU),
+        pytest.param("rowwise_with_gw_hp", marks=ROWWISE_ON_CPU),
+    ],
+)
 def test_float8_training_stays_close_to_fp32(fp32_run, recipe: str) -> None:
     """Tolerances from the formats: e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4
     = 6%), e5m2 (gradients, tensorwise) 2 bits (12.5%). Per matmul the errors of K products
@@ -156,7 +170,7 @@ def test_float8_training_stays_close_to_fp32(fp32_run, recipe: str) -> None:
     assert rel["layers.0.feed_forward.w2.weight"] > 1e-4, rel
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("recipe", ["tensorwise", pytest.param("rowwise", marks=ROWWISE_ON_CPU)])
 def test_native_cpu_float8_matmuls_switches_onednn_and_restores_it(recipe: str) -> None:
     before = torch.backends.mkldnn.enabled
     with native_cpu_float8_matmuls(recipe) as native:
@@ -168,6 +182,16 @@ def test_native_cpu_float8_matmuls_switches_onednn_and_restores_it(recipe: str) 
         out = torch._scaled_mm(a, a.t(), sa, sb, out_dtype=torch.float32)
         torch.testing.assert_close(out, a.float() @ a.float().t())  # exact products, fp32 sums
     assert torch.backends.mkldnn.enabled is before
+
+
+def test_rowwise_on_a_cpu_without_rowwise_kernels_is_refused(monkeypatch) -> None:
+    from torchtitan.components import float8 as float8_component
+
+    monkeypatch.setattr(float8_component, "cpu_rowwise_scaled_mm", lambda onednn: False)
+    with pytest.raises(ConfigError, match=r"float8.recipe_name rowwise needs row-wise.*tensorwise.*emulate"):
+        Float8Converter(_job_config("rowwise"), ONE, device_type="cpu")
+    Float8Converter(_job_config("rowwise", emulate=True), ONE, device_type="cpu")  # emulate: fine
+    Float8Converter(_job_config("tensorwise"), ONE, device_type="cpu")
 
 
 def test_emulate_keeps_the_numerics_of_real_float8_matmuls() -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "ModelConverters",
     "build_model_converters",
     "check_float8_device",
+    "cpu_rowwise_scaled_mm",
     "float8_module_filter",
     "native_cpu_float8_matmuls",
     "register_model_converter",
@@ -153,11 +154,12 @@ def check_float8_device(emulate: bool, device_type: str, capability: tuple[int, 
 
 
 @functools.cache
-def _native_cpu_rowwise_scaled_mm() -> bool:
-    """Whether torch's own CPU ``_scaled_mm`` takes row-wise scales (2.13 does, 2.11 asserts
-    "only supports per-tensor scaling for CPU backend")."""
+def cpu_rowwise_scaled_mm(onednn: bool) -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales, through oneDNN or
+    through torch's own kernel: torch 2.13 does (its own kernel), 2.11 does neither ("only
+    supports per-tensor scaling for CPU backend")."""
     a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn)
-    with torch.backends.mkldnn.flags(enabled=False):
+    with torch.backends.mkldnn.flags(enabled=onednn):
         try:
             torch._scaled_mm(a, a.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
         except RuntimeError:
@@ -175,7 +177,7 @@ def native_cpu_float8_matmuls(recipe_name: str | None = None) -> Iterator[bool]:
     off affects CPU matmuls only (bf16 ones lose oneDNN's AMX kernels); both float8 kernels
     dequantize and accumulate in fp32. For tests and CPU experiments, not the trainer.
     """
-    native = (recipe_name or "tensorwise") == "tensorwise" or _native_cpu_rowwise_scaled_mm()
+    native = (recipe_name or "tensorwise") == "tensorwise" or cpu_rowwise_scaled_mm(onednn=False)
     with torch.backends.mkldnn.flags(enabled=not native):
         yield native
 
@@ -244,6 +246,13 @@ class Float8Converter:
                 "in this torchtitan; use float8.recipe_name = tensorwise with "
                 "parallelism.tensor_parallel_degree > 1"
             )
+        if rowwise and device_type == "cpu" and not cfg.emulate:
+            if not (cpu_rowwise_scaled_mm(onednn=False) or cpu_rowwise_scaled_mm(onednn=True)):
+                raise ConfigError(
+                    f"float8.recipe_name {self.recipe_name} needs row-wise scaled float8 matmuls, "
+                    f"which torch {torch.__version__}'s CPU kernels lack (torch >= 2.13 has them): "
+                    "use float8.recipe_name = tensorwise, set float8.emulate = true, or run on a GPU"
+                )
 
         # Float8 all-gather only means something where FSDP shards the weights.
         self.fsdp_float8_all_gather = cfg.enable_fsdp_float8_all_gather and parallel_dims.fsdp_enabled
