@@ -92,19 +92,25 @@ class Trainer:
             importlib.import_module(cfg.experimental.custom_import)
         self._reject_unbuilt_features(cfg)
 
+        # The layout first, from torchrun's WORLD_SIZE: a bad one is refused before any
+        # rendezvous (which on a multi-node job waits for every node) or device is touched.
+        expected_world = int(os.environ.get("WORLD_SIZE", "1"))
+        layout = validate_layout(cfg, expected_world)
+
         # Process group, device, mesh.
         world_size = dist_utils.init_distributed(
             init_timeout_seconds=cfg.comm.init_timeout_seconds,
             trace_buf_size=cfg.comm.trace_buf_size,
             dump_folder=cfg.job.dump_folder,
         )
+        if world_size != expected_world:  # a process group made by the caller
+            layout = validate_layout(cfg, world_size)
         self.rank = int(os.environ.get("RANK", 0))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         dev = dist_utils.device_type
         self.device = torch.device(f"{dev}:{local_rank}" if dev == "cuda" else dev)
         limit_device_memory(self.device, cfg.training.device_memory_limit_gib)
         p = cfg.parallelism
-        layout = validate_layout(cfg, world_size)
         self.parallel_dims = pd = layout.parallel_dims
         self.world_mesh = pd.build_mesh(dev)
         dp_rank, dp_degree = pd.dp_rank_and_size(self.world_mesh)

@@ -71,6 +71,24 @@ def test_global_batch_must_divide(tmp_path):
         _config(tmp_path, "--training.local_batch_size", "3", "--training.global_batch_size", "4")
 
 
+def test_bad_layout_is_refused_before_any_process_group(tmp_path, monkeypatch):
+    """torchrun says 4 ranks, the degrees multiply to 6: refused before the rendezvous (which
+    on a multi-node job would first wait for every node) and before any device is touched."""
+    from torchtitan import trainer as trainer_module
+    from torchtitan.config import ConfigError
+
+    def no_rendezvous(**kwargs):
+        raise AssertionError("init_distributed ran before the layout was checked")
+
+    monkeypatch.setattr(trainer_module.dist_utils, "init_distributed", no_rendezvous)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = _config(
+        tmp_path, "--parallelism.tensor_parallel_degree", "3", "--parallelism.data_parallel_shard_degree", "2"
+    )
+    with pytest.raises(ConfigError, match="world"):
+        Trainer(cfg)
+
+
 def test_cli_short_run_loss_falls_and_logs_every_step(tmp_path):
     """`python -m torchtitan.train` with the debug config: the loss more than halves."""
     cmd = [
