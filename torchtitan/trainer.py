@@ -92,9 +92,13 @@ class Trainer:
             importlib.import_module(cfg.experimental.custom_import)
         self._reject_unbuilt_features(cfg)
 
-        # The layout first, from torchrun's WORLD_SIZE: a bad one is refused before any
-        # rendezvous (which on a multi-node job waits for every node) or device is touched.
-        expected_world = int(os.environ.get("WORLD_SIZE", "1"))
+        # The layout first, from torchrun's WORLD_SIZE (or the caller's process group): a bad
+        # one is refused before any rendezvous (which on a multi-node job waits for every
+        # node) or device is touched.
+        if torch.distributed.is_initialized():
+            expected_world = torch.distributed.get_world_size()
+        else:
+            expected_world = int(os.environ.get("WORLD_SIZE", "1"))
         layout = validate_layout(cfg, expected_world)
 
         # Process group, device, mesh.
