@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 
 from harness import launch
-from torchtitan.components.float8 import cpu_rowwise_scaled_mm
+from torchtitan.components.float8 import cpu_rowwise_float8
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_float8_all_gather_matches_fsdp_float8_without_it(report: dict, name: st
 
 
 ROWWISE_ON_CPU = pytest.mark.skipif(
-    not (cpu_rowwise_scaled_mm(onednn=False) or cpu_rowwise_scaled_mm(onednn=True)),
+    not cpu_rowwise_float8(),
     reason="this torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the converter refuses rowwise",
 )
 

@@ -23,7 +23,7 @@ from torchtitan.components.float8 import (
     Float8Converter,
     build_model_converters,
     check_float8_device,
-    cpu_rowwise_scaled_mm,
+    cpu_rowwise_float8,
     float8_module_filter,
     native_cpu_float8_matmuls,
 )
@@ -138,7 +138,7 @@ def fp32_run():
 
 
 ROWWISE_ON_CPU = pytest.mark.skipif(
-    not (cpu_rowwise_scaled_mm(onednn=False) or cpu_rowwise_scaled_mm(onednn=True)),
+    not cpu_rowwise_float8(),
     reason="this torch's CPU _scaled_mm takes per-tensor scales only (torch 2.11); the converter refuses rowwise",
 )
 

@@ -43,6 +43,7 @@ __all__ = [
     "ModelConverters",
     "build_model_converters",
     "check_float8_device",
+    "cpu_rowwise_float8",
     "cpu_rowwise_scaled_mm",
     "float8_module_filter",
     "native_cpu_float8_matmuls",
@@ -167,6 +168,11 @@ def cpu_rowwise_scaled_mm(onednn: bool) -> bool:
     return True
 
 
+def cpu_rowwise_float8() -> bool:
+    """Whether the rowwise recipes can run real float8 matmuls on this torch's CPU at all."""
+    return cpu_rowwise_scaled_mm(onednn=False) or cpu_rowwise_scaled_mm(onednn=True)
+
+
 @contextlib.contextmanager
 def native_cpu_float8_matmuls(recipe_name: str | None = None) -> Iterator[bool]:
     """Run CPU float8 matmuls on torch's own kernel instead of oneDNN's, where torch's
@@ -247,7 +253,7 @@ class Float8Converter:
                 "parallelism.tensor_parallel_degree > 1"
             )
         if rowwise and device_type == "cpu" and not cfg.emulate:
-            if not (cpu_rowwise_scaled_mm(onednn=False) or cpu_rowwise_scaled_mm(onednn=True)):
+            if not cpu_rowwise_float8():
                 raise ConfigError(
                     f"float8.recipe_name {self.recipe_name} needs row-wise scaled float8 matmuls, "
                     f"which torch {torch.__version__}'s CPU kernels lack (torch >= 2.13 has them): "
