@@ -87,10 +87,10 @@ def _train(cfg: JobConfig) -> None:
 
 def __getattr__(name: str) -> Any:
     """``from torchtitan.trainer import Trainer`` still works; torch loads only then."""
-    if name in ("Trainer", "validate_layout", "LayoutCheck"):
+    if name == "Trainer":
         from torchtitan import trainer
 
-        return getattr(trainer, name)
+        return trainer.Trainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

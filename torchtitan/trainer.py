@@ -11,7 +11,6 @@ import gc
 import importlib
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -33,56 +32,16 @@ from torchtitan.components.lr_scheduler import LRScheduleSettings, build_lr_sche
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import OptimizerSettings, build_optimizers
 from torchtitan.components.tokenizer import build_tokenizer
-from torchtitan.config import ConfigError, JobConfig
+from torchtitan.config import JobConfig
 from torchtitan.distributed import utils as dist_utils
-from torchtitan.distributed.context_parallel import cp_context, validate_cp
-from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.context_parallel import cp_context
+from torchtitan.distributed.layout import validate_layout
 from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
-from torchtitan.models import get_model_args, get_model_spec
+from torchtitan.models import check_model_config, get_model_args, get_model_spec
 from torchtitan.tools.device_info import limit_device_memory, peak_flops
 from torchtitan.tools.flight_recorder import dump_trace, trace_dir
 from torchtitan.tools.logging import logger
 from torchtitan.tools.profiling import MemorySnapshotter, maybe_enable_profiling
-
-
-@dataclass(frozen=True)
-class LayoutCheck:
-    """What ``validate_layout`` settles: the degrees and the batch arithmetic."""
-
-    parallel_dims: ParallelDims
-    global_batch: int
-    grad_accumulation_steps: int
-
-
-def validate_layout(cfg: JobConfig, world_size: int) -> LayoutCheck:
-    """The layout checks the trainer makes before it builds anything, as a pure function
-    (no process group, no device), so the dry-run planner (torchtitan/tools/planner) raises
-    exactly the errors a real launch would."""
-    p = cfg.parallelism
-    pd = ParallelDims(
-        dp_replicate=p.data_parallel_replicate_degree,
-        dp_shard=p.data_parallel_shard_degree,
-        cp=p.context_parallel_degree,
-        tp=p.tensor_parallel_degree,
-        pp=p.pipeline_parallel_degree,
-        world_size=world_size,
-        enable_loss_parallel=not p.disable_loss_parallel,
-    )
-    if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
-        raise ConfigError(
-            "checkpoint.create_seed_checkpoint writes the seed from one process: run it "
-            "without torchrun (or with --nproc_per_node 1)"
-        )
-    # Batch arithmetic: global = local × dp × accumulation.
-    t, dp_degree = cfg.training, pd.dp_degree
-    global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp_degree
-    if global_batch % (t.local_batch_size * dp_degree) != 0:
-        raise ConfigError(
-            f"training.global_batch_size {global_batch} is not a multiple of local_batch_size "
-            f"{t.local_batch_size} × data-parallel degree {dp_degree}; use a multiple of "
-            f"{t.local_batch_size * dp_degree}"
-        )
-    return LayoutCheck(pd, global_batch, global_batch // (t.local_batch_size * dp_degree))
 
 
 class Trainer:
@@ -90,7 +49,6 @@ class Trainer:
         self.job_config = cfg = job_config
         if cfg.experimental.custom_import:
             importlib.import_module(cfg.experimental.custom_import)
-        self._reject_unbuilt_features(cfg)
 
         # The layout first, from torchrun's WORLD_SIZE (or the caller's process group): a bad
         # one is refused before any rendezvous (which on a multi-node job waits for every
@@ -100,6 +58,7 @@ class Trainer:
         else:
             expected_world = int(os.environ.get("WORLD_SIZE", "1"))
         layout = validate_layout(cfg, expected_world)
+        check_model_config(cfg)
 
         # Process group, device, mesh.
         world_size = dist_utils.init_distributed(
@@ -179,6 +138,8 @@ class Trainer:
         self.model_parts = parts
         # Fixed from here on (the optimizer holds the same objects): computed once, not per step.
         self.params = [p for m in parts for p in m.parameters()]
+        spec = self.model_spec
+        self.step_hooks = spec.build_step_hooks_fn(parts, pd) if spec.build_step_hooks_fn else []
         self.pp_mesh = pd.get_mesh("pp") if pd.pp_enabled else None
 
         self.optimizers = build_optimizers(self.model_parts, OptimizerSettings.from_config(cfg.optimizer))
@@ -245,21 +206,6 @@ class Trainer:
             f"{global_batch} = local {t.local_batch_size} × dp {dp_degree} × accumulation "
             f"{self.grad_accumulation_steps}, seq_len {t.seq_len}"
         )
-
-    @staticmethod
-    def _reject_unbuilt_features(cfg: JobConfig) -> None:
-        """Options whose machinery is not in this build fail loudly, never silently."""
-        unbuilt: list[str] = []
-        p = cfg.parallelism
-        validate_cp(
-            p.context_parallel_degree,
-            cfg.training.seq_len,
-            p.context_parallel_load_balance,
-            p.context_parallel_rotate_method,
-            tp=p.tensor_parallel_degree,
-        )
-        if unbuilt:
-            raise ConfigError(f"not available in this version of torchtitan yet: {', '.join(unbuilt)}")
 
     def _resolve_cpu_precision(self, cfg: JobConfig) -> None:
         """bf16 matmuls on a CPU without native bf16 support run ~10× slower than fp32:
@@ -392,6 +338,8 @@ class Trainer:
                 return loss_sum, grad_norm, lr  # skipped: weights, optimizer and lr schedule unchanged
             self.optimizers.step()
         self.model_converters.post_optimizer_hook(self.model_parts)
+        for hook in self.step_hooks:
+            hook()
         self.lr_schedulers.step()
         return loss_sum, grad_norm, lr
 
@@ -482,8 +430,10 @@ class Trainer:
                     global_loss = dist_utils.dist_mean(loss, self._loss_mesh())
                     gn = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
                     losses.append(global_loss)
+                    # A family's own scalars (may be collectives: every rank computes them).
+                    extra = self.model_spec.metrics_fn(self.model_parts) if self.model_spec.metrics_fn else None
                     if self.rank == 0 or not cfg.metrics.rank_0_only:
-                        self.metrics.log(self.step, loss=global_loss, grad_norm=gn, lr=lr)
+                        self.metrics.log(self.step, loss=global_loss, grad_norm=gn, lr=lr, extra=extra)
                 self.ntokens_seen += self.global_batch_size * t.seq_len
                 self.checkpointer.save(self.step, last_step=last_step)
                 if self.preempt_after_step and self.step < t.steps:

@@ -540,11 +540,10 @@ def run_plan(plan: Plan, settings: Settings, results: dict[str, Result], verbose
 
 def preflight(plan: Plan) -> str | None:
     """The trainer's own layout checks, without launching: its one-line refusal, or None."""
-    from torchtitan.trainer import Trainer, validate_layout  # imports torch: only when running
+    from torchtitan.distributed.layout import validate_layout  # imports torch: only when running
 
     try:
         validate_layout(plan.entry.job, plan.layout.world)
-        Trainer._reject_unbuilt_features(plan.entry.job)
     except ConfigError as e:
         return str(e)
     return None

@@ -464,7 +464,7 @@ def test_cli_and_run_train_dry_run(tmp_path):
     plan = dry_run(ConfigManager().parse_args(["--job.config_file", DEBUG, "--parallelism.tensor_parallel_degree", "2"]), 4, H100)
     assert json.loads(report.read_text())["peak_reserved_bytes"] == plan.peak_reserved
 
-    from torchtitan.trainer import validate_layout
+    from torchtitan.distributed.layout import validate_layout
 
     bad = ["--parallelism.tensor_parallel_degree", "3"]
     with pytest.raises(Exception) as real:

@@ -13,6 +13,7 @@ from torchtitan.models.model_spec import BaseModelArgs, ModelSpec, lazy_function
 __all__ = [
     "BaseModelArgs",
     "ModelSpec",
+    "check_model_config",
     "get_model_args",
     "get_model_spec",
     "lazy_function",
@@ -51,6 +52,14 @@ def get_model_args(name: str, flavor: str) -> BaseModelArgs:
             f"choose one of {', '.join(spec.flavors)}"
         )
     return copy.deepcopy(spec.flavors[flavor])
+
+
+def check_model_config(job_config) -> None:
+    """The family's own checks of a run's config (``ModelSpec.validate_fn``), made before
+    anything is built by the trainer and the planner alike; raises ``ConfigError``."""
+    spec = get_model_spec(job_config.model.name)
+    if spec.validate_fn is not None:
+        spec.validate_fn(job_config, get_model_args(job_config.model.name, job_config.model.flavor))
 
 
 def _register_builtin_models() -> None:

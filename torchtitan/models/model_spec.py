@@ -11,24 +11,73 @@ from torch import nn
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
 
-__all__ = ["BaseModelArgs", "ModelSpec", "lazy_function"]
+__all__ = ["BaseModelArgs", "ModelShape", "ModelSpec", "lazy_function"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer's shape as the dry-run planner models it (global sizes).
+
+    Dense families leave the MoE fields at 0. An MoE layer holds ``num_experts`` routed
+    experts of hidden size ``moe_hidden`` of which each token uses ``top_k``, plus shared
+    experts of total hidden size ``shared_hidden``; ``n_moe_layers`` of the ``n_layers``
+    blocks are MoE, the others have a dense feed-forward of hidden size ``hidden``.
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int  # dense feed-forward hidden size
+    vocab: int
+    tied_embeddings: bool = False
+    qk_norm: bool = False
+    n_moe_layers: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+    moe_hidden: int = 0
+    shared_hidden: int = 0
 
 
 class BaseModelArgs(Protocol):
-    """What the trainer calls on a flavor's args (``TransformerModelArgs`` satisfies it)."""
+    """What the trainer and the planner call on a flavor's args."""
 
-    def update_from_config(self, job_config: JobConfig, tokenizer: Any | None = None) -> None: ...
+    def update_from_config(self, job_config: JobConfig, tokenizer: Any | None = None) -> None:
+        """Fit the args to a run (vocabulary, sequence length, attention backend); raise
+        ``ConfigError`` naming the option for a setting this family cannot run."""
+        ...
 
-    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]: ...
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        """Parameter count and training FLOPs per token (active parameters for MoE)."""
+        ...
+
+    def model_shape(self) -> ModelShape:
+        """The shape the planner's memory and cost models read."""
+        ...
 
 
 @dataclass
 class ModelSpec:
-    """A model family: its module class, named flavors and how to parallelize it.
+    """A model family: everything the trainer, the planner and the scripts need of it.
 
-    ``model_cls(args)`` builds the model (on meta, by the trainer). ``parallelize_fn`` applies
-    TP/AC/compile/FSDP to it; ``pipelining_fn`` splits it into pipeline stages;
-    ``build_loss_fn`` builds the loss (``None``: the trainer's default cross-entropy).
+    The trainer knows no family; it calls only these (docs/models.md, "adding a model family"):
+
+    - ``model_cls(args)`` builds the model (on meta); it has ``init_weights(buffer_device=)``.
+    - ``flavors``: named args (``BaseModelArgs``).
+    - ``parallelize_fn(model, parallel_dims, job_config)`` applies TP/EP/AC/compile/FSDP.
+    - ``pipelining_fn(model, parallel_dims, job_config, device, args, parallelize_fn,
+      loss_fn)`` cuts it into pipeline stages -> (schedule, parts, has_first, has_last).
+    - ``build_loss_fn``: the loss (``None``: the default cross-entropy).
+    - ``state_dict_adapter``: a class built from the args with ``to_hf(state)``,
+      ``from_hf(hf_state)``, ``hf_config()`` and a static ``args_from_hf_config(config)``.
+    - ``validate_fn(job_config, model_args)``: checks that need the family's args (e.g. the
+      expert count against the expert-parallel degree); raises ``ConfigError``. Run before
+      anything is built, by the trainer and the planner alike.
+    - ``build_step_hooks_fn(model_parts, parallel_dims)`` -> callables run after every
+      optimizer step (e.g. MoE load balancing: the expert-bias update).
+    - ``metrics_fn(model_parts)`` -> extra scalars logged with each step line
+      (e.g. MoE router load).
     """
 
     name: str
@@ -37,6 +86,10 @@ class ModelSpec:
     parallelize_fn: Callable[..., Any]
     pipelining_fn: Callable[..., Any]
     build_loss_fn: Callable[..., Any] | None = None
+    state_dict_adapter: Any | None = None
+    validate_fn: Callable[..., None] | None = None
+    build_step_hooks_fn: Callable[..., list[Callable[[], None]]] | None = None
+    metrics_fn: Callable[..., dict[str, float]] | None = None
 
 
 def lazy_function(target: str) -> Callable[..., Any]:

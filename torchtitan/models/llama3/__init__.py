@@ -2,6 +2,7 @@
 
 from torchtitan.models.llama3.args import RoPEScalingArgs, TransformerModelArgs, llama3_configs
 from torchtitan.models.llama3.model import Transformer
+from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.models.model_spec import ModelSpec, lazy_function
 
 __all__ = [
@@ -21,4 +22,5 @@ llama3_spec = ModelSpec(
     parallelize_fn=lazy_function("torchtitan.models.llama3.parallelize:parallelize_llama"),
     pipelining_fn=lazy_function("torchtitan.models.llama3.pipeline:pipeline_llama"),
     build_loss_fn=lazy_function("torchtitan.components.loss:build_loss_fn"),
+    state_dict_adapter=Llama3StateDictAdapter,
 )

@@ -8,11 +8,21 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from torchtitan.models.common.rope import RoPEScalingArgs
+from torchtitan.models.model_spec import ModelShape
 
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
 
-__all__ = ["TransformerModelArgs", "RoPEScalingArgs", "llama3_configs"]
+__all__ = ["TransformerModelArgs", "RoPEScalingArgs", "ffn_hidden_dim", "llama3_configs"]
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU hidden size: 2/3 of 4*dim, optionally scaled, rounded up to ``multiple_of``."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
 
 
 @dataclass
@@ -88,6 +98,17 @@ class TransformerModelArgs:
             + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
         )
         return nparams, flops_per_token
+
+    def model_shape(self) -> ModelShape:
+        return ModelShape(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_heads if self.n_kv_heads is None else self.n_kv_heads,
+            head_dim=self.head_dim,
+            hidden=ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier),
+            vocab=self.vocab_size,
+        )
 
 
 # Llama 3.2 1B/3B were released with rope scaling factor 32; 3.1 8B/70B/405B with 8.

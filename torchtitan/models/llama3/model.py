@@ -16,19 +16,11 @@ from torch import nn
 from torchtitan.models.common.attention import ScaledDotProductAttention
 from torchtitan.models.common.norms import build_norm
 from torchtitan.models.common.rope import apply_rotary_emb, precompute_freqs_cis
-from torchtitan.models.llama3.args import TransformerModelArgs
+from torchtitan.models.llama3.args import TransformerModelArgs, ffn_hidden_dim
 
 __all__ = ["Attention", "FeedForward", "TransformerBlock", "Transformer", "ffn_hidden_dim"]
 
 _BASE_INIT_STD = 0.02
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """SwiGLU hidden size: 2/3 of 4*dim, optionally scaled, rounded up to ``multiple_of``."""
-    hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 class Attention(nn.Module):

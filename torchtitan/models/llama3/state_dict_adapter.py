@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from torchtitan.models.common.rope import RoPEScalingArgs
-from torchtitan.models.llama3.args import TransformerModelArgs
-from torchtitan.models.llama3.model import ffn_hidden_dim
+from torchtitan.models.llama3.args import TransformerModelArgs, ffn_hidden_dim
 
 __all__ = [
     "Llama3StateDictAdapter",

@@ -3,7 +3,7 @@
 For every rank role that differs (each pipeline stage; the last tensor-parallel rank too
 when the vocabulary does not split evenly) the dry run goes through the trainer's own build
 path with ``init_process_group("fake")`` standing in for the cluster: the trainer's checks
-(``Trainer._reject_unbuilt_features``, ``validate_layout``, the data loader's shard layout),
+(``validate_layout`` of torchtitan.distributed.layout, the data loader's shard layout),
 ``ParallelDims.build_mesh``, the model on the meta device, the model converters (float8),
 ``pipelining_fn`` or ``parallelize_fn``. Whatever the real launch would raise while building,
 the dry run raises, with the same type and message. Nothing is materialised: the state bytes
@@ -279,7 +279,7 @@ def _build_rank(cfg: JobConfig, layout: Layout, rank: int, gpu: GpuSpec, tokeniz
     from torchtitan.components.data.loader import ShardLayout
     from torchtitan.components.float8 import _import_torchao, build_model_converters, check_float8_device
     from torchtitan.models import get_model_args, get_model_spec
-    from torchtitan.trainer import validate_layout
+    from torchtitan.distributed.layout import validate_layout
 
     t = cfg.training
     with fake_process_group(rank, layout.world_size), _quiet():
@@ -345,11 +345,8 @@ TP_CP_MARGIN = 0.2
 def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float = 2.0, margin: float = 0.05) -> Plan:
     """Build ``cfg`` for ``world_size`` ranks, one role at a time, and predict each role's
     memory and the step time. Raises what the real launch would raise while building."""
-    from torchtitan.trainer import Trainer
-
     if cfg.experimental.custom_import:
         importlib.import_module(cfg.experimental.custom_import)
-    Trainer._reject_unbuilt_features(cfg)
     layout = Layout.from_config(cfg, world_size)
     warnings: list[str] = []
     tokenizer = _tokenizer(cfg, warnings)

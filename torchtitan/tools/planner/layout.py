@@ -53,7 +53,7 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> Layout:
-        from torchtitan.trainer import validate_layout
+        from torchtitan.distributed.layout import validate_layout
 
         check = validate_layout(cfg, world_size)
         pd, p, t = check.parallel_dims, cfg.parallelism, cfg.training

@@ -58,17 +58,16 @@ class Geometry:
 
     @classmethod
     def from_model_args(cls, args) -> Geometry:
-        from torchtitan.models.llama3.model import ffn_hidden_dim
-
-        kv = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        """From a family's args, through the model-family contract's ``model_shape()``."""
+        s = args.model_shape()
         return cls(
-            dim=args.dim,
-            n_layers=args.n_layers,
-            n_heads=args.n_heads,
-            n_kv_heads=kv,
-            head_dim=args.dim // args.n_heads,
-            hidden=ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
-            vocab=args.vocab_size,
+            dim=s.dim,
+            n_layers=s.n_layers,
+            n_heads=s.n_heads,
+            n_kv_heads=s.n_kv_heads,
+            head_dim=s.head_dim,
+            hidden=s.hidden,
+            vocab=s.vocab,
         )
 
     def block_shapes(self) -> list[tuple[str, tuple[int, int] | tuple[int], str]]:

@@ -3,7 +3,7 @@
 A candidate is a ``Layout`` (dp_replicate, dp_shard, cp, tp, pp with its schedule and
 microbatches, AC mode, local batch and gradient accumulation) that reaches the target global
 batch. It is legal when the trainer's own checks accept it: ``JobConfig.validate``,
-``Trainer._reject_unbuilt_features``, ``validate_layout`` (degrees and batch arithmetic),
+``validate_layout`` (degrees, CP shape and batch arithmetic),
 the data loader's shard layout, ``check_tp_divisibility`` on a one-layer model of the
 flavor, and for PP ``resolve_stage_layout``, ``num_microbatches``, ``validate_microbatches``
 and ``check_reshard_policy``; the float8 converter's checks when float8 is on. Legal candidates
@@ -100,11 +100,10 @@ def check_legal(cfg: JobConfig, lay: Layout, tiny_model) -> tuple[JobConfig, obj
     from torchtitan.components.data.loader import ShardLayout
     from torchtitan.distributed import pipeline as pp_lib
     from torchtitan.distributed.tensor_parallel import check_tp_divisibility
-    from torchtitan.trainer import Trainer, validate_layout
+    from torchtitan.distributed.layout import validate_layout
 
     cand = lay.apply(cfg)
     cand.validate()
-    Trainer._reject_unbuilt_features(cand)
     check = validate_layout(cand, lay.world_size)
     pd = check.parallel_dims
     t = cand.training
