@@ -153,7 +153,7 @@ class Trainer:
         self.train_context = dist_utils.get_train_context(
             pd.loss_parallel_enabled, p.enable_compiled_autograd
         )
-        self.amp_context = dist_utils.maybe_enable_amp(pd, t.mixed_precision_param, dev)
+        self.amp_context = dist_utils.maybe_enable_amp(pd.fsdp_enabled, t.mixed_precision_param, dev)
 
         log_here = self.rank == 0 or not cfg.metrics.rank_0_only
         dump = cfg.job.dump_folder

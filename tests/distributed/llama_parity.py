@@ -207,7 +207,7 @@ def train_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
     model, pd = build_parallel(layout, state)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=EPS)
     train_context = dist_utils.get_train_context(pd.loss_parallel_enabled, False)
-    amp = dist_utils.maybe_enable_amp(pd, layout.mixed_precision, device().type)
+    amp = dist_utils.maybe_enable_amp(pd.fsdp_enabled, layout.mixed_precision, device().type)
     dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
     rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
     losses, norms, backward_ops = [], [], None

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from torchtitan.config import ConfigManager
-from torchtitan.tools.planner import dry_run, get_gpu
-from torchtitan.tools.planner.hardware import GIB
+from torchtitan.planner import dry_run, get_gpu
+from torchtitan.planner.hardware import GIB
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--training.steps", "15", "--metrics.log_freq", "5", "--lr_scheduler.warmup_steps", "5",

@@ -155,15 +155,15 @@ def test_world_mesh_before_build_is_an_error() -> None:
     ],
 )
 def test_amp_only_where_fsdp_does_not_cast(layout: dict, autocast: bool) -> None:
-    ctx = dist_utils.maybe_enable_amp(dims(**layout), "bfloat16", "cpu")
+    ctx = dist_utils.maybe_enable_amp(dims(**layout).fsdp_enabled, "bfloat16", "cpu")
     linear = torch.nn.Linear(4, 4)
     for _ in range(2):  # the trainer enters the same object every step
         with ctx:
             out = linear(torch.randn(2, 4))
         assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
-    assert isinstance(dist_utils.maybe_enable_amp(dims(), "float32", "cpu"), contextlib.nullcontext)
+    assert isinstance(dist_utils.maybe_enable_amp(dims().fsdp_enabled, "float32", "cpu"), contextlib.nullcontext)
     with pytest.raises(ConfigError, match="training.mixed_precision_param"):
-        dist_utils.maybe_enable_amp(dims(), "fp8", "cpu")
+        dist_utils.maybe_enable_amp(dims().fsdp_enabled, "fp8", "cpu")
 
 
 def test_train_context_enters_loss_parallel_and_extra_context() -> None:

@@ -1,4 +1,4 @@
-"""The dry-run planner (torchtitan/tools/planner) against the real trainer.
+"""The dry-run planner (torchtitan/planner) against the real trainer.
 
 - Broken layouts: the planner raises exactly what ``Trainer(cfg)`` raises when built as rank 0
   of a fake process group of the same size (the trainer runs for real, up to the error).
@@ -26,10 +26,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from torchtitan.config import ConfigManager
-from torchtitan.tools.planner import dry_run, get_gpu
-from torchtitan.tools.planner.dry_run import fake_process_group, role_ranks
-from torchtitan.tools.planner.layout import rank_workload
-from torchtitan.tools.planner.memory import (
+from torchtitan.planner import dry_run, get_gpu
+from torchtitan.planner.dry_run import fake_process_group, role_ranks
+from torchtitan.planner.layout import rank_workload
+from torchtitan.planner.memory import (
     OP_AC_SAVED_MATMULS,
     Geometry,
     Workload,
@@ -433,7 +433,7 @@ def test_tp_and_cp_layouts_warn_about_the_gpu_gap_until_the_margin_covers_it(tmp
 
 def test_search_agrees_with_the_dry_run(tmp_path):
     from torchtitan.distributed.pipeline import validate_microbatches
-    from torchtitan.tools.planner.search import SearchSpace, search, verify
+    from torchtitan.planner.search import SearchSpace, search, verify
 
     cfg = _cfg(tmp_path, "--training.local_batch_size", "4")
     res = search(cfg, 8, H100, space=SearchSpace(pp=(1, 2), cp=(1, 2), tp=(1, 2), max_local_batch=8))
@@ -477,7 +477,7 @@ def test_cli_and_run_train_dry_run(tmp_path):
 
 def test_flops_and_params_match_the_model():
     from torchtitan.models import get_model_args, get_model_spec
-    from torchtitan.tools.planner.cost import model_flops_per_token
+    from torchtitan.planner.cost import model_flops_per_token
 
     args = get_model_args("llama3", "8B")
     with torch.device("meta"):
@@ -491,8 +491,8 @@ def test_flops_and_params_match_the_model():
 def test_chunked_loss_costs_one_more_output_projection_forward():
     """The loss chunks rerun their projection in backward: 2·vocab·dim FLOPs per token more."""
     from torchtitan.models import get_model_args
-    from torchtitan.tools.planner.cost import step_cost
-    from torchtitan.tools.planner.layout import Layout
+    from torchtitan.planner.cost import step_cost
+    from torchtitan.planner.layout import Layout
 
     g = Geometry.from_model_args(get_model_args("llama3", "1B"))
     lay = Layout(world_size=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, local_batch=4, grad_accum=1,
@@ -533,8 +533,8 @@ def test_predicted_throughput_within_10_percent_of_measured_from_8k_to_262k(name
     """Dense work and causal attention at their own efficiencies: one efficiency on the MFU
     formula's FLOPs (attention counted non-causal) was 26-39% slow from 65k tokens on."""
     from torchtitan.models import get_model_args
-    from torchtitan.tools.planner.cost import step_cost
-    from torchtitan.tools.planner.layout import Layout
+    from torchtitan.planner.cost import step_cost
+    from torchtitan.planner.layout import Layout
 
     flavor, seq, world, cp, lb, (mode, option), compiled, chunks, measured = MEASURED[name]
     g = Geometry.from_model_args(get_model_args("llama3", flavor))

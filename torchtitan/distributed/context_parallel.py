@@ -221,13 +221,15 @@ def register_cpu_flash_attention() -> None:
 
 # ---- model and context ---------------------------------------------------------------
 def prepare_model_for_cp(model: nn.Module) -> nn.Module:
-    """Make every SDPA module repeat keys/values before attention: ring attention passes
-    equal-head q/k/v to the kernels (no grouped-query flag on that path)."""
-    from torchtitan.models.common.attention import ScaledDotProductAttention
+    """Let every submodule that has a CP hook (a ``prepare_for_cp()`` method) adjust itself.
 
+    The attention modules own what ring attention needs of them (the SDPA module of
+    models/common repeats grouped keys/values, as ring attention passes equal-head q/k/v to
+    the kernels); this floor only knows the hook's name, not the modules."""
     for module in model.modules():
-        if isinstance(module, ScaledDotProductAttention):
-            module.native_gqa = False
+        hook = getattr(module, "prepare_for_cp", None)
+        if callable(hook):
+            hook()
     return model
 
 

@@ -13,7 +13,6 @@ import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,9 +21,6 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import logger
-
-if TYPE_CHECKING:
-    from torchtitan.distributed.parallel_dims import ParallelDims
 
 __all__ = [
     "device_type",
@@ -366,13 +362,14 @@ def get_train_context(
 
 
 def maybe_enable_amp(
-    parallel_dims: ParallelDims, mixed_precision_param: str, device_type: str
+    fsdp_enabled: bool, mixed_precision_param: str, device_type: str
 ) -> contextlib.AbstractContextManager:
     """Autocast to the training dtype wherever FSDP is not already casting parameters.
 
     FSDP's MixedPrecisionPolicy does bf16 compute itself; every other layout (one device,
     TP only, DDP, PP without FSDP) gets torch.autocast, so no layout silently trains in
-    fp32. The returned object can be entered once per step, repeatedly.
+    fp32. ``fsdp_enabled`` is ``ParallelDims.fsdp_enabled`` of the run. The returned object
+    can be entered once per step, repeatedly.
     """
     if mixed_precision_param not in TORCH_DTYPE_MAP:
         raise ConfigError(
@@ -380,7 +377,7 @@ def maybe_enable_amp(
             f"{sorted(TORCH_DTYPE_MAP)}"
         )
     dtype = TORCH_DTYPE_MAP[mixed_precision_param]
-    if parallel_dims.fsdp_enabled or dtype == torch.float32:
+    if fsdp_enabled or dtype == torch.float32:
         return contextlib.nullcontext()
     logger.info(f"mixed precision through torch.autocast({device_type}, {mixed_precision_param})")
     return torch.autocast(device_type, dtype=dtype)

@@ -79,6 +79,11 @@ class ScaledDotProductAttention(nn.Module):
         self.native_gqa = native_gqa
         self.backend = backend
 
+    def prepare_for_cp(self) -> None:
+        """Context parallelism's hook (``prepare_model_for_cp``): ring attention passes
+        equal-head q/k/v to the kernels (no grouped-query flag on that path), so repeat."""
+        self.native_gqa = False
+
     def _kernel_context(self, q: torch.Tensor) -> contextlib.AbstractContextManager:
         if self.backend != "auto":
             return sdpa_kernel(_BACKENDS[self.backend])

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from torchtitan.config import ConfigError, JobConfig
-from torchtitan.tools.planner.cost import StepCost, step_cost_for_config
-from torchtitan.tools.planner.hardware import GIB, GpuSpec
-from torchtitan.tools.planner.layout import Layout, rank_workload
-from torchtitan.tools.planner.memory import Geometry, MemoryEstimate, analytical_states, estimate_memory
+from torchtitan.planner.cost import StepCost, step_cost_for_config
+from torchtitan.planner.hardware import GIB, GpuSpec
+from torchtitan.planner.layout import Layout, rank_workload
+from torchtitan.planner.memory import Geometry, MemoryEstimate, analytical_states, estimate_memory
 
 __all__ = ["Candidate", "SearchResult", "SearchSpace", "evaluate", "search"]
 
@@ -99,12 +99,14 @@ def check_legal(cfg: JobConfig, lay: Layout, tiny_model) -> tuple[JobConfig, obj
     (None without PP). Raises the error the trainer would raise."""
     from torchtitan.components.data.loader import ShardLayout
     from torchtitan.distributed import pipeline as pp_lib
-    from torchtitan.distributed.tensor_parallel import check_tp_divisibility
     from torchtitan.distributed.layout import validate_layout
+    from torchtitan.distributed.tensor_parallel import check_tp_divisibility
+    from torchtitan.models import check_model_config
 
     cand = lay.apply(cfg)
     cand.validate()
     check = validate_layout(cand, lay.world_size)
+    check_model_config(cand)
     pd = check.parallel_dims
     t = cand.training
     ShardLayout.create(  # what the data loader checks first
@@ -286,7 +288,7 @@ def verify(
 ) -> list[Candidate]:
     """Build the best candidates for real with the dry run until ``top`` pass (at most
     3 x top tries); a candidate the dry run refuses keeps the error in ``verified``."""
-    from torchtitan.tools.planner.dry_run import dry_run
+    from torchtitan.planner.dry_run import dry_run
 
     passed: list[Candidate] = []
     for c in result.ranked[: 3 * top]:

@@ -6,8 +6,8 @@ model, world size, GPU and sequence length and ranks those that fit by a cost mo
 ``scripts/plan.py`` is the command line; docs/planning.md explains the models.
 """
 
-from torchtitan.tools.planner.dry_run import Plan, RankPlan, dry_run
-from torchtitan.tools.planner.hardware import GPUS, GpuSpec, get_gpu
-from torchtitan.tools.planner.layout import Layout
+from torchtitan.planner.dry_run import Plan, RankPlan, dry_run
+from torchtitan.planner.hardware import GPUS, GpuSpec, get_gpu
+from torchtitan.planner.layout import Layout
 
 __all__ = ["GPUS", "GpuSpec", "Layout", "Plan", "RankPlan", "dry_run", "get_gpu"]

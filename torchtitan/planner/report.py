@@ -6,10 +6,10 @@ import dataclasses
 import json
 from typing import Any
 
-from torchtitan.tools.planner.cost import StepCost
-from torchtitan.tools.planner.dry_run import Plan
-from torchtitan.tools.planner.hardware import GIB, GpuSpec
-from torchtitan.tools.planner.search import Candidate, SearchResult
+from torchtitan.planner.cost import StepCost
+from torchtitan.planner.dry_run import Plan
+from torchtitan.planner.hardware import GIB, GpuSpec
+from torchtitan.planner.search import Candidate, SearchResult
 
 __all__ = ["format_plan", "format_search", "explain", "plan_to_json", "format_assumptions"]
 

@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass
 
 from torchtitan.config import JobConfig
-from torchtitan.tools.planner.memory import OP_AC_OPTIONS, OP_AC_SAVED_MATMULS
+from torchtitan.planner.memory import OP_AC_OPTIONS, OP_AC_SAVED_MATMULS
 
 __all__ = ["Layout"]
 
@@ -54,8 +54,10 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> Layout:
         from torchtitan.distributed.layout import validate_layout
+        from torchtitan.models import check_model_config
 
         check = validate_layout(cfg, world_size)
+        check_model_config(cfg)
         pd, p, t = check.parallel_dims, cfg.parallelism, cfg.training
         return cls(
             world_size=world_size,
@@ -184,7 +186,7 @@ def rank_workload(
     decomposed): what the tests measure against. ``inflight`` overrides the schedule formula
     with a count read off a built schedule.
     """
-    from torchtitan.tools.planner.memory import Workload, inflight_chunks
+    from torchtitan.planner.memory import Workload, inflight_chunks
 
     t, p = cfg.training, cfg.parallelism
     bf16 = t.mixed_precision_param == "bfloat16"

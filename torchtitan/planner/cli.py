@@ -53,8 +53,8 @@ class PlannerOptions:
     json: str = _opt("", "also write the dry run's report as JSON to this file")
 
     def validate(self) -> None:
-        from torchtitan.tools.planner.hardware import GPUS
-        from torchtitan.tools.planner.search import AC_CHOICES
+        from torchtitan.planner.hardware import GPUS
+        from torchtitan.planner.search import AC_CHOICES
 
         def fail(name: str, message: str) -> None:
             raise ConfigError(f"--{name} {getattr(self, name)!r}: {message}")
@@ -88,7 +88,7 @@ class PlannerOptions:
             fail("ac_modes", "entries are none, op_all, op, op_attn, full or a positive integer N (every N-th block)")
 
     def gpu_spec(self):
-        from torchtitan.tools.planner.hardware import get_gpu
+        from torchtitan.planner.hardware import get_gpu
 
         eff = self.efficiency or None
         return get_gpu(self.gpu).with_overrides(
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         gpu = opts.gpu_spec()
     except ConfigError as e:
         _fail(str(e))
-    from torchtitan.tools.planner import report
-    from torchtitan.tools.planner.dry_run import dry_run
+    from torchtitan.planner import report
+    from torchtitan.planner.dry_run import dry_run
 
     name = f"{cfg.model.name} {cfg.model.flavor}"
     if not opts.search:
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(report.plan_to_json(plan))
         sys.exit(0 if plan.fits else 1)
 
-    from torchtitan.tools.planner.search import SearchSpace, search, verify
+    from torchtitan.planner.search import SearchSpace, search, verify
 
     space = SearchSpace(
         schedules=tuple(opts.schedules),

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torchtitan.config import JobConfig
-from torchtitan.tools.planner.hardware import GpuSpec
-from torchtitan.tools.planner.layout import Layout
-from torchtitan.tools.planner.memory import OP_AC_OPTIONS, Geometry
+from torchtitan.planner.hardware import GpuSpec
+from torchtitan.planner.layout import Layout
+from torchtitan.planner.memory import OP_AC_OPTIONS, Geometry
 
 __all__ = [
     "StepCost",

@@ -29,10 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 from torchtitan.config import JobConfig
-from torchtitan.tools.planner.cost import StepCost, model_flops_per_token, step_cost_for_config
-from torchtitan.tools.planner.hardware import GIB, GpuSpec
-from torchtitan.tools.planner.layout import Layout, rank_workload
-from torchtitan.tools.planner.memory import (
+from torchtitan.planner.cost import StepCost, model_flops_per_token, step_cost_for_config
+from torchtitan.planner.hardware import GIB, GpuSpec
+from torchtitan.planner.layout import Layout, rank_workload
+from torchtitan.planner.memory import (
     Geometry,
     MemoryEstimate,
     StateBytes,
@@ -278,12 +278,13 @@ def _build_rank(cfg: JobConfig, layout: Layout, rank: int, gpu: GpuSpec, tokeniz
     """The trainer's build steps, up to the optimizer, as rank ``rank`` (see module docstring)."""
     from torchtitan.components.data.loader import ShardLayout
     from torchtitan.components.float8 import _import_torchao, build_model_converters, check_float8_device
-    from torchtitan.models import get_model_args, get_model_spec
     from torchtitan.distributed.layout import validate_layout
+    from torchtitan.models import check_model_config, get_model_args, get_model_spec
 
     t = cfg.training
     with fake_process_group(rank, layout.world_size), _quiet():
         check = validate_layout(cfg, layout.world_size)
+        check_model_config(cfg)
         pd = check.parallel_dims
         mesh = pd.build_mesh("cpu")
         dp_rank, dp_degree = pd.dp_rank_and_size(mesh)
