@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from torchtitan.components.checkpoint import CheckpointError, read_model_state
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP
 from torchtitan.models import get_model_args
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def write_hf_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> list[str]:
@@ -68,7 +67,7 @@ def convert(
         raise ValueError("give exactly one of --flavor and --hf-config")
     state = read_model_state(checkpoint)
     if dtype is not None:
-        state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(TORCH_DTYPE_MAP[dtype]) if v.is_floating_point() else v for k, v in state.items()}
     if hf_config is not None:
         config = json.loads(Path(hf_config).read_text())
         args = Llama3StateDictAdapter.args_from_hf_config(config)
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flavor", help="llama3 flavor the checkpoint was trained with")
     parser.add_argument("--hf-config", help="a Hugging Face config.json describing the model")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)"
+        "--dtype", choices=sorted(TORCH_DTYPE_MAP), default=None, help="cast the weights (default: keep)"
     )
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file")
     args = parser.parse_args(argv)

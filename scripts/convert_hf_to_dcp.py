@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 from torchtitan.components.checkpoint import CheckpointError, write_model_state
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -56,7 +55,7 @@ def convert(hf_dir: str, output: str, dtype: str | None = None) -> dict[str, tor
     )
     state = adapter.from_hf(read_hf_weights(root))
     if dtype is not None:
-        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+        state = {k: v.to(TORCH_DTYPE_MAP[dtype]) for k, v in state.items()}
     adapter.check(state)
     write_model_state(state, output)
     return state
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("hf_dir", help="folder with config.json and *.safetensors")
     parser.add_argument("output", help="DCP checkpoint directory to create")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)"
+        "--dtype", choices=sorted(TORCH_DTYPE_MAP), default=None, help="cast the weights (default: keep)"
     )
     args = parser.parse_args(argv)
     try:

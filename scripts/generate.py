@@ -29,9 +29,8 @@ from torchtitan.components.checkpoint import CheckpointError, read_model_state
 from torchtitan.components.tokenizer import build_tokenizer
 from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP
 from torchtitan.models import get_model_args, get_model_spec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPE_MAP), default="float32")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or (args.top_k is not None and args.top_k < 1):
         parser.error("--max-new-tokens and --top-k must be >= 1")
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> str:
             args.flavor,
             len(prompt) + args.max_new_tokens + world_size - 1,  # + the padding for TP
             device,
-            DTYPES[args.dtype],
+            TORCH_DTYPE_MAP[args.dtype],
             tp=world_size,
         )
     except ConfigError as e:  # a layout the model does not allow (head counts vs ranks)

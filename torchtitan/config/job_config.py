@@ -23,6 +23,21 @@ class ConfigError(ValueError):
     """A bad option value, file or command line; the message is one line naming the fix."""
 
 
+# The one spelling of each name set that options choose from; the torch objects they stand
+# for live above this torch-free floor (torchtitan.distributed.utils.TORCH_DTYPE_MAP,
+# torchtitan.distributed.pipeline.get_schedule_class).
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+PIPELINE_SCHEDULES: tuple[str, ...] = (
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
     """A dataclass field with its ``--help`` text and allowed values (for lists: per item)."""
     metadata: dict[str, Any] = {"help": help}
@@ -325,7 +340,8 @@ class Training(Section):
     loss_chunk_size: int = _opt(
         0,
         "tokens per chunk of the output projection + cross-entropy, so full fp32 logits are "
-        "never materialised (same loss and gradients); 0 = off. Not with TP or PP",
+        "never materialised (same loss and gradients); 0 = off. Works with PP (the last stage "
+        "returns the loss); not with TP (loss parallel shards the logits by vocabulary)",
     )
     device_memory_limit_gib: float = _opt(
         0.0,
@@ -358,6 +374,12 @@ class Training(Section):
         if self.seed is not None and not 0 <= self.seed < 2**63:
             self._fail("seed", "must be in [0, 2**63)")
 
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the output projection and the loss run in chunks of ``loss_chunk_size``
+        tokens (the one reading of "is the loss chunked" for builders and the planner)."""
+        return self.loss_chunk_size > 0
+
 
 @dataclass
 class Parallelism(Section):
@@ -383,8 +405,8 @@ class Parallelism(Section):
     )
     pipeline_parallel_schedule: str = _opt(
         "1F1B",
-        "schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, InterleavedZeroBubble, ZBVZeroBubble, "
-        "DualPipeV (any name when pipeline_parallel_schedule_csv is set)",
+        f"schedule: {', '.join(PIPELINE_SCHEDULES)} (any name when pipeline_parallel_schedule_csv "
+        "is set)",
     )
     pipeline_parallel_schedule_csv: str = _opt("", "CSV file describing a custom schedule")
     pipeline_parallel_split_points: list[str] = _opt(
@@ -402,15 +424,7 @@ class Parallelism(Section):
     )
     context_parallel_load_balance: bool = _opt(True, "reorder the sequence to balance causal work")
 
-    SCHEDULES: ClassVar[tuple[str, ...]] = (
-        "GPipe",
-        "1F1B",
-        "Interleaved1F1B",
-        "LoopedBFS",
-        "InterleavedZeroBubble",
-        "ZBVZeroBubble",
-        "DualPipeV",
-    )
+    SCHEDULES: ClassVar[tuple[str, ...]] = PIPELINE_SCHEDULES
 
     def check(self) -> None:
         for key in (
@@ -461,7 +475,7 @@ class Checkpoint(Section):
     export_dtype: str = _opt(
         "float32",
         "dtype of a model_weights_only checkpoint",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPE_NAMES,
     )
     async_mode: str = _opt(
         "disabled",
@@ -698,7 +712,7 @@ class JobConfig:
                     f"training.local_batch_size = {training.local_batch_size} must be divisible "
                     f"by parallelism.{what} = {count}"
                 )
-        if training.loss_chunk_size > 0 and par.tensor_parallel_degree > 1:
+        if training.chunked_loss and par.tensor_parallel_degree > 1:
             raise ConfigError(
                 "training.loss_chunk_size > 0 does not compose with tensor parallelism "
                 "(vocab-sharded logits: loss parallel); set training.loss_chunk_size = 0"

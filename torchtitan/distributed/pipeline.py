@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from torchtitan.config import ConfigError
+from torchtitan.config import PIPELINE_SCHEDULES, ConfigError
 
 __all__ = [
     "SCHEDULES",
@@ -47,15 +47,7 @@ __all__ = [
     "validate_microbatches",
 ]
 
-SCHEDULES = (
-    "GPipe",
-    "1F1B",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-    "DualPipeV",
-)
+SCHEDULES = PIPELINE_SCHEDULES  # the names options accept, spelled once in config/
 # Two stages per rank, placed in a V: rank r holds stages r and 2 pp - 1 - r.
 V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
 # Split backward into input-grad and weight-grad passes, run at different times. If FSDP

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
-from torchtitan.config import ConfigError
+from torchtitan.config import DTYPE_NAMES, ConfigError
 from torchtitan.tools.logging import logger
 
 __all__ = [
@@ -43,11 +43,8 @@ device_type: str = "cuda" if torch.cuda.is_available() else "cpu"
 # current_device, set_device); memory statistics are the metrics module's business.
 device_module = torch.cuda if device_type == "cuda" else torch.cpu
 
-TORCH_DTYPE_MAP: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
+# The torch dtype of each dtype name an option (or a script's --dtype) accepts.
+TORCH_DTYPE_MAP: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 # ---- process group ------------------------------------------------------------------

@@ -250,6 +250,6 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         stages_per_rank=stages_per_rank,
         reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
-        chunked_loss=cfg.training.loss_chunk_size > 0,
+        chunked_loss=cfg.training.chunked_loss,
         later_attention=cfg.activation_checkpoint.later_layers == "attention",
     )

@@ -37,7 +37,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     if parallel_dims.cp_enabled:
         # Ring attention takes equal-head q/k/v; inputs are sharded by the trainer's context.
         prepare_model_for_cp(model)
-    if job_config.training.loss_chunk_size > 0:
+    if job_config.training.chunked_loss:
         compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
         apply_chunked_loss(model, job_config.training.loss_chunk_size, backend if compile_loss else None)
 

@@ -81,7 +81,7 @@ def pipeline_llama(
     parts, stages = [], []
     for stage_id, part in zip(stage_ids, split_llama(model, layout, stage_ids)):
         part = parallelize_fn(part, parallel_dims, job_config)
-        if job_config.training.loss_chunk_size > 0:  # the last stage returns the loss
+        if job_config.training.chunked_loss:  # the last stage returns the loss
             take_labels_kwarg(part)
         parts.append(part)
         stages.append(
