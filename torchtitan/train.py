@@ -49,6 +49,8 @@ def _train(cfg: JobConfig) -> None:
         dump_toml(cfg, os.path.join(cfg.job.dump_folder, "config.toml"))
         if cfg.job.print_config:
             logger.info("job config:\n" + format_config(cfg))
+        if cfg.memory_estimation.enable:
+            _log_memory_estimate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     try:
         trainer = Trainer(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -83,6 +85,21 @@ def _train(cfg: JobConfig) -> None:
         print(f"torchtitan: error: {error}", file=sys.stderr)
     if exit_code:
         sys.exit(exit_code)
+
+
+def _log_memory_estimate(cfg: JobConfig, world_size: int) -> None:
+    """``memory_estimation.enable``: the planner's dry run of this config for this world size
+    (meta model, fake process group: no device memory), logged before the real build."""
+    from torchtitan.planner.preflight import preflight_report
+
+    try:
+        report = preflight_report(cfg, world_size)
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
+        # the build below raises the same error, with the usual one-line exit
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        logger.warning(f"memory estimation: the dry run stopped: {type(e).__name__}: {first_line}")
+        return
+    logger.info(f"memory estimation for {world_size} rank(s), before training:\n{report}")
 
 
 def __getattr__(name: str) -> Any:

@@ -542,3 +542,47 @@ def test_predicted_throughput_within_10_percent_of_measured_from_8k_to_262k(name
                  grad_accum=1, seq=seq, ac_mode=mode, ac_option=option)
     cost = step_cost(g, lay, get_gpu("H100"), compiled=compiled, chunked_loss=chunks)
     assert cost.tokens_per_s_per_gpu == pytest.approx(measured, rel=0.10), cost
+
+
+def test_memory_estimation_option_logs_the_dry_run_before_the_build(tmp_path, monkeypatch):
+    """``memory_estimation.enable`` (old spelling ``enabled`` too): the entry point logs rank 0's
+    dry run of the config for the launch's world size before the trainer is built."""
+    import logging
+
+    import torchtitan.train as entry
+    from torchtitan import trainer as trainer_module
+
+    class Built(Exception):
+        pass
+
+    def build(cfg):  # stands in for Trainer(cfg): the estimate must come first
+        raise Built
+
+    monkeypatch.setattr(trainer_module, "Trainer", build)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("torchtitan")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        for spelling in ("--memory_estimation.enable", "--memory_estimation.enabled"):
+            cfg = _cfg(tmp_path, spelling, "--parallelism.tensor_parallel_degree", "2")
+            assert cfg.memory_estimation.enable
+            records.clear()
+            with pytest.raises(Built):
+                entry._train(cfg)
+            text = "\n".join(records)
+            assert "memory estimation for 2 rank(s)" in text and "largest reserved peak" in text, text
+            plan = dry_run(cfg, 2, H100)
+            assert f"{plan.peak_reserved / 1024**3:.1f} GiB on rank" in text
+        records.clear()
+        with pytest.raises(Built):
+            entry._train(_cfg(tmp_path))
+        assert not any("memory estimation" in r for r in records)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

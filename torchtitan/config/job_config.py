@@ -609,11 +609,14 @@ class Comm(Section):
 
 @dataclass
 class MemoryEstimation(Section):
-    """Estimate peak memory before training, on fake tensors."""
+    """Estimate each rank's peak memory before training (docs/planning.md)."""
 
     _section: ClassVar[str] = "memory_estimation"
-    enabled: bool = _opt(False, "run the memory estimator before training")
-    disable_fake_mode: bool = _opt(False, "estimate with real tensors instead of fake ones")
+    enable: bool = _opt(
+        False,
+        "before training, rank 0 runs the planner's dry run of this config for the launch's world "
+        "size (meta model, fake process group) and logs each rank role's memory estimate",
+    )
 
 
 @dataclass

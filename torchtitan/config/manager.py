@@ -61,6 +61,7 @@ ALIASES: dict[str, str] = {
     "experimental.enable_compiled_autograd": "parallelism.enable_compiled_autograd",
     "checkpoint.enable_checkpoint": "checkpoint.enable",
     "lr_scheduler.lr_min": "lr_scheduler.min_lr_factor",
+    "memory_estimation.enabled": "memory_estimation.enable",
     # Special cases (boolean old keys, see _Option.kind):
     "metrics.disable_color_printing": "metrics.enable_color_printing",  # inverted
     "training.enable_float8_linear": "model.converters",  # true -> append "float8"
@@ -69,7 +70,11 @@ ALIASES: dict[str, str] = {
 _INVERTED = {"metrics.disable_color_printing"}
 _ADD_FLOAT8 = {"training.enable_float8_linear", "float8.enable_float8_linear"}
 # Old keys whose setting no longer has any effect; accepted so old files still load.
-IGNORED: set[str] = {"model.norm_type", "job.use_for_integration_test"}
+IGNORED: set[str] = {
+    "model.norm_type",
+    "job.use_for_integration_test",
+    "memory_estimation.disable_fake_mode",  # the estimate is always a meta-device dry run
+}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}

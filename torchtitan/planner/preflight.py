@@ -1,0 +1,46 @@
+"""The memory estimate a launch logs before training (``memory_estimation.enable``).
+
+``python -m torchtitan.train`` calls :func:`preflight_report` on rank 0 before the trainer
+is built (and before any process group exists): the planner's dry run of the run's own
+config for the launch's world size, reported per rank role as ``scripts/plan.py`` prints it.
+The GPU is the one this process sees when its name is in the planner's table (with the
+memory torch reports for it); otherwise the table's H100 is assumed, and the report says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+from torchtitan.config import JobConfig
+from torchtitan.planner.hardware import GIB, GPUS, GpuSpec
+
+__all__ = ["launch_gpu", "preflight_report"]
+
+DEFAULT_GPU = "H100"
+
+
+def launch_gpu() -> tuple[GpuSpec, str]:
+    """The table entry of this process's GPU, and a note when it had to be assumed."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return GPUS[DEFAULT_GPU], f"no CUDA device here: planned for the table's {DEFAULT_GPU}"
+    name = torch.cuda.get_device_name()
+    for key, spec in GPUS.items():
+        if key in name.upper():
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            return spec.with_overrides(memory_gib=total / GIB), ""
+    return GPUS[DEFAULT_GPU], f"{name} is not in the planner's table: planned for its {DEFAULT_GPU}"
+
+
+def preflight_report(cfg: JobConfig, world_size: int, headroom_gib: float = 2.0, margin: float = 0.05) -> str:
+    """The dry run's per-rank memory (and step time) report of ``cfg`` on ``world_size``
+    ranks. Raises what the dry run raises (the error the build itself would raise)."""
+    from torchtitan.planner.dry_run import dry_run
+    from torchtitan.planner.report import format_plan
+
+    gpu, note = launch_gpu()
+    t0 = time.perf_counter()
+    plan = dry_run(cfg, world_size, gpu, headroom_gib, margin)
+    text = format_plan(plan, f"{cfg.model.name} {cfg.model.flavor}", time.perf_counter() - t0)
+    return text + (f"\nnote: {note}" if note else "")
