@@ -21,7 +21,6 @@ from torchtitan.components.checkpoint import (
     MARKER,
     CheckpointError,
     CheckpointManager,
-    CheckpointSettings,
     list_checkpoints,
     read_model_state,
     write_model_state,
@@ -29,8 +28,10 @@ from torchtitan.components.checkpoint import (
 from torchtitan.components.checkpoint import folder as ckpt_folder
 from torchtitan.components.checkpoint import manager as ckpt_manager
 from torchtitan.components.checkpoint.staging import StagedWriter, StateStager
-from torchtitan.components.optimizer import OptimizerSettings, build_optimizers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.config import Checkpoint as CheckpointConfig
 from torchtitan.config import ConfigError, ConfigManager
+from torchtitan.config import Optimizer as OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = ("disabled", "async", "async_with_pinned_mem")
@@ -71,14 +72,14 @@ class Run:
         torch.manual_seed(seed)
         self.model = Tiny(width, layers)
         self.optimizers = build_optimizers(
-            [self.model], OptimizerSettings(lr=0.05, implementation="for-loop")
+            [self.model], OptimizerConfig(lr=0.05, implementation="for-loop")
         )
         self.counter = Counter()
         self.width = width
         options = dict(enable=True, interval=1, keep_latest_k=0)
         options.update(settings)
         self.manager = CheckpointManager(
-            CheckpointSettings(**options),
+            CheckpointConfig(**options),
             dump_folder=str(dump),
             model_parts=[self.model],
             states={"optimizer": self.optimizers, "train_state": self.counter},

@@ -60,12 +60,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         while not os.path.exists(os.path.join(out, "rank_0")):
             time.sleep(0.05)
         # The trainer's hook for a failed step: writes <dump_folder>/comm_traces/rank_<r>.
-        from types import SimpleNamespace
+        from torchtitan.tools.flight_recorder import dump_on_failure
 
-        from torchtitan.trainer import Trainer
-
-        cfg = SimpleNamespace(comm=SimpleNamespace(trace_buf_size=64), job=SimpleNamespace(dump_folder=os.path.dirname(out)))
-        Trainer._dump_comm_trace(SimpleNamespace(job_config=cfg, rank=rank))
+        dump_on_failure(64, os.path.dirname(out), rank)
     os._exit(0)  # rank 0 has a collective in flight: skip the orderly teardown
 
 

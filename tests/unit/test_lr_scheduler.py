@@ -3,13 +3,15 @@ import math
 import pytest
 import torch
 
-from torchtitan.components.lr_scheduler import LRScheduleSettings, build_lr_schedulers, lr_factor
-from torchtitan.components.optimizer import OptimizerSettings, build_optimizers
+from torchtitan.components.lr_scheduler import build_lr_schedulers, lr_factor
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.config import LRScheduler as LRSchedulerConfig
+from torchtitan.config import Optimizer as OptimizerConfig
 
 
 def _lrs_seen_by_optimizer(total_steps, settings, peak=1.0):
     model = torch.nn.Linear(2, 2)
-    opts = build_optimizers([model], OptimizerSettings(lr=peak, implementation="for-loop"))
+    opts = build_optimizers([model], OptimizerConfig(lr=peak, implementation="for-loop"))
     scheds = build_lr_schedulers(opts, total_steps, settings)
     seen = []
     for _ in range(total_steps):
@@ -20,7 +22,7 @@ def _lrs_seen_by_optimizer(total_steps, settings, peak=1.0):
 
 
 def test_linear_warmup_then_linear_decay_to_floor():
-    s = LRScheduleSettings(warmup_steps=2, decay_type="linear", min_lr_factor=0.1)
+    s = LRSchedulerConfig(warmup_steps=2, decay_type="linear", min_lr_factor=0.1)
     seen = _lrs_seen_by_optimizer(10, s)
     # warmup: 1/2, 2/2; decay over the 8 remaining steps: p = k/8
     expected = [0.5, 1.0] + [0.1 + 0.9 * (1 - k / 8) for k in range(1, 9)]
@@ -29,16 +31,16 @@ def test_linear_warmup_then_linear_decay_to_floor():
 
 
 def test_cosine_and_sqrt_shapes_at_chosen_steps():
-    cos = LRScheduleSettings(warmup_steps=0, decay_type="cosine", min_lr_factor=0.0)
+    cos = LRSchedulerConfig(warmup_steps=0, decay_type="cosine", min_lr_factor=0.0)
     assert lr_factor(50, total_steps=100, s=cos) == pytest.approx(0.5)
     assert lr_factor(25, total_steps=100, s=cos) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_factor(100, total_steps=100, s=cos) == pytest.approx(0.0, abs=1e-12)
-    sq = LRScheduleSettings(warmup_steps=0, decay_type="sqrt", min_lr_factor=0.2)
+    sq = LRSchedulerConfig(warmup_steps=0, decay_type="sqrt", min_lr_factor=0.2)
     assert lr_factor(25, total_steps=100, s=sq) == pytest.approx(0.2 + 0.8 * (1 - 0.5))
 
 
 def test_decay_ratio_keeps_a_stable_phase():
-    s = LRScheduleSettings(warmup_steps=10, decay_ratio=0.2, decay_type="linear", min_lr_factor=0.0)
+    s = LRSchedulerConfig(warmup_steps=10, decay_ratio=0.2, decay_type="linear", min_lr_factor=0.0)
     # 90 steps after warmup, 18 of them decaying: stable through step 82.
     assert lr_factor(10, total_steps=100, s=s) == 1.0
     assert lr_factor(82, total_steps=100, s=s) == 1.0
@@ -47,11 +49,11 @@ def test_decay_ratio_keeps_a_stable_phase():
 
 
 def test_scheduler_state_round_trip_resumes_the_schedule():
-    s = LRScheduleSettings(warmup_steps=3, decay_type="cosine", min_lr_factor=0.05)
+    s = LRSchedulerConfig(warmup_steps=3, decay_type="cosine", min_lr_factor=0.05)
     full = _lrs_seen_by_optimizer(12, s, peak=3e-4)
 
     model = torch.nn.Linear(2, 2)
-    opts = build_optimizers([model], OptimizerSettings(lr=3e-4, implementation="for-loop"))
+    opts = build_optimizers([model], OptimizerConfig(lr=3e-4, implementation="for-loop"))
     scheds = build_lr_schedulers(opts, 12, s)
     for _ in range(5):
         opts.step()
@@ -59,7 +61,7 @@ def test_scheduler_state_round_trip_resumes_the_schedule():
     state = scheds.state_dict()
 
     model2 = torch.nn.Linear(2, 2)
-    opts2 = build_optimizers([model2], OptimizerSettings(lr=3e-4, implementation="for-loop"))
+    opts2 = build_optimizers([model2], OptimizerConfig(lr=3e-4, implementation="for-loop"))
     scheds2 = build_lr_schedulers(opts2, 12, s)
     scheds2.load_state_dict(state)
     resumed = []

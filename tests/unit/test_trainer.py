@@ -149,7 +149,7 @@ def test_non_finite_step_is_skipped_in_both_guard_modes(tmp_path, monkeypatch, i
               "--training.steps", "3", "--training.local_batch_size", "2", "--training.seed", "3")
     trainer = Trainer(_config(tmp_path / "skip", *common))
     try:
-        assert trainer.lagged_guard is (implementation == "fused")
+        assert trainer.step_guard.lagged is (implementation == "fused")
         snapshots, moments = [], []
         original = trainer.train_step
 
@@ -181,6 +181,6 @@ def test_non_finite_step_is_skipped_in_both_guard_modes(tmp_path, monkeypatch, i
     try:
         with pytest.raises(NonFiniteError, match="at step 2"):
             stop.train()
-        assert stop.last_good_step == 1 and stop.step == 1
+        assert stop.step_guard.last_good_step == 1 and stop.step == 1
     finally:
         stop.close(clean=False)

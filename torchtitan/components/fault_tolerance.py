@@ -126,16 +126,28 @@ class StepVerdict:
 
 
 class StepGuard:
-    """The per-step agreement between ranks, and the skip/stop policy for non-finite steps."""
+    """The per-step agreement between ranks, and the skip/stop policy for non-finite steps.
 
-    def __init__(self, policy: str, max_consecutive_skips: int, device: torch.device):
+    Once per step, before the optimizer, ``decide`` agrees on two flags in one all-reduce.
+    With fused optimizers (``lagged``) the flags gate the update on device and the host
+    reads them one step later, when that step has long finished (no pipeline bubble);
+    otherwise they are read at once and a non-finite step returns ``skip``. Either way,
+    a stop raises ``NonFiniteError`` with ``last_good_step`` set to the step whose weights
+    are current, and ``preempt_after_step`` tells the loop to checkpoint and exit.
+    """
+
+    def __init__(self, policy: str, max_consecutive_skips: int, device: torch.device, lagged: bool = False):
         if policy not in ("skip", "stop"):
             raise ValueError(f"fault_tolerance.non_finite_policy = {policy!r}: use skip or stop")
         self.policy = policy
         self.max_consecutive_skips = max_consecutive_skips
         self.device = device
+        self.lagged = lagged
         self.consecutive_skips = 0
         self.total_skips = 0
+        self.last_good_step = 0
+        self.preempt_after_step = False
+        self._pending: tuple[int, torch.Tensor] | None = None
 
     def flags(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, preempt: bool) -> torch.Tensor:
         """[non-finite on some rank, signalled on some rank] as a float tensor on the device,
@@ -158,9 +170,33 @@ class StepGuard:
         non_finite, signalled = (v > 0 for v in flags.tolist())
         return StepVerdict(non_finite=non_finite, preempt=signalled)
 
-    def agree(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, preempt: bool) -> StepVerdict:
-        """``flags`` then ``verdict``: the synchronous check."""
-        return self.verdict(self.flags(loss, grad_norm, preempt))
+    def decide(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | float, preempt: bool
+    ) -> tuple[bool, torch.Tensor | None]:
+        """Agree on ``step``; return (skip the optimizer, ``found_inf`` for a fused one)."""
+        flags = self.flags(loss, grad_norm, preempt)
+        if self.lagged:
+            self.settle()  # the previous step's verdict, long finished
+            self._pending = (step, flags)
+            return False, flags[0]
+        return self._apply(step, self.verdict(flags)), None
+
+    def settle(self) -> None:
+        """Read and apply the pending verdict of the last step (lagged mode; a host sync)."""
+        if self._pending is not None:
+            step, flags = self._pending
+            self._pending = None
+            self._apply(step, self.verdict(flags))
+
+    def _apply(self, step: int, verdict: StepVerdict) -> bool:
+        """Apply the agreed verdict of ``step``; True if it was skipped."""
+        self.preempt_after_step |= verdict.preempt
+        if verdict.non_finite:
+            self.last_good_step = step - 1
+            self.on_non_finite(step)
+            return True
+        self.consecutive_skips = 0
+        return False
 
     def on_non_finite(self, step: int) -> None:
         """Count a skipped step; raise NonFiniteError when the policy says stop."""
@@ -181,9 +217,6 @@ class StepGuard:
             f"step {step}: non-finite loss or grad norm, step skipped (no optimizer update; "
             f"{self.consecutive_skips} in a row, {self.total_skips} in all)"
         )
-
-    def on_finite(self) -> None:
-        self.consecutive_skips = 0
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from torch.optim.lr_scheduler import LambdaLR
 
 from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.config import LRScheduler as LRSchedulerConfig
 
 
-@dataclass
-class LRScheduleSettings:
-    warmup_steps: int = 200
-    decay_ratio: float | None = None
-    decay_type: str = "linear"
-    min_lr_factor: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "LRScheduleSettings":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
-
-
-def lr_factor(step: int, *, total_steps: int, s: LRScheduleSettings) -> float:
+def lr_factor(step: int, *, total_steps: int, s: LRSchedulerConfig) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (1-based)."""
     warmup = min(s.warmup_steps, total_steps)
     remaining = total_steps - warmup
@@ -50,12 +38,12 @@ def lr_factor(step: int, *, total_steps: int, s: LRScheduleSettings) -> float:
         shape = 1.0 - math.sqrt(progress)
     elif s.decay_type == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ValueError(f"lr_scheduler.decay_type {s.decay_type!r}: use linear, sqrt or cosine")
+    else:  # the config's choices admit only these three
+        raise AssertionError(s.decay_type)
     return s.min_lr_factor + (1.0 - s.min_lr_factor) * shape
 
 
-def _lambda(last_epoch: int, total_steps: int, settings: LRScheduleSettings) -> float:
+def _lambda(last_epoch: int, total_steps: int, settings: LRSchedulerConfig) -> float:
     # LambdaLR evaluates at last_epoch = 0 for the first step.
     return lr_factor(last_epoch + 1, total_steps=total_steps, s=settings)
 
@@ -63,7 +51,8 @@ def _lambda(last_epoch: int, total_steps: int, settings: LRScheduleSettings) -> 
 class LRSchedulersContainer:
     """One LambdaLR per optimizer; they always move in lockstep."""
 
-    def __init__(self, optimizers: OptimizersContainer, total_steps: int, settings: LRScheduleSettings):
+    def __init__(self, optimizers: OptimizersContainer, total_steps: int, settings: LRSchedulerConfig):
+        settings.validate()  # the config section is the one home of the allowed values
         fn = functools.partial(_lambda, total_steps=total_steps, settings=settings)
         self.schedulers = [LambdaLR(opt, fn) for opt in optimizers]
 
@@ -88,6 +77,7 @@ class LRSchedulersContainer:
 
 
 def build_lr_schedulers(
-    optimizers: OptimizersContainer, total_steps: int, settings: LRScheduleSettings
+    optimizers: OptimizersContainer, total_steps: int, settings: LRSchedulerConfig
 ) -> LRSchedulersContainer:
+    """The ``[lr_scheduler]`` schedule over ``total_steps`` optimizer steps."""
     return LRSchedulersContainer(optimizers, total_steps, settings)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from torchtitan.tools.device_info import DeviceMemoryMonitor, device_name
+from torchtitan.tools.device_info import DeviceMemoryMonitor, device_name, peak_flops
 from torchtitan.tools.logging import logger
 
 
@@ -211,3 +211,23 @@ class MetricsProcessor:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+
+def build_metrics_processor(job_config: Any, *, rank: int, device: torch.device, flops_per_token: int) -> MetricsProcessor:
+    """The metrics of a run from ``[metrics]``: console on the logging ranks, TensorBoard and
+    JSONL per rank under ``job.dump_folder``, W&B on rank 0."""
+    m, dump = job_config.metrics, job_config.job.dump_folder
+    log_here = rank == 0 or not m.rank_0_only
+    return MetricsProcessor(
+        device=device,
+        log_freq=m.log_freq,
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops(device, m.peak_tflops),
+        color=m.enable_color_printing,
+        tb_dir=os.path.join(dump, m.save_tb_folder, f"rank_{rank}") if m.enable_tensorboard and log_here else None,
+        wandb_dir=dump if m.enable_wandb and rank == 0 else None,
+        wandb_project=m.wandb_project,
+        wandb_mode=m.wandb_mode,
+        config_for_wandb=job_config.to_dict() if m.enable_wandb else None,
+        jsonl_path=os.path.join(dump, m.save_jsonl_folder, f"rank_{rank}.jsonl") if m.enable_jsonl and log_here else None,
+    )

@@ -7,7 +7,6 @@ see a single object.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,26 +17,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from torchtitan.config import Optimizer as OptimizerConfig
 from torchtitan.tools.logging import logger
 
 _OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
-
-
-@dataclass
-class OptimizerSettings:
-    """What the optimizer needs from ``[optimizer]``; keeps the builder free of JobConfig."""
-
-    name: str = "AdamW"
-    lr: float = 8e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    implementation: str = "fused"
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "OptimizerSettings":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
 
 def _implementation_kwargs(implementation: str, params: list[torch.Tensor]) -> dict:
@@ -55,11 +38,8 @@ def _implementation_kwargs(implementation: str, params: list[torch.Tensor]) -> d
 class OptimizersContainer:
     """One optimizer per model part, stepped and checkpointed together."""
 
-    def __init__(self, model_parts: list[nn.Module], settings: OptimizerSettings):
-        if settings.name not in _OPTIMIZERS:
-            raise ValueError(
-                f"optimizer.name {settings.name!r} is not supported; use one of {sorted(_OPTIMIZERS)}"
-            )
+    def __init__(self, model_parts: list[nn.Module], settings: OptimizerConfig):
+        settings.validate()  # the config section is the one home of the allowed values
         self.model_parts = model_parts
         self.optimizers: list[torch.optim.Optimizer] = []
         cls = _OPTIMIZERS[settings.name]
@@ -128,5 +108,6 @@ class OptimizersContainer:
             set_optimizer_state_dict(part, opt, optim_state_dict=state_dict, options=options)
 
 
-def build_optimizers(model_parts: list[nn.Module], settings: OptimizerSettings) -> OptimizersContainer:
+def build_optimizers(model_parts: list[nn.Module], settings: OptimizerConfig) -> OptimizersContainer:
+    """One optimizer per model part, from the ``[optimizer]`` section."""
     return OptimizersContainer(model_parts, settings)

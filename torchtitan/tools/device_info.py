@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import resource
+from typing import Any
 import sys
+from typing import Any
 
 import torch
 
-from torchtitan.tools.logging import warn_once
+from torchtitan.tools.logging import logger, warn_once
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets.
 # Order matters: more specific names first (e.g. "H100 NVL" before "H100").
@@ -122,3 +124,17 @@ def limit_device_memory(device: torch.device, limit_gib: float) -> None:
             f"{total / 1024**3:.1f} GiB; lower it or set 0"
         )
     torch.cuda.set_per_process_memory_fraction(limit / total, device)
+
+
+def resolve_cpu_precision(device: torch.device, training: Any) -> None:
+    """bf16 matmuls on a CPU without native bf16 support run ~10x slower than fp32: set
+    ``training.mixed_precision_param`` to float32 there, and say so, rather than crawl."""
+    if device.type != "cpu" or training.mixed_precision_param == "float32":
+        return
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return
+    logger.warning(
+        "this CPU has no native bf16 matmul: training.mixed_precision_param "
+        f"{training.mixed_precision_param} -> float32 for this run (bf16 is used on GPUs)"
+    )
+    training.mixed_precision_param = "float32"

@@ -24,6 +24,7 @@ from typing import Any
 __all__ = [
     "Desync",
     "FlightRecorderError",
+    "dump_on_failure",
     "dump_trace",
     "find_desyncs",
     "group_members",
@@ -108,6 +109,24 @@ def dump_trace(folder: str, rank: int) -> str | None:
         pickle.dump(dump, f)
     os.replace(tmp, path)  # a reader never sees half a dump
     return path
+
+
+def dump_on_failure(trace_buf_size: int, dump_folder: str, rank: int) -> None:
+    """After a collective failed or timed out: write this rank's buffer to
+    ``<dump_folder>/comm_traces`` (NCCL dumps by itself on a timeout; other backends only
+    through this). Never masks the original error."""
+    import torch.distributed as dist
+
+    from torchtitan.tools.logging import logger
+
+    if trace_buf_size <= 0 or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    try:
+        path = dump_trace(trace_dir(dump_folder), rank)
+        if path:
+            logger.error(f"flight recorder trace written to {path}; see docs/debugging.md")
+    except Exception as e:  # noqa: BLE001 - the original error matters more
+        logger.warning(f"could not dump the flight recorder trace: {e}")
 
 
 def _read_one(path: str) -> dict[str, Any]:

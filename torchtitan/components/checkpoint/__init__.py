@@ -10,20 +10,16 @@ from torchtitan.components.checkpoint.folder import (
     list_checkpoints,
 )
 from torchtitan.components.checkpoint.manager import (
-    ASYNC_MODES,
     CheckpointManager,
-    CheckpointSettings,
     Stateful,
 )
 from torchtitan.components.checkpoint.storage import read_model_state, write_model_state
 
 __all__ = [
-    "ASYNC_MODES",
     "MARKER",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
-    "CheckpointSettings",
     "Stateful",
     "list_checkpoints",
     "read_model_state",

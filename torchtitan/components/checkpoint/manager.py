@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -54,12 +54,12 @@ from torchtitan.components.checkpoint.storage import (
     read_metadata,
     unexpected_model_keys,
 )
+from torchtitan.config import Checkpoint as CheckpointConfig
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import logger
 
-__all__ = ["CheckpointManager", "CheckpointSettings", "Stateful"]
+__all__ = ["CheckpointManager", "Stateful"]
 
-ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 _EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,29 +67,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class CheckpointSettings:
-    """What the manager needs from ``[checkpoint]`` (see its field help for each option)."""
-
-    enable: bool = False
-    folder: str = "checkpoint"
-    interval: int = 500
-    initial_load_path: str | None = None
-    initial_load_model_weights_only: bool = True
-    model_weights_only: bool = False
-    export_dtype: str = "float32"
-    async_mode: str = "disabled"
-    keep_latest_k: int = 10
-    load_step: int = -1
-    exclude_from_loading: list[str] = field(default_factory=list)
-    create_seed_checkpoint: bool = False
-    fail_on_save_error: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> CheckpointSettings:
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -114,7 +91,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        settings: CheckpointSettings,
+        settings: CheckpointConfig,
         *,
         dump_folder: str,
         model_parts: list[nn.Module],
@@ -122,6 +99,7 @@ class CheckpointManager:
     ):
         if MODEL in states:
             raise ValueError(f"states must not use the name {MODEL!r}: the model is passed as model_parts")
+        settings.validate()  # the config section is the one home of the allowed values
         self.settings = s = settings
         self.folder = os.path.join(dump_folder, s.folder)
         self.model_parts = model_parts
@@ -132,14 +110,6 @@ class CheckpointManager:
             raise ConfigError(
                 f"checkpoint.exclude_from_loading = {s.exclude_from_loading}: {unknown[0]!r} is no "
                 f"checkpoint state; use some of {', '.join(known)}"
-            )
-        if s.async_mode not in ASYNC_MODES:
-            raise ConfigError(
-                f"checkpoint.async_mode = {s.async_mode!r}: use one of {', '.join(ASYNC_MODES)}"
-            )
-        if s.export_dtype not in _EXPORT_DTYPES:
-            raise ConfigError(
-                f"checkpoint.export_dtype = {s.export_dtype!r}: use one of {', '.join(_EXPORT_DTYPES)}"
             )
         self._distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self._distributed else 0
