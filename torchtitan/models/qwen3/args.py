@@ -81,9 +81,10 @@ class Qwen3ModelArgs:
                 f"{self.vocab_size}: pick a model.flavor whose vocabulary fits or a matching "
                 "model.tokenizer_path"
             )
-        if self.enable_weight_tying and job_config.parallelism.pipeline_parallel_degree > 1:
+        pp = getattr(getattr(job_config, "parallelism", None), "pipeline_parallel_degree", 1)
+        if self.enable_weight_tying and pp > 1:
             raise ConfigError(
-                f"parallelism.pipeline_parallel_degree {job_config.parallelism.pipeline_parallel_degree}: "
+                f"parallelism.pipeline_parallel_degree {pp}: "
                 "this flavor ties the output layer to the embedding, which pipeline stages cannot "
                 "share; use pipeline_parallel_degree = 1 or an untied flavor"
             )
