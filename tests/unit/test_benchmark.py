@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and the JSONL metrics sink it reads.
+"""The benchmark harness (torchtitan.benchmarking, scripts/benchmark.py) and the JSONL metrics sink it reads.
 
 The sweep files are parsed by the trainer's own config parser; --dry prints the exact
 commands; figures are medians after warm-up from the records MetricsProcessor writes; a
@@ -7,7 +7,6 @@ failed run is a row, not a crash; one real CPU run of the smoke sweep ties it to
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shlex
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchtitan.benchmarking as bm
+from torchtitan.benchmarking import cli
 from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.config import ConfigError, ConfigManager
 
@@ -28,10 +29,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-bm = importlib.util.module_from_spec(spec)
-sys.modules["benchmark"] = bm  # dataclasses look their module up there
-spec.loader.exec_module(bm)
 
 STANDARD = REPO / "train_configs" / "benchmarks" / "standard.toml"
 SMOKE = REPO / "train_configs" / "benchmarks" / "cpu_smoke.toml"
@@ -62,7 +59,7 @@ def test_standard_suite_parses_into_the_five_configurations():
         assert j.optimizer.name == "AdamW" and j.training.steps == e.steps
         assert Path(e.config_file).name == "debug_model.toml"
         get_model_args(j.model.name, j.model.flavor)  # the flavor exists
-        assert bm._parallel_layout(j, e.world) == (("single device" if e.ngpu == 1 else "FSDP 2"), None)
+        assert bm.parallel_layout(j, e.world) == (("single device" if e.ngpu == 1 else "FSDP 2"), None)
         assert [s for s in bm.logged_steps(e.steps, e.log_freq) if s > e.warmup_steps], e.name
     a, b, c, d, e = (entries[n].job for n in "ABCDE")
     assert (a.model.flavor, a.training.local_batch_size, a.activation_checkpoint.mode,
@@ -209,7 +206,7 @@ def test_dry_prints_the_exact_run_train_commands_and_runs_nothing(tmp_path, caps
 
 def test_dry_under_slurm_builds_srun_torchrun(capsys, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setattr(bm, "slurm_hosts", lambda: ["node7", "node8"])
+    monkeypatch.setattr(cli, "slurm_hosts", lambda: ["node7", "node8"])
     assert bm.main([str(STANDARD), "--dry", "--only", "C,E", "--srun_args", "--gpus-per-node 2"]) == 0
     commands = _dry_commands(capsys.readouterr().out)
     assert list(commands) == ["C", "E"]
@@ -239,7 +236,7 @@ def test_two_node_entry_needs_slurm(tmp_path, capsys, monkeypatch):
     path.write_text(_one("nnodes = 2", name='name = "big"', ngpu="ngpu = 2"))
     assert bm.main([str(path), "--dry"]) == 2
     assert "nnodes = 2: use --launcher srun" in capsys.readouterr().err
-    monkeypatch.setattr(bm, "slurm_hosts", lambda: ["a", "b", "c"])
+    monkeypatch.setattr(cli, "slurm_hosts", lambda: ["a", "b", "c"])
     assert bm.main([str(path), "--dry", "--launcher", "srun"]) == 0
     tokens = _dry_commands(capsys.readouterr().out)["big"]
     assert "--nodelist=a,b" in tokens and tokens[tokens.index("--nnodes") + 1] == "2"
@@ -380,7 +377,7 @@ def test_failed_runs_are_rows_and_the_sweep_goes_on(tmp_path, capsys, monkeypatc
                 f"for r in range({entry.world}): open(p / f'rank_{{r}}.jsonl', 'a').write({text!r})")
         return bm.Launch({}, _python(code))
 
-    monkeypatch.setattr(bm, "build_launch", fake_launch)
+    monkeypatch.setattr(cli, "build_launch", fake_launch)
     # a stale record from an earlier run into the same folder must not count
     _write(tmp_path / "fsdp2" / "metrics_jsonl" / "rank_0.jsonl", [_record(5, 1e9, 1.0)])
     out_md = tmp_path / "table.md"

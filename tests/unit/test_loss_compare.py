@@ -1,8 +1,7 @@
-"""scripts/loss_compare.py: parse trainer logs, compare step by step, write a PNG."""
+"""torchtitan.benchmarking.loss_compare (scripts/loss_compare.py): parse trainer logs, compare step by step, write a PNG."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shlex
 import struct
@@ -11,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("loss_compare", REPO / "scripts" / "loss_compare.py")
-lc = importlib.util.module_from_spec(spec)
-sys.modules["loss_compare"] = lc  # dataclasses look their module up there
-spec.loader.exec_module(lc)
+from torchtitan.benchmarking import loss_compare as lc
 
 # Lines as the trainer prints them (with colour codes), plus noise.
 LOG_A = """\
