@@ -199,13 +199,13 @@ class Trainer:
     def _pipeline_loss_fn(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of one microbatch at the last stage; with the chunked loss that stage
         returns the loss itself (it got the labels as a keyword argument)."""
-        if self.job_config.training.loss_chunk_size > 0:
+        if self.job_config.training.chunked_loss:
             return pred / self.grad_accumulation_steps
         return self.loss_fn(pred, labels) / self.grad_accumulation_steps
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         p = self.job_config.parallelism
-        chunked_loss = self.job_config.training.loss_chunk_size > 0
+        chunked_loss = self.job_config.training.chunked_loss
         # CP: every rank of a cp group holds the same batch; the context shards inputs,
         # labels and the rotary tables along the sequence and makes SDPA ring attention.
         cp = (
