@@ -3,6 +3,7 @@
     python scripts/generate.py --checkpoint outputs/checkpoint/step-1000 --flavor debugmodel \
         --tokenizer tests/assets/test_tiktoken.model --prompt "Once upon a time" \
         --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
+    python scripts/generate.py --model.name qwen3 --flavor debugmodel_moe --checkpoint ...
     torchrun --nproc_per_node 8 scripts/generate.py --checkpoint ... --flavor 70B ...
 
 One process uses CUDA if there is one, else the CPU. Under torchrun the model is split with
@@ -47,6 +48,8 @@ def load_model(
     (tensor parallel only, no loss parallel: the output layer returns full logits)."""
     state = read_model_state(checkpoint)
     args = get_model_args(model_name, flavor)
+    if getattr(args, "enable_weight_tying", False) and "tok_embeddings.weight" in state:
+        state.setdefault("output.weight", state["tok_embeddings.weight"])  # one tensor, two names
     if "tok_embeddings.weight" in state:
         args.vocab_size = state["tok_embeddings.weight"].shape[0]
     args.max_seq_len = max_seq_len
@@ -142,7 +145,11 @@ def main(argv: list[str] | None = None) -> str:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="DCP checkpoint directory")
-    parser.add_argument("--flavor", required=True, help="llama3 flavor the checkpoint was trained with")
+    parser.add_argument(
+        "--model.name", "--model", dest="model_name", default="llama3",
+        help="model family the checkpoint was trained with (model.name: llama3, qwen3)",
+    )
+    parser.add_argument("--flavor", required=True, help="model flavor the checkpoint was trained with")
     parser.add_argument(
         "--tokenizer", required=True, help="tokenizer file (tiktoken model or tokenizer.json)"
     )
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> str:
             len(prompt) + args.max_new_tokens + world_size - 1,  # + the padding for TP
             device,
             TORCH_DTYPE_MAP[args.dtype],
+            model_name=args.model_name,
             tp=world_size,
         )
     except ConfigError as e:  # a layout the model does not allow (head counts vs ranks)
