@@ -1,4 +1,5 @@
-"""tests/integration/run_gpu_matrix.py, the 3D/4D integration matrix runner (issue #13).
+"""The 3D/4D integration matrix runner (issue #13; scripts/run_gpu_matrix.py,
+torchtitan.benchmarking.gpu_matrix).
 
 --list for 8 ranks names every layout of the issue with its degrees, and runs nothing; a real
 2-rank CPU comparison (FSDP 2 baseline and TP 2, both from one seed checkpoint) passes; the
@@ -8,19 +9,12 @@ so the check can fail. The runner is called in-process (it launches torchrun its
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("run_gpu_matrix", HERE / "run_gpu_matrix.py")
-rgm = importlib.util.module_from_spec(spec)
-sys.modules["run_gpu_matrix"] = rgm
-spec.loader.exec_module(rgm)
+from torchtitan.benchmarking import gpu_matrix_cli as rgm
 
 P = "--parallelism."
 # The issue's matrix: layout name -> (replicate, shard, tp, pp, cp, schedule or None, options).
