@@ -4,20 +4,17 @@ their Flight Recorder buffers, and the analysis names the collective and the ran
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from torchtitan.tools.flight_recorder import dump_trace, find_desyncs, load_dumps
+from torchtitan.tools.flight_recorder import dump_trace, find_desyncs, load_dumps, run_torch_analyzer
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
@@ -80,8 +77,5 @@ def test_nccl_timeout_dumps_and_analysis(tmp_path):
     assert desync.collective == "nccl:all_reduce" and desync.seq_id == 3
     assert desync.missing_ranks == (1,) and desync.present_ranks == (0,)
 
-    spec = importlib.util.spec_from_file_location("analyze_fr", REPO / "scripts" / "analyze_flight_recorder.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    text = script.run_torch_analyzer(dumps)
+    text = run_torch_analyzer(dumps)
     assert "Not all ranks joining collective" in text and "missing ranks: {1}" in text

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import pickle
 import socket
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,16 +19,8 @@ from torchtitan.tools.flight_recorder import (
     dump_trace,
     find_desyncs,
     load_dumps,
+    main,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("analyze_fr", REPO / "scripts" / "analyze_flight_recorder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _free_port() -> int:
@@ -99,7 +89,7 @@ def test_desync_names_collective_rank_and_seq(gloo_dumps):
 
 
 def test_script_prints_both_analyses(gloo_dumps, capsys):
-    rc = _script().main([gloo_dumps])
+    rc = main([gloo_dumps])
     out = capsys.readouterr().out
     assert rc == 1
     assert "DESYNC gloo:all_gather (seq 2)" in out and "never by ranks [1]" in out
@@ -160,7 +150,7 @@ def test_bad_inputs(tmp_path, monkeypatch):
     (tmp_path / "rank_0").write_bytes(b"garbage")
     with pytest.raises(FlightRecorderError, match="not a Flight Recorder dump"):
         load_dumps(str(tmp_path))
-    assert _script().main([str(tmp_path / "nope")]) == 2
+    assert main([str(tmp_path / "nope")]) == 2
     monkeypatch.delenv("TORCH_FR_BUFFER_SIZE", raising=False)
     monkeypatch.delenv("TORCH_NCCL_TRACE_BUFFER_SIZE", raising=False)
     assert dump_trace(str(tmp_path / "off"), 0) is None  # recorder off: no misleading empty dump

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from torchtitan.tools.trace_summary import categorize, format_summary, summarize_trace
 
-REPO = Path(__file__).resolve().parents[2]
 GEMM = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas"
 NCCL = "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)"
 
@@ -81,9 +78,8 @@ def test_real_kernel_names(name, kind):
 
 
 def test_cli_reads_gzip_and_fails_on_a_trace_without_kernels(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("trace_summary_cli", REPO / "scripts" / "trace_summary.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from torchtitan.tools import trace_summary as cli
+
     gz = tmp_path / "rank0_trace.json.gz"
     with gzip.open(gz, "wt") as f:
         json.dump(_trace(), f)

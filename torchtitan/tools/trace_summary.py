@@ -10,16 +10,18 @@ overlap on several streams are counted once.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DeviceSummary", "categorize", "format_summary", "load_trace", "summarize_trace"]
+__all__ = ["DeviceSummary", "categorize", "format_summary", "load_trace", "main", "summarize_trace"]
 
 COMM = "communication"
 _CATEGORIES = (  # first match wins; names of NCCL, cuDNN/flash, cuBLAS/CUTLASS and inductor kernels
@@ -175,3 +177,33 @@ def format_summary(s: DeviceSummary, name_width: int = 70) -> str:
         short = name if len(name) <= name_width else name[: name_width - 3] + "..."
         lines.append(f"    {us / 1e3:9.1f} ms {count:6d}x  {label:<15} {short}")
     return "\n".join(lines)
+
+
+# ---- command line (scripts/trace_summary.py) -------------------------------------------------
+_CLI_DOC = (
+    "Where the GPU time of profiled steps went: busy/idle, compute, exposed communication, "
+    "kernel time by kind and the top kernels, per Chrome trace of --profiling.enable_profiling. "
+    "Exit code 1 when a file holds no GPU kernels, 2 when one cannot be read."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=_CLI_DOC)
+    parser.add_argument("traces", nargs="+", help="Chrome trace files (.json or .json.gz)")
+    parser.add_argument("--top", type=int, default=10, help="kernels to list per device")
+    args = parser.parse_args(argv)
+    status = 0
+    for path in args.traces:
+        try:
+            summaries = summarize_trace(load_trace(path), top=args.top)
+        except (OSError, ValueError) as e:
+            print(f"{path}: cannot read the trace: {e}", file=sys.stderr)
+            return 2
+        print(f"== {path}")
+        if not summaries:
+            print("  no GPU kernels in this trace (a CPU-only run, or no CUDA activity was recorded)")
+            status = 1
+        for summary in summaries:
+            print(format_summary(summary))
+    return status
+
