@@ -6,10 +6,11 @@
     python scripts/generate.py --model.name qwen3 --flavor debugmodel_moe --checkpoint ...
     torchrun --nproc_per_node 8 scripts/generate.py --checkpoint ... --flavor 70B ...
 
-One process uses CUDA if there is one, else the CPU. Under torchrun the model is split with
-the trainer's tensor-parallel plan over all ranks (a model too large for one GPU; the head
-counts must divide by the number of ranks), every rank computes the same full logits, rank
-0 draws each token and sends it to the others, and rank 0 prints. Reads only the model
+``python -m torchtitan.generate`` takes the same options (scripts/generate.py calls
+:func:`main`). One process uses CUDA if there is one, else the CPU. Under torchrun the model
+is split with the trainer's tensor-parallel plan over all ranks (a model too large for one
+GPU; the head counts must divide by the number of ranks), every rank computes the same full
+logits, rank 0 draws each token and sends it to the others, and rank 0 prints. Reads only the model
 weights of the checkpoint (full or weights-only, any saved layout). ``--temperature 0`` is
 greedy decoding. The model has no KV cache, so every new token runs the whole sequence
 again: fine for checking a checkpoint, not for serving.

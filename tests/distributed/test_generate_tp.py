@@ -1,7 +1,8 @@
-"""scripts/generate.py tensor-parallel over 2 CPU ranks (gloo) against one process.
+"""torchtitan.generate (scripts/generate.py) tensor-parallel over 2 CPU ranks (gloo) against one
+process.
 
 The debug flavor with seeded random weights is written as a weights-only checkpoint; the
-ranks run generate.py's own ``main`` (as torchrun would: WORLD_SIZE 2, so the model is split
+ranks run its own ``main`` (as torchrun would: WORLD_SIZE 2, so the model is split
 with the trainer's TP plan). Checked: the TP model's logits for the prompt equal the
 single-process model's (fp32, 1e-5 relative: only the reduction order differs), and greedy
 and seeded top-k sampling give the same text on both ranks as in one process.
@@ -9,7 +10,6 @@ and seeded top-k sampling give the same text on both ranks as in one process.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+import torchtitan.generate as generate_module
 from harness import launch
 
 pytestmark = pytest.mark.slow
@@ -28,13 +29,6 @@ RUNS = {
     "greedy": ["--max-new-tokens", "8", "--temperature", "0"],
     "top_k": ["--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "50", "--seed", "3"],
 }
-
-
-def _generate_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scripts_generate", REPO / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _argv(checkpoint: str, run: str) -> list[str]:
@@ -54,11 +48,11 @@ def _prompt_logits(generate: ModuleType, checkpoint: str, tp: int) -> torch.Tens
 
 
 def rank_main(checkpoint: str) -> dict[str, Any]:
-    generate = _generate_script()
-    texts = {run: generate.main(_argv(checkpoint, run)) for run in RUNS}
-    tp_weights = sum(hasattr(p, "placements") for p in generate.load_model(
+    texts = {run: generate_module.main(_argv(checkpoint, run)) for run in RUNS}
+    tp_weights = sum(hasattr(p, "placements") for p in generate_module.load_model(
         checkpoint, "debugmodel", 64, torch.device("cpu"), tp=2).parameters())  # fmt: skip
-    return {"texts": texts, "logits": _prompt_logits(generate, checkpoint, tp=2).tolist(), "dtensor_params": tp_weights}
+    logits = _prompt_logits(generate_module, checkpoint, tp=2).tolist()
+    return {"texts": texts, "logits": logits, "dtensor_params": tp_weights}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,7 @@ def ranks(checkpoint: str) -> list[dict[str, Any]]:
 
 
 def test_tp_model_is_sharded_and_gives_the_single_process_logits(checkpoint: str, ranks: list) -> None:
-    reference = _prompt_logits(_generate_script(), checkpoint, tp=1)
+    reference = _prompt_logits(generate_module, checkpoint, tp=1)
     for rank in ranks:
         assert rank["dtensor_params"] > 0  # the weights really are split
         torch.testing.assert_close(torch.tensor(rank["logits"]), reference, rtol=1e-5, atol=1e-5)
@@ -92,6 +86,6 @@ def test_tp_model_is_sharded_and_gives_the_single_process_logits(checkpoint: str
 
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_tp_generation_equals_one_process(checkpoint: str, ranks: list, run: str) -> None:
-    expected = _generate_script().main(_argv(checkpoint, run))
+    expected = generate_module.main(_argv(checkpoint, run))
     assert expected  # eight new tokens decode to some text
     assert [rank["texts"][run] for rank in ranks] == [expected, expected]

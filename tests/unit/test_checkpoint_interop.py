@@ -1,18 +1,19 @@
 """Checkpoint interop: Hugging Face <-> DCP (checked against ``transformers`` itself), Meta's
-sharded originals -> DCP, and sampling text from a checkpoint (scripts/generate.py)."""
+sharded originals -> DCP (torchtitan.models.llama3.convert, the scripts' logic), and sampling
+text from a checkpoint (torchtitan.generate)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+from torchtitan import generate
 from torchtitan.components.checkpoint import list_checkpoints, read_model_state
 from torchtitan.models.llama3 import Transformer, TransformerModelArgs
+from torchtitan.models.llama3.convert import dcp_to_hf_main, hf_to_dcp_main, meta_to_dcp_main
 from torchtitan.models.llama3.state_dict_adapter import (
     Llama3StateDictAdapter,
     half_split_to_interleaved,
@@ -21,13 +22,6 @@ from torchtitan.models.llama3.state_dict_adapter import (
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = str(REPO / "tests/assets/test_tiktoken.model")
-
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -109,7 +103,7 @@ def test_debug_flavor_exports_to_transformers_with_matching_logits(trained, tmp_
     transformers = pytest.importorskip("transformers")
     path, model = trained
     out = tmp_path / "hf"
-    _script("convert_dcp_to_hf").main([path, str(out), "--flavor", "debugmodel"])
+    dcp_to_hf_main([path, str(out), "--flavor", "debugmodel"])
     config = json.loads((out / "config.json").read_text())
     assert config["num_key_value_heads"] == 8 and config["rope_scaling"]["rope_type"] == "llama3"
     hf = transformers.LlamaForCausalLM.from_pretrained(
@@ -161,7 +155,7 @@ def test_hf_to_dcp_to_hf_is_identity_and_matches_transformers(tmp_path):
     hf.save_pretrained(str(source), safe_serialization=True)
 
     dcp_dir = tmp_path / "dcp"
-    _script("convert_hf_to_dcp").main([str(source), str(dcp_dir)])
+    hf_to_dcp_main([str(source), str(dcp_dir)])
     state = read_model_state(str(dcp_dir))
     args = Llama3StateDictAdapter.args_from_hf_config(json.loads((source / "config.json").read_text()))
     args.max_seq_len = 64
@@ -172,7 +166,7 @@ def test_hf_to_dcp_to_hf_is_identity_and_matches_transformers(tmp_path):
     assert (_logits(ours, tokens) - _logits(hf, tokens)).abs().max().item() < 1e-4
 
     back = tmp_path / "hf_back"
-    _script("convert_dcp_to_hf").main([str(dcp_dir), str(back), "--hf-config", str(source / "config.json")])
+    dcp_to_hf_main([str(dcp_dir), str(back), "--hf-config", str(source / "config.json")])
     original, round_trip = (
         load_file(str(source / "model.safetensors")),
         load_file(str(back / "model.safetensors")),
@@ -185,13 +179,12 @@ def test_hf_to_dcp_to_hf_is_identity_and_matches_transformers(tmp_path):
 
 def test_converter_errors_are_one_line(tmp_path, trained, capsys):
     path, _ = trained
-    convert = _script("convert_dcp_to_hf")
     with pytest.raises(SystemExit) as info:
-        convert.main([path, str(tmp_path / "out"), "--flavor", "1B"])
+        dcp_to_hf_main([path, str(tmp_path / "out"), "--flavor", "1B"])
     assert "tok_embeddings.weight has shape (2256, 256) but this model needs (2256, 2048)" in str(info.value)
     assert "\n" not in str(info.value)
     with pytest.raises(SystemExit) as info:
-        _script("convert_hf_to_dcp").main([str(tmp_path / "nowhere"), str(tmp_path / "x")])
+        hf_to_dcp_main([str(tmp_path / "nowhere"), str(tmp_path / "x")])
     assert "config.json does not exist" in str(info.value)
 
 
@@ -254,7 +247,7 @@ def test_meta_shards_convert_to_the_original_weights(tmp_path, dims):
         use_scaled_rope=True,
     )
     (meta / "params.json").write_text(json.dumps(params))
-    _script("convert_meta_to_dcp").main([str(meta), str(tmp_path / "dcp")])
+    meta_to_dcp_main([str(meta), str(tmp_path / "dcp")])
     converted = read_model_state(str(tmp_path / "dcp"))
     assert converted.keys() == state.keys()
     for key in state:
@@ -266,7 +259,6 @@ def test_meta_shards_convert_to_the_original_weights(tmp_path, dims):
 
 def test_generate_greedy_follows_the_argmax(trained, capsys):
     path, model = trained
-    generate = _script("generate")
     text = generate.main(
         [
             "--checkpoint",
