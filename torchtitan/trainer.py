@@ -28,6 +28,7 @@ from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.context_parallel import cp_context
@@ -115,6 +116,17 @@ class Trainer:
         self.amp_context = dist_utils.maybe_enable_amp(pd.fsdp_enabled, t.mixed_precision_param, dev)
         self.metrics = build_metrics_processor(
             cfg, rank=self.rank, device=self.device, flops_per_token=self.flops_per_token
+        )
+        # Held-out loss every validation.freq steps (None when validation.enable is off).
+        self.validator = build_validator(
+            cfg, tokenizer=self.tokenizer, dp_rank=dp_rank, dp_degree=dp_degree, model_parts=self.model_parts,
+            parallel_dims=pd, device=self.device, loss_fn=self.loss_fn, train_context=self.train_context,
+            amp_context=self.amp_context, metrics=self.metrics, rank=self.rank,
+            log_here=self.rank == 0 or not cfg.metrics.rank_0_only, chunked_loss=t.chunked_loss,
+            cp_rotate_method=p.context_parallel_rotate_method, cp_load_balance=p.context_parallel_load_balance,
+            pp_schedule=self.pp_schedule, pp_has_first_stage=getattr(self, "pp_has_first_stage", False),
+            pp_has_last_stage=getattr(self, "pp_has_last_stage", False),
+            pp_loss_scale=self.grad_accumulation_steps, seed=t.seed or 0,
         )
         self.step = 0
         self.ntokens_seen = 0
@@ -338,6 +350,8 @@ class Trainer:
                     self.step_guard.settle()  # logging syncs anyway; a checkpoint must know whether this step counted
                 if should_log:
                     losses.append(self._log(loss, grad_norm, lr))
+                if self.validator is not None and self.validator.should_validate(self.step):
+                    self.validator.validate(self.step)
                 self.ntokens_seen += self.global_batch_size * t.seq_len
                 self.checkpointer.save(self.step, last_step=last_step)
                 if self.step_guard.preempt_after_step and self.step < t.steps:

@@ -197,6 +197,29 @@ class MetricsProcessor:
         self.last = metrics
         return metrics
 
+    def log_validation(
+        self, step: int, *, loss: float, perplexity: float, batches: int, seconds: float
+    ) -> dict[str, float]:
+        """One validation's numbers (components/validate.py) to every sink; the training
+        window's counters are left alone."""
+        metrics = {
+            "validation_metrics/loss": loss,
+            "validation_metrics/perplexity": perplexity,
+            "validation_metrics/batches": float(batches),
+            "validation_metrics/time(s)": seconds,
+        }
+        for lg in self.loggers:
+            lg.log(metrics, step)
+        if self.jsonl is not None:
+            self.jsonl.log(metrics, step, window_s=seconds, window_tokens=0)
+        self.window.start += seconds  # the training window's tokens/s leaves validation time out
+        c = self.color
+        logger.info(
+            f"{c.yellow}validate step: {step:2}  {c.green}loss: {loss:.8g}  "
+            f"{c.cyan}perplexity: {perplexity:.4f}  {c.magenta}batches: {batches}  time: {seconds:.2f}s{c.reset}"
+        )
+        return metrics
+
     def summary(self) -> str:
         if not self.tps_history:
             return "no throughput window after warm-up"

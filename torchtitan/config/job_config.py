@@ -489,6 +489,18 @@ class Checkpoint(Section):
         False, "write a step-0 checkpoint of the initialised model and exit (one rank)"
     )
     fail_on_save_error: bool = _opt(True, "stop training if a save fails (else log and go on)")
+    initial_load_in_hf: bool = _opt(
+        False,
+        "initial_load_path is a Hugging Face folder (config.json + model.safetensors, or shards "
+        "with model.safetensors.index.json), read through the model family's state-dict adapter "
+        "and resharded to this run's layout",
+    )
+    last_save_in_hf: bool = _opt(
+        False,
+        "write the last step's model as a Hugging Face folder (safetensors shards, index, "
+        "config.json) in <folder>/step-N-hf instead of a DCP checkpoint; needs "
+        "last_save_model_only (alias of model_weights_only), dtype from export_dtype",
+    )
 
     def check(self) -> None:
         self._nonempty("folder", "exclude_from_loading")
@@ -499,6 +511,43 @@ class Checkpoint(Section):
         self._at_least("load_step", -1)
         if self.create_seed_checkpoint and not self.enable:
             self._fail("create_seed_checkpoint", "needs checkpoint.enable = true")
+        if self.initial_load_in_hf and not (self.enable and self.initial_load_path):
+            self._fail(
+                "initial_load_in_hf",
+                "needs checkpoint.enable = true and checkpoint.initial_load_path = <Hugging Face folder>",
+            )
+        if self.last_save_in_hf and not (self.enable and self.model_weights_only):
+            self._fail(
+                "last_save_in_hf",
+                "needs checkpoint.enable = true and checkpoint.last_save_model_only = true "
+                "(a Hugging Face folder holds the model only)",
+            )
+
+
+@dataclass
+class Validation(Section):
+    """Periodic validation: the loss (and perplexity) on a held-out dataset, no gradients."""
+
+    _section: ClassVar[str] = "validation"
+    enable: bool = _opt(False, "compute the loss on a held-out dataset every validation.freq steps")
+    dataset: str = _opt(
+        "c4_validation", "held-out dataset, a key of the dataset registry (c4_validation: C4's validation split)"
+    )
+    dataset_path: str | None = _opt(None, "local path or hub id overriding the dataset's default")
+    local_batch_size: int = _opt(8, "samples per data-parallel rank per validation batch")
+    seq_len: int = _opt(2048, "tokens per validation sample")
+    freq: int = _opt(10, "validate after every this many training steps")
+    steps: int = _opt(-1, "batches per validation (per data-parallel rank); -1 = the whole dataset")
+
+    def check(self) -> None:
+        self._nonempty("dataset")
+        if self.dataset_path is not None:
+            self._nonempty("dataset_path")
+        self._at_least("local_batch_size", 1)
+        self._at_least("seq_len", 1)
+        self._at_least("freq", 1)
+        if self.steps != -1 and self.steps < 1:
+            self._fail("steps", "must be -1 (the whole dataset) or >= 1")
 
 
 @dataclass
@@ -681,6 +730,7 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    validation: Validation = field(default_factory=Validation)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     float8: Float8 = field(default_factory=Float8)

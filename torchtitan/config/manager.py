@@ -60,6 +60,7 @@ ALIASES: dict[str, str] = {
     "experimental.enable_async_tensor_parallel": "parallelism.enable_async_tensor_parallel",
     "experimental.enable_compiled_autograd": "parallelism.enable_compiled_autograd",
     "checkpoint.enable_checkpoint": "checkpoint.enable",
+    "checkpoint.last_save_model_only": "checkpoint.model_weights_only",  # TorchTitan v0.2's name
     "lr_scheduler.lr_min": "lr_scheduler.min_lr_factor",
     "memory_estimation.enabled": "memory_estimation.enable",
     # Special cases (boolean old keys, see _Option.kind):
