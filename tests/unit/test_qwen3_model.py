@@ -535,11 +535,17 @@ def test_generate_script_selects_the_family(tmp_path, capsys):
 # ---- the trainer ----------------------------------------------------------------------------
 
 
-def test_trainer_trains_debugmodel_moe_from_its_toml(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["debugmodel_moe", "tied"])
+def test_trainer_trains_debugmodel_moe_from_its_toml(tmp_path, monkeypatch, tied):
     """train_configs/qwen3_debug_moe.toml through the real Trainer (one CPU process): the
-    loss falls and the expert bias moves."""
+    loss falls and the expert bias moves; a tied variant stays tied (one parameter)."""
     import importlib.util
     from pathlib import Path
+
+    if tied:
+        flavor = copy.deepcopy(qwen3_configs["debugmodel_moe"])
+        flavor.enable_weight_tying = True
+        monkeypatch.setitem(qwen3_configs, "debugmodel_moe", flavor)
 
     if importlib.util.find_spec("torchtitan.models.qwen3.parallelize") is None:
         pytest.skip("torchtitan/models/qwen3/parallelize.py is not there yet")
@@ -562,5 +568,7 @@ def test_trainer_trains_debugmodel_moe_from_its_toml(tmp_path):
     finally:
         trainer.close()
     assert losses[-1] < losses[0] - 0.5, losses
-    bias = trainer.model_parts[0].layers["0"].moe.expert_bias
-    assert float(bias.abs().sum()) > 0
+    model = trainer.model_parts[0]
+    assert float(model.layers["0"].moe.expert_bias.abs().sum()) > 0
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    assert len(trainer.params) == len({id(p) for p in trainer.params})
