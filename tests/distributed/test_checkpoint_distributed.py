@@ -30,10 +30,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from harness import launch
+from small_trainer import small_trainer_config
 
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = ("disabled", "async", "async_with_pinned_mem")
 RESUME_STEPS, RESUME_AT = 20, 10
 
@@ -61,41 +61,22 @@ def _register_flavor() -> None:
 
 
 def _config(dump_folder: str, layout: dict[str, int], *overrides: str):
-    from torchtitan.config import ConfigManager
-
-    return ConfigManager().parse_args(
-        [
-            "--job.config_file",
-            os.path.join(REPO, "train_configs", "debug_model.toml"),
-            "--job.dump_folder",
-            dump_folder,
-            "--job.no-print_config",
-            "--model.flavor",
-            FLAVOR,
-            "--model.tokenizer_path",
-            os.path.join(REPO, "tests", "assets", "test_tiktoken.model"),
-            "--training.mixed_precision_param",
-            "float32",
-            "--training.seq_len",
-            "64",
-            "--training.local_batch_size",
-            "2",
-            "--training.deterministic",
-            "--activation_checkpoint.mode",
-            "none",
-            "--metrics.log_freq",
-            "1",
-            "--comm.trace_buf_size",
-            "0",
-            "--parallelism.data_parallel_shard_degree",
-            str(layout.get("dp_shard", 1)),
-            "--parallelism.tensor_parallel_degree",
-            str(layout.get("tp", 1)),
-            # Trainer.train_step adds the loss into a plain tensor, which fails for the
-            # DTensor loss of loss parallel; gathering the logits sidesteps that here.
-            "--parallelism.disable_loss_parallel",
-            *overrides,
-        ]
+    return small_trainer_config(
+        dump_folder,
+        "--job.no-print_config",
+        "--model.flavor", FLAVOR,
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "2",
+        "--training.deterministic",
+        "--activation_checkpoint.mode", "none",
+        "--metrics.log_freq", "1",
+        "--comm.trace_buf_size", "0",
+        "--parallelism.data_parallel_shard_degree", str(layout.get("dp_shard", 1)),
+        "--parallelism.tensor_parallel_degree", str(layout.get("tp", 1)),
+        # Trainer.train_step adds the loss into a plain tensor, which fails for the
+        # DTensor loss of loss parallel; gathering the logits sidesteps that here.
+        "--parallelism.disable_loss_parallel",
+        *overrides,
     )
 
 

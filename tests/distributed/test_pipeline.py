@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 from harness import launch
+from small_trainer import small_trainer_args
+
+from torchtitan.config import PIPELINE_SCHEDULES
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +28,7 @@ FP32_TOL = 1e-5
 REPO = Path(__file__).resolve().parents[2]
 CSV_1F1B = str(REPO / "tests/assets/pp_1f1b.csv")
 
-ALL_SCHEDULES = [
-    "GPipe",
-    "1F1B",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-    "DualPipeV",
-]
+ALL_SCHEDULES = list(PIPELINE_SCHEDULES)  # GPipe, 1F1B, Interleaved1F1B, ..., DualPipeV
 
 TWO_RANK_LAYOUTS = [
     *[dict(name=f"pp2_{s}", pp=2, schedule=s) for s in ALL_SCHEDULES],
@@ -70,17 +65,14 @@ EIGHT_RANK_LAYOUTS = [
 
 def _common_trainer_args(dump: str) -> list[str]:
     """The debug TOML in fp32 with 4 samples of 64 tokens per step and clipping active."""
-    return [
-        "--job.config_file", str(REPO / "train_configs/debug_model.toml"),
-        "--job.dump_folder", dump,
-        "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
-        "--training.mixed_precision_param", "float32",
+    return small_trainer_args(
+        dump,
         "--training.seq_len", "64",
         "--training.global_batch_size", "4",
         "--training.max_norm", "0.5",
         "--activation_checkpoint.mode", "none",
         "--metrics.log_freq", "1",
-    ]
+    )
 
 
 def _trainer_configs(dump: str) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from small_trainer import small_trainer_config
 from torchtitan.components.checkpoint import (
     MARKER,
     CheckpointError,
@@ -30,7 +31,7 @@ from torchtitan.components.checkpoint import manager as ckpt_manager
 from torchtitan.components.checkpoint.staging import StagedWriter, StateStager
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.config import Checkpoint as CheckpointConfig
-from torchtitan.config import ConfigError, ConfigManager
+from torchtitan.config import ConfigError
 from torchtitan.config import Optimizer as OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -484,30 +485,16 @@ def test_write_and_read_model_state_without_process_group(tmp_path):
 
 
 def _trainer_config(dump: Path, *overrides: str):
-    return ConfigManager().parse_args(
-        [
-            "--job.config_file",
-            str(REPO / "train_configs" / "debug_model.toml"),
-            "--job.dump_folder",
-            str(dump),
-            "--job.no-print_config",
-            "--model.tokenizer_path",
-            str(REPO / "tests/assets/test_tiktoken.model"),
-            "--training.mixed_precision_param",
-            "float32",
-            "--training.seq_len",
-            "64",
-            "--training.local_batch_size",
-            "2",
-            "--training.deterministic",
-            "--activation_checkpoint.mode",
-            "none",
-            "--metrics.log_freq",
-            "1",
-            "--comm.trace_buf_size",
-            "0",
-            *overrides,
-        ]
+    return small_trainer_config(
+        dump,
+        "--job.no-print_config",
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "2",
+        "--training.deterministic",
+        "--activation_checkpoint.mode", "none",
+        "--metrics.log_freq", "1",
+        "--comm.trace_buf_size", "0",
+        *overrides,
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from small_trainer import small_trainer_args
 from torchtitan.components.checkpoint import MARKER, list_checkpoints
 from torchtitan.config import ConfigManager
 
@@ -54,35 +55,20 @@ trainer.train()
 
 
 def _args(dump: Path, mode: str) -> list[str]:
-    return [
-        "--job.config_file",
-        str(REPO / "train_configs" / "debug_model.toml"),
-        "--job.dump_folder",
-        str(dump),
+    return small_trainer_args(
+        dump,
         "--job.no-print_config",
-        "--model.tokenizer_path",
-        str(REPO / "tests/assets/test_tiktoken.model"),
-        "--training.mixed_precision_param",
-        "float32",
-        "--training.seq_len",
-        "64",
-        "--training.local_batch_size",
-        "2",
-        "--training.steps",
-        "4",
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "2",
+        "--training.steps", "4",
         "--training.deterministic",
-        "--activation_checkpoint.mode",
-        "none",
-        "--metrics.log_freq",
-        "1",
-        "--comm.trace_buf_size",
-        "0",
+        "--activation_checkpoint.mode", "none",
+        "--metrics.log_freq", "1",
+        "--comm.trace_buf_size", "0",
         "--checkpoint.enable",
-        "--checkpoint.interval",
-        "2",
-        "--checkpoint.async_mode",
-        mode,
-    ]
+        "--checkpoint.interval", "2",
+        "--checkpoint.async_mode", mode,
+    )
 
 
 def _run_until_writing(args: list[str], log_file: Path) -> dict[int, float]:

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+from small_trainer import small_trainer_config
 from torchtitan.components.float8 import (
     Float8Converter,
     build_model_converters,
@@ -27,11 +27,10 @@ from torchtitan.components.float8 import (
     float8_module_filter,
     native_cpu_float8_matmuls,
 )
-from torchtitan.config import ConfigError, ConfigManager, JobConfig
+from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models.llama3 import Transformer, llama3_configs
 
-REPO = Path(__file__).resolve().parents[2]
 ONE = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, world_size=1)
 # Tiny model for the numerics: 2 layers, dim 64; every block linear has dims divisible by 16.
 TINY = dataclasses.replace(
@@ -275,19 +274,14 @@ def test_combinations_that_do_not_compose(recipe, float8, tp, match) -> None:
 def test_trainer_runs_with_float8_converter(tmp_path) -> None:
     from torchtitan.trainer import Trainer
 
-    cfg = ConfigManager().parse_args(
-        [
-            "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
-            "--job.dump_folder", str(tmp_path),
-            "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
-            "--model.converters", "float8",
-            "--training.mixed_precision_param", "float32",
-            "--training.seq_len", "32",
-            "--training.local_batch_size", "2",
-            "--training.steps", "3",
-            "--metrics.log_freq", "1",
-            "--activation_checkpoint.mode", "none",
-        ]
+    cfg = small_trainer_config(
+        tmp_path,
+        "--model.converters", "float8",
+        "--training.seq_len", "32",
+        "--training.local_batch_size", "2",
+        "--training.steps", "3",
+        "--metrics.log_freq", "1",
+        "--activation_checkpoint.mode", "none",
     )
     trainer = Trainer(cfg)
     try:

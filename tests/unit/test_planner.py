@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from small_trainer import small_trainer_config
 from torchtitan.config import ConfigManager
 from torchtitan.planner import dry_run, get_gpu
 from torchtitan.planner.dry_run import fake_process_group, role_ranks
@@ -45,17 +46,7 @@ H100 = get_gpu("H100")
 
 
 def _cfg(tmp_path, *args: str):
-    return ConfigManager().parse_args(
-        [
-            "--job.config_file", DEBUG,
-            "--job.dump_folder", str(tmp_path),
-            "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
-            "--training.seq_len", "64",
-            "--training.local_batch_size", "2",
-            "--training.mixed_precision_param", "float32",
-            *args,
-        ]
-    )
+    return small_trainer_config(tmp_path, "--training.seq_len", "64", "--training.local_batch_size", "2", *args)
 
 
 @pytest.fixture

@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
 
-from torchtitan.config import ConfigManager
+from small_trainer import small_trainer_config
 from torchtitan.tools.profiling import MemorySnapshotter
 from torchtitan.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _trainer(tmp_path, *overrides) -> Trainer:
-    cfg = ConfigManager().parse_args(
-        [
-            "--job.config_file", str(REPO / "train_configs" / "debug_model.toml"),
-            "--job.dump_folder", str(tmp_path),
-            "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
-            "--training.mixed_precision_param", "float32",
-            "--training.seq_len", "32",
-            "--training.local_batch_size", "1",
-            "--activation_checkpoint.mode", "none",
-            *overrides,
-        ]
+    cfg = small_trainer_config(
+        tmp_path,
+        "--training.seq_len", "32",
+        "--training.local_batch_size", "1",
+        "--activation_checkpoint.mode", "none",
+        *overrides,
     )
     return Trainer(cfg)
 

@@ -8,26 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from small_trainer import DEBUG_TOML, small_trainer_config
 from torchtitan.config import ConfigManager
 from torchtitan.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
-DEBUG_TOML = str(REPO / "train_configs" / "debug_model.toml")
 
 
 def _config(tmp_path, *overrides):
-    return ConfigManager().parse_args(
-        [
-            "--job.config_file", DEBUG_TOML,
-            "--job.dump_folder", str(tmp_path),
-            "--model.tokenizer_path", str(REPO / "tests/assets/test_tiktoken.model"),
-            "--training.mixed_precision_param", "float32",
-            "--training.seq_len", "64",
-            "--training.max_norm", "1.0",
-            "--metrics.log_freq", "1",
-            "--activation_checkpoint.mode", "none",
-            *overrides,
-        ]
+    return small_trainer_config(
+        tmp_path,
+        "--training.seq_len", "64",
+        "--training.max_norm", "1.0",
+        "--metrics.log_freq", "1",
+        "--activation_checkpoint.mode", "none",
+        *overrides,
     )
 
 

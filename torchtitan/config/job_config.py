@@ -391,6 +391,9 @@ class Parallelism(Section):
     tensor_parallel_degree: int = _opt(1, "tensor parallel degree")
     pipeline_parallel_degree: int = _opt(1, "pipeline parallel stages (over ranks)")
     context_parallel_degree: int = _opt(1, "context parallel degree (sequence split)")
+    expert_parallel_degree: int = _opt(
+        1, "expert parallel degree: MoE routed experts sharded over this many of the dp_shard x cp ranks"
+    )
     fsdp_reshard_after_forward: str = _opt(
         "default",
         "free unsharded params after forward: default (yes unless PP), always, never",
@@ -432,6 +435,7 @@ class Parallelism(Section):
             "tensor_parallel_degree",
             "pipeline_parallel_degree",
             "context_parallel_degree",
+            "expert_parallel_degree",
         ):
             self._at_least(key, 1)
         if self.data_parallel_shard_degree != -1:
