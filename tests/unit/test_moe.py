@@ -16,6 +16,7 @@ from torchtitan.models.common.moe import (
     build_moe_step_hooks,
     moe_metrics,
     sequence_aux_loss,
+    update_expert_bias,
     validate_moe_config,
 )
 
@@ -156,11 +157,11 @@ def test_bias_update_rule_and_accumulation():
         moe(x2)  # two micro-batches: the counts add up
     load = moe.tokens_per_expert.clone()
     assert load.sum().item() == 2 * 10 * 2
-    metrics = moe_metrics([model])
+    hooks[0]()
+    metrics = moe_metrics([model])  # after the step, as the trainer logs
     assert set(metrics) >= {"moe/imbalance", "moe/imbalance_max", "moe/max_load", "moe/min_load"}
     assert metrics["moe/worst_layer"] == 0.0
     torch.testing.assert_close(torch.tensor(metrics["moe/imbalance"]), load.max() / load.mean())
-    hooks[0]()
     expected = 0.01 * torch.sign(load.mean() - load)
     torch.testing.assert_close(moe.expert_bias, expected)
     assert (moe.tokens_per_expert == 0).all()
@@ -173,12 +174,20 @@ def test_bias_update_rule_and_accumulation():
     assert build_moe_step_hooks([torch.nn.Linear(2, 2)], None) == []
 
 
-def test_activation_checkpoint_recompute_not_counted_twice():
-    moe = build()
+def test_activation_checkpoint_recompute_scales_counts_not_the_update():
+    """A recompute counts a layer's tokens again: every expert's count doubles, so the
+    bias update (a sign) and the load fractions equal those of a run without AC."""
+    plain, ckpt = build(seed=5), build(seed=5)
     x = torch.randn(2, 4, DIM, requires_grad=True)
-    out = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False)
+    plain(x).pow(2).sum().backward()
+    out = torch.utils.checkpoint.checkpoint(ckpt, x, use_reentrant=False)
     out.pow(2).sum().backward()
-    assert moe.tokens_per_expert.sum().item() == 8 * moe.top_k
+    assert plain.tokens_per_expert.sum().item() == 8 * plain.top_k
+    torch.testing.assert_close(ckpt.tokens_per_expert, 2 * plain.tokens_per_expert)
+    update_expert_bias(plain, plain.tokens_per_expert)
+    update_expert_bias(ckpt, ckpt.tokens_per_expert)
+    torch.testing.assert_close(ckpt.expert_bias, plain.expert_bias)
+    assert plain.expert_bias.abs().sum() > 0  # the update did move the bias
 
 
 def test_aux_loss_gradient():

@@ -5,6 +5,12 @@ forward, one reduce-scatter after its backward), the embedding as another, and t
 norm with the output projection as a third, then the root. Blocks are found by the module
 names of docs/architecture.md (``tok_embeddings``, ``layers``, ``norm``, ``output``); any of
 them may be None on a pipeline stage.
+
+Under expert parallelism the routed experts of an MoE block (``<block>.moe.experts``, whose
+weights ``apply_ep`` made DTensors sharded over ``ep``) are their own FSDP unit over the data
+ranks EP leaves (``dp_shard_mod_ep``, with ``dp_replicate`` under HSDP); the block's unit
+then takes the rest. See ``torchtitan/distributed/expert_parallel.py`` for the gradient
+divide factor.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from torchtitan.config import ConfigError
 
@@ -43,11 +50,17 @@ def apply_fsdp(
     pp_enabled: bool,
     cpu_offload: bool = False,
     reshard_after_forward_policy: str = "default",
+    experts_mesh: DeviceMesh | None = None,
+    ep_gradient_divide_factor: float | None = None,
 ) -> nn.Module:
     """Shard ``model`` with FSDP2 over ``dp_mesh``; a 2-D mesh (replicate, shard) gives HSDP.
 
     ``param_dtype`` is the compute dtype of gathered parameters; gradients are reduced in
     ``reduce_dtype``; sharded parameters and optimizer state stay in their own dtype (fp32).
+
+    ``experts_mesh`` (expert parallelism): the mesh the EP-sharded routed experts
+    (``<block>.moe.experts``) are FSDP-sharded over, as a unit of their own whose gradients
+    are divided by ``ep_gradient_divide_factor`` (all data ranks) instead of its group size.
     """
     if reshard_after_forward_policy not in RESHARD_POLICIES:
         raise ConfigError(
@@ -68,8 +81,19 @@ def apply_fsdp(
             reshard_after_forward=_reshard_after_forward(reshard_after_forward_policy, pp_enabled, False),
             **config,
         )
-    blocks = list(model.layers.values())
+    blocks = [b for b in model.layers.values() if b is not None]
     for i, block in enumerate(blocks):
+        experts = getattr(getattr(block, "moe", None), "experts", None)
+        if experts_mesh is not None and experts is not None:
+            _shard_experts(
+                experts,
+                experts_mesh,
+                ep_gradient_divide_factor,
+                reshard_after_forward=_reshard_after_forward(
+                    reshard_after_forward_policy, pp_enabled, i == len(blocks) - 1
+                ),
+                **config,
+            )
         fully_shard(
             block,
             reshard_after_forward=_reshard_after_forward(
@@ -84,6 +108,34 @@ def apply_fsdp(
         fully_shard(tail, reshard_after_forward=reshard_after_forward_policy == "always", **config)
     fully_shard(model, reshard_after_forward=reshard_after_forward_policy == "always", **config)
     return model
+
+
+def _shard_experts(
+    experts: nn.Module,
+    experts_mesh: DeviceMesh,
+    gradient_divide_factor: float | None,
+    reshard_after_forward: bool,
+    **config,
+) -> None:
+    """One FSDP unit for a block's routed experts over ``experts_mesh``.
+
+    The local expert dim (``num_experts / ep``) is sharded when it has at least one expert
+    per rank; otherwise the hidden dim (dim 1), so no rank gets an empty shard.
+    """
+    config = dict(config, mesh=experts_mesh)
+    shard_size = experts_mesh.size(-1)
+    local_experts = min(p.to_local().shape[0] if hasattr(p, "to_local") else p.shape[0] for p in experts.parameters())
+    if local_experts < shard_size:
+        config["shard_placement_fn"] = lambda param: Shard(1)
+    fully_shard(experts, reshard_after_forward=reshard_after_forward, **config)
+    if gradient_divide_factor is not None:
+        experts.set_gradient_divide_factor(gradient_divide_factor)
+        gloo = any(torch.distributed.get_backend(g) == "gloo" for g in experts_mesh.get_all_groups())
+        if gloo and shard_size > 1:
+            # A custom factor makes the reduce-scatter a PREMUL_SUM, which gloo lacks: sum,
+            # then divide. (Not with one shard: FSDP then divides while copying, and a
+            # forced sum would divide a second time, torch 2.13.)
+            experts.set_force_sum_reduction_for_comms(True)
 
 
 def apply_ddp(

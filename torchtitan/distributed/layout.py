@@ -36,6 +36,7 @@ def validate_layout(cfg: JobConfig, world_size: int) -> LayoutCheck:
         pp=p.pipeline_parallel_degree,
         world_size=world_size,
         enable_loss_parallel=not p.disable_loss_parallel,
+        ep=getattr(p, "expert_parallel_degree", 1),
     )
     validate_cp(
         p.context_parallel_degree,

@@ -11,6 +11,14 @@ built on top:
 - ``dp_shard_cp`` = dp_shard × cp                ranks FSDP shards parameters over
 - ``dp_cp``       = dp_replicate × dp_shard × cp ranks the loss is averaged over
 
+With expert parallelism (``ep`` > 1) two more views split ``dp_shard_cp`` in two, as
+TorchTitan does (EP borrows its ranks from dp_shard × cp, so it needs no extra GPUs):
+
+- ``ep``              = the inner ``ep`` ranks of dp_shard_cp: MoE routed experts are split
+                        over them and tokens travel between them by all-to-all
+- ``dp_shard_mod_ep`` = the outer dp_shard × cp / ep ranks: FSDP shards the routed experts
+                        over these only (each holds the same experts)
+
 Since torch 2.11 slicing a flattened dim out of the root mesh (``world_mesh["dp"]``) is
 deprecated, so the views are kept here and handed out by :meth:`ParallelDims.get_mesh`.
 
@@ -47,6 +55,7 @@ _OPTION = {
     "cp": "parallelism.context_parallel_degree",
     "tp": "parallelism.tensor_parallel_degree",
     "pp": "parallelism.pipeline_parallel_degree",
+    "ep": "parallelism.expert_parallel_degree",
 }
 
 
@@ -64,6 +73,7 @@ class ParallelDims:
     pp: int
     world_size: int
     enable_loss_parallel: bool = True
+    ep: int = 1  # expert parallel: borrowed from dp_shard × cp, not a factor of world_size
 
     def __post_init__(self) -> None:
         self._validate()
@@ -92,6 +102,7 @@ class ParallelDims:
                     f"{self.world_size}"
                 )
             self.dp_shard = self.world_size // others
+            self._validate_ep()
             return
         product = others * self.dp_shard
         if product != self.world_size:
@@ -102,6 +113,26 @@ class ParallelDims:
                 fix = f"choose degrees whose product is {self.world_size}"
             raise ConfigError(
                 f"parallelism degrees {terms} = {product} ≠ world size {self.world_size}; {fix}"
+            )
+        self._validate_ep()
+
+    def _validate_ep(self) -> None:
+        """EP takes its ranks from dp_shard × cp; under TP each TP group routes the same
+        tokens, and EP must be at least TP (TorchTitan's rule, kept so that an expert-TP
+        layout can later split the routed tokens over tp without changing the meshes)."""
+        if self.ep < 1:
+            raise ConfigError(f"{_OPTION['ep']} must be >= 1, got {self.ep}")
+        if self.ep == 1:
+            return
+        borrowed = self.dp_shard * self.cp
+        if borrowed % self.ep != 0:
+            raise ConfigError(
+                f"{_OPTION['ep']} {self.ep} must divide data_parallel_shard_degree × "
+                f"context_parallel_degree = {self.dp_shard} × {self.cp} = {borrowed} (EP borrows those ranks)"
+            )
+        if self.tp > 1 and self.ep < self.tp:
+            raise ConfigError(
+                f"{_OPTION['ep']} {self.ep} must be >= {_OPTION['tp']} {self.tp} when both are used"
             )
 
     def _degrees(self) -> dict[str, int]:
@@ -136,6 +167,14 @@ class ParallelDims:
         self._meshes = {name: mesh[name] for name in MESH_DIM_NAMES}
         for flat_name, dims in FLATTENED_MESH_DIMS.items():
             self._meshes[flat_name] = mesh[dims]._flatten(flat_name)
+        if self.ep > 1:
+            # dp_shard_cp = dp_shard_mod_ep (outer) × ep (inner): an EP group is a block of
+            # consecutive dp_shard_cp ranks, so its all-to-alls stay as local as possible.
+            split = self._meshes["dp_shard_cp"]._unflatten(
+                0, (self.dp_shard * self.cp // self.ep, self.ep), ("dp_shard_mod_ep", "ep")
+            )
+            self._meshes["ep"] = split["ep"]
+            self._meshes["dp_shard_mod_ep"] = split["dp_shard_mod_ep"]
         self._world_mesh = mesh
         return mesh
 
@@ -158,6 +197,11 @@ class ParallelDims:
             return self.get_mesh(dims[0])
         key = "+".join(dims)
         if key not in self._meshes:
+            if any(d in ("ep", "dp_shard_mod_ep") for d in dims):
+                # Views unflattened from dp_shard_cp are not known to the root mesh by name:
+                # join the 1-D meshes (the same ranks, the same process groups).
+                self._meshes[key] = DeviceMesh._concatenate([self.get_mesh(d) for d in dims])
+                return self._meshes[key]
             with warnings.catch_warnings():
                 # Slicing flattened dims from the root is the only way to get a 2-D
                 # (replicate, shard) mesh on torch 2.11; the warning is about a future API.
@@ -220,6 +264,10 @@ class ParallelDims:
     @property
     def loss_parallel_enabled(self) -> bool:
         return self.tp > 1 and self.enable_loss_parallel
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
 
     @property
     def dp_degree(self) -> int:

@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -352,7 +353,31 @@ def build_pipeline_schedule(
         sched = cls(stages[0], n_microbatches=n_microbatches, loss_fn=microbatch_loss, scale_grads=False)
     if schedule_csv:
         sched._load_csv(schedule_csv)
+    for stage in stages:
+        _no_stats_in_metadata_inference(stage)
     return sched
+
+
+def _no_stats_in_metadata_inference(stage: Any) -> None:
+    """On its first step torch runs each stage's forward once more, to infer the shapes it
+    sends (later stages on uninitialised inputs). Modules that accumulate training
+    statistics in forward say so with a ``collect_stats`` attribute (the MoE token counts
+    behind the expert-bias update): it is off during that extra forward."""
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if infer is None:
+        return
+
+    def without_stats(*args: Any, **kwargs: Any) -> Any:
+        modules = [m for m in stage.submod.modules() if hasattr(m, "collect_stats")]
+        for m in modules:
+            m.collect_stats = False
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            for m in modules:
+                m.collect_stats = True
+
+    stage._forward_metadata_inference = without_stats
 
 
 def pipeline_step(

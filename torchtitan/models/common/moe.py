@@ -323,14 +323,6 @@ def sequence_aux_loss(
 # ---- the layer --------------------------------------------------------------------------
 
 
-def _in_backward() -> bool:
-    """True while autograd's engine runs (e.g. activation checkpointing's recompute)."""
-    try:
-        return torch._C._current_graph_task_id() != -1
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
 class MoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer: ``[bs, slen, dim] -> [bs, slen, dim]``.
 
@@ -349,6 +341,8 @@ class MoE(nn.Module):
         self.top_k = moe_args.top_k
         self.load_balance_coeff = moe_args.load_balance_coeff
         self.aux_loss_alpha = moe_args.aux_loss_alpha
+        # Whether forward adds to tokens_per_expert (see torchtitan/distributed/pipeline.py).
+        self.collect_stats = True
         # Gradient the auxiliary loss enters backward with (see _AttachAuxLoss).
         self.aux_loss_grad_scale = 1.0
         self.router = TokenChoiceTopKRouter(
@@ -369,6 +363,9 @@ class MoE(nn.Module):
         )
         # The last forward's auxiliary loss value (detached), for logging; None when off.
         self.last_aux_loss: torch.Tensor | None = None
+        # Each expert's load in the last optimizer step, summed over the data ranks (set by
+        # the step hook of build_moe_step_hooks; read by moe_metrics).
+        self.last_load: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bs, slen, dim = x.shape
@@ -377,8 +374,17 @@ class MoE(nn.Module):
         top_weights, top_experts, scores = self.router(x, bias)
 
         flat_experts = top_experts.reshape(-1)
-        num_tokens_per_expert = torch.bincount(flat_experts, minlength=self.num_experts)
-        if not _in_backward():  # an activation-checkpoint recompute must not count twice
+        # A fixed-size count (bincount's size depends on the data: no full graph under
+        # torch.compile); scatter_add is deterministic on CUDA in deterministic mode.
+        num_tokens_per_expert = torch.zeros(
+            self.num_experts, dtype=torch.int64, device=flat_experts.device
+        ).scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+        # Not counted: forwards run with collect_stats off (a pipeline stage's shape-inference
+        # pass). An activation-checkpoint recompute re-runs this forward and counts the layer's
+        # tokens a second time: every expert's count of that layer doubles, which leaves the
+        # bias update (a sign of mean - load) and the router metrics (fractions of the layer's
+        # copies) unchanged. Asking autograd whether it is recomputing would break the graph.
+        if self.collect_stats:
             with torch.no_grad():
                 self.tokens_per_expert.add_(num_tokens_per_expert.to(self.tokens_per_expert.dtype))
 
@@ -478,29 +484,29 @@ def build_moe_step_hooks(model_parts: list[nn.Module], parallel_dims: Any) -> li
             loads = _summed_counts(layers, group)
             for (_, moe), load in zip(layers, loads):
                 update_expert_bias(moe, load)
+                moe.last_load = load.clone()  # what moe_metrics reports for this step
                 moe.tokens_per_expert.zero_()
 
     step.__name__ = "moe_expert_bias_update"
     return [step]
 
 
-def moe_metrics(model_parts: list[nn.Module], parallel_dims: Any | None = None) -> dict[str, float]:
-    """Router statistics for the step line (``ModelSpec.metrics_fn``).
+def moe_metrics(model_parts: list[nn.Module]) -> dict[str, float]:
+    """Router statistics for the step line (``ModelSpec.metrics_fn``); no communication.
 
-    From the counts accumulated since the last optimizer step (summed over the data ranks
-    when ``parallel_dims`` is given; else this rank's): ``moe/imbalance`` = max load / mean
-    load averaged over layers, ``moe/imbalance_max`` and ``moe/worst_layer`` for the worst
-    layer, ``moe/max_load`` and ``moe/min_load`` (fractions of the routed copies, over all
-    layers). Called before the step hook resets the counts; if the trainer calls it after,
-    the counts are zero and it returns ``{}``. Collective when ``parallel_dims`` is given:
-    every rank of the pipeline stage must call it.
+    From each layer's load of the last optimizer step as the step hook summed it over the
+    data ranks (``MoE.last_load``; before any step, this rank's running counts):
+    ``moe/imbalance`` = max load / mean load, averaged over layers, ``moe/imbalance_max`` and
+    ``moe/worst_layer`` for the worst layer, ``moe/max_load`` and ``moe/min_load`` (largest
+    and smallest fraction of a layer's routed copies any expert got). Under pipeline
+    parallelism a rank sees its own stage's layers only.
     """
     layers = moe_layers(model_parts)
-    if not layers:
-        return {}
-    loads = _summed_counts(layers, _token_group(parallel_dims) if parallel_dims is not None else None)
     imbalances, max_frac, min_frac, worst = [], 0.0, 1.0, ("", 0.0)
-    for (name, _), load in zip(layers, loads):
+    for name, moe in layers:
+        load = getattr(moe, "last_load", None)
+        if load is None:
+            load = moe.tokens_per_expert
         total = float(load.sum())
         if total <= 0:
             continue
@@ -513,17 +519,15 @@ def moe_metrics(model_parts: list[nn.Module], parallel_dims: Any | None = None) 
             worst = (name, imb)
     if not imbalances:
         return {}
-    layer_id = worst[0].split(".")[1] if worst[0].startswith("layers.") else worst[0]
     out = {
         "moe/imbalance": sum(imbalances) / len(imbalances),
         "moe/imbalance_max": worst[1],
         "moe/max_load": max_frac,
         "moe/min_load": min_frac,
     }
-    try:
-        out["moe/worst_layer"] = float(int(layer_id))
-    except ValueError:
-        pass
+    parts = worst[0].replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "").split(".")
+    if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
+        out["moe/worst_layer"] = float(parts[1])
     return out
 
 

@@ -1,0 +1,218 @@
+"""Apply N-D parallelism to a Qwen3 model (dense or MoE, on meta) in the one legal order.
+
+EP -> TP (+SP, loss parallel) -> activation checkpointing -> compile (per block) -> FSDP /
+HSDP (the routed experts as their own units over the data ranks EP leaves), or DDP when
+only ``data_parallel_replicate_degree`` > 1. Llama 3's order and functions, plus:
+
+- the TP plan knows Qwen3's per-head ``q_norm``/``k_norm`` (they see this rank's heads: the
+  weight is replicated and its gradient summed over tp, by treating the head dim as the
+  sharded one) and MoE blocks (``apply_moe_tp``: replicated routing, shared experts
+  column/row-wise);
+- ``apply_ep`` shards the routed experts over the ``ep`` view of dp_shard x cp;
+- the sequence-level auxiliary loss (if on) enters backward divided by what each forward's
+  main loss is divided by (gradient accumulation steps x pipeline microbatches).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from torchtitan.components.chunked_loss import apply_chunked_loss
+from torchtitan.config import ConfigError, JobConfig
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.compile import apply_compile
+from torchtitan.distributed.context_parallel import prepare_model_for_cp
+from torchtitan.distributed.expert_parallel import apply_ep, apply_moe_tp, expert_modules
+from torchtitan.distributed.fsdp import apply_ddp, apply_fsdp
+from torchtitan.distributed.parallel_dims import ParallelDims
+from torchtitan.distributed.tensor_parallel import _all_float8, _plan_classes, check_tp_divisibility
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP, device_type
+from torchtitan.tools.logging import logger
+
+__all__ = ["apply_qwen3_tp", "parallelize_qwen3"]
+
+
+def _float8_tensorwise(job_config: JobConfig) -> bool:
+    return "float8" in job_config.model.converters and job_config.float8.recipe_name in (None, "tensorwise")
+
+
+def apply_qwen3_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, enable_float8_tensorwise_tp: bool = False
+) -> nn.Module:
+    """Megatron-style TP with sequence parallelism (as Llama 3's ``apply_tp``) for Qwen3."""
+    check_tp_divisibility(model, tp_mesh.size())
+    tok, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if tok is not None and out is not None and out.weight is tok.weight:
+        raise ConfigError(
+            "parallelism.tensor_parallel_degree > 1 with a flavor that ties the output layer to the "
+            "embedding is not supported (they are sharded differently); use an untied flavor"
+        )
+    top_plan = {}
+    if tok is not None:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if getattr(model, "norm", None) is not None:
+        top_plan["norm"] = SequenceParallel()
+    if out is not None:
+        top_plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if top_plan:
+        parallelize_module(model, tp_mesh, top_plan)
+
+    for block in model.layers.values():
+        attn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("attention")))
+        plan = {
+            "attention_norm": SequenceParallel(),
+            "attention": attn[2](input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "attention.wq": attn[0](),
+            "attention.wk": attn[0](),
+            "attention.wv": attn[0](),
+            "attention.wo": attn[1](output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+        }
+        if getattr(block.attention, "q_norm", None) is not None:
+            # [bs, seq, local heads, head_dim]: the heads (dim 2) are what tp splits here.
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        if getattr(block, "moe_enabled", False):
+            parallelize_module(block, tp_mesh, plan)
+            apply_moe_tp(block.moe, tp_mesh)
+            continue
+        ffn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("feed_forward")))
+        plan.update(
+            {
+                "feed_forward": ffn[2](input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ffn[0](),
+                "feed_forward.w2": ffn[1](output_layouts=Shard(1)),
+                "feed_forward.w3": ffn[0](),
+            }
+        )
+        parallelize_module(block, tp_mesh, plan)
+    return model
+
+
+def _loss_divisor(job_config: JobConfig, parallel_dims: ParallelDims) -> int:
+    """What the trainer divides each forward's loss by: the gradient accumulation steps,
+    times the pipeline microbatches under PP."""
+    t, p = job_config.training, job_config.parallelism
+    dp = parallel_dims.dp_degree
+    global_batch = t.global_batch_size if t.global_batch_size > 0 else t.local_batch_size * dp
+    divisor = max(1, global_batch // (t.local_batch_size * dp))
+    if parallel_dims.pp_enabled:
+        from torchtitan.distributed.pipeline import num_microbatches
+
+        divisor *= num_microbatches(
+            t.local_batch_size, p.pipeline_parallel_microbatch_size, p.pipeline_parallel_microbatches
+        )
+    return divisor
+
+
+def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
+    """Parallelize ``model`` in place according to ``parallel_dims`` and ``job_config``."""
+    p = job_config.parallelism
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    backend = job_config.compile.backend
+    moes = expert_modules(model)
+
+    if parallel_dims.cp_enabled:
+        prepare_model_for_cp(model)
+    if job_config.training.chunked_loss:
+        compile_loss = job_config.compile.enable and "loss" in job_config.compile.components
+        apply_chunked_loss(model, job_config.training.loss_chunk_size, backend if compile_loss else None)
+
+    ep = getattr(parallel_dims, "ep", 1)
+    if ep > 1:
+        if not moes:
+            raise ConfigError(
+                f"parallelism.expert_parallel_degree {ep} needs an MoE model; this flavor is dense"
+            )
+        apply_ep(model, parallel_dims.get_mesh("ep"))
+        logger.info(f"applied expert parallelism (degree {ep}) to {len(moes)} MoE layers")
+
+    if parallel_dims.tp_enabled:
+        if p.enable_async_tensor_parallel:
+            if not compile_model:
+                raise ConfigError(
+                    "parallelism.enable_async_tensor_parallel needs compile.enable = true with "
+                    "'model' in compile.components (inductor fuses the overlapped collectives)"
+                )
+            if device_type != "cuda":
+                raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA GPUs")
+        apply_qwen3_tp(
+            model,
+            parallel_dims.get_mesh("tp"),
+            loss_parallel=parallel_dims.loss_parallel_enabled,
+            enable_float8_tensorwise_tp=_float8_tensorwise(job_config),
+        )
+        if p.enable_async_tensor_parallel:
+            import torch
+            from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+            torch._inductor.config._micro_pipeline_tp = True
+            enable_symm_mem_for_group(parallel_dims.get_mesh("tp").get_group().group_name)
+        logger.info(f"applied tensor parallelism (degree {parallel_dims.tp})")
+
+    divisor = _loss_divisor(job_config, parallel_dims)
+    for _, moe in moes:
+        moe.aux_loss_grad_scale = 1.0 / divisor
+
+    ac = job_config.activation_checkpoint
+    if ac.mode != "none":
+        apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
+        logger.info(f"applied {ac.mode} activation checkpointing ({ac.selective_ac_option})")
+
+    if compile_model:
+        apply_compile(model, backend)
+        logger.info(f"compiled each transformer block with backend {backend!r}")
+
+    t = job_config.training
+    if parallel_dims.fsdp_enabled:
+        if parallel_dims.dp_replicate_enabled:
+            dp_mesh = parallel_dims.get_mesh(("dp_replicate", "dp_shard_cp"))
+        else:
+            dp_mesh = parallel_dims.get_mesh("dp_shard_cp")
+        experts_mesh, divide = None, None
+        if ep > 1:
+            experts_mesh = (
+                parallel_dims.get_mesh(("dp_replicate", "dp_shard_mod_ep"))
+                if parallel_dims.dp_replicate_enabled
+                else parallel_dims.get_mesh("dp_shard_mod_ep")
+            )
+            divide = float(parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp)
+        apply_fsdp(
+            model,
+            dp_mesh,
+            param_dtype=TORCH_DTYPE_MAP[t.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[t.mixed_precision_reduce],
+            pp_enabled=parallel_dims.pp_enabled,
+            cpu_offload=t.enable_cpu_offload,
+            reshard_after_forward_policy=p.fsdp_reshard_after_forward,
+            experts_mesh=experts_mesh,
+            ep_gradient_divide_factor=divide,
+        )
+        kind = "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP"
+        logger.info(f"applied {kind} over mesh {dp_mesh.mesh_dim_names} {tuple(dp_mesh.shape)}")
+    elif parallel_dims.dp_replicate_enabled:
+        if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
+            raise ConfigError(
+                "parallelism.data_parallel_replicate_degree > 1 with tensor or context parallelism "
+                "needs FSDP: set data_parallel_shard_degree > 1 (HSDP) instead of pure DDP"
+            )
+        apply_ddp(
+            model,
+            parallel_dims.get_mesh("dp_replicate"),
+            enable_compile=compile_model,
+            enable_compiled_autograd=p.enable_compiled_autograd,
+        )
+        logger.info(f"applied DDP over {parallel_dims.dp_replicate} replicas")
+    return model
