@@ -18,7 +18,7 @@ MoE experts: ours are stacked, ``moe.experts.w1``/``w3`` ``[E, hidden, dim]`` an
 that in-memory layout, and :meth:`~Qwen3StateDictAdapter.from_hf` reads either. The router
 is ``moe.router.gate.weight`` <-> ``mlp.gate.weight``. The MoE's load-balancing buffers
 (expert bias, token counts) have no Hugging Face counterpart: ``to_hf`` drops them and
-``from_hf`` returns them zero (no bias: the routing of the published models).
+``from_hf`` returns a zero ``expert_bias`` (no bias: the routing of the published models).
 
 Tied embeddings (``enable_weight_tying``): Hugging Face stores no ``lm_head.weight``;
 ``to_hf`` leaves it out and ``from_hf`` returns ``output.weight`` as the embedding tensor.
@@ -139,7 +139,7 @@ class Qwen3StateDictAdapter:
 
         Without ``lm_head.weight`` (tied checkpoints) ``output.weight`` is the embedding
         tensor itself for a tied flavor and a copy of it for an untied one. MoE layers get
-        a zero ``expert_bias`` (and ``tokens_per_expert``) when the args balance load.
+        a zero ``expert_bias``. Works on any subset of the keys (one layer, one tensor).
         """
         out: dict[str, torch.Tensor] = {}
         experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -187,17 +187,13 @@ class Qwen3StateDictAdapter:
         return out
 
     def _add_moe_buffers(self, out: dict[str, torch.Tensor]) -> None:
-        """Zero load-balancing buffers for each MoE layer, named and shaped as the model
-        has them (found on a meta build, which allocates nothing)."""
-        from torchtitan.models.qwen3.model import Qwen3Transformer
-
-        with torch.device("meta"):
-            model = Qwen3Transformer(self.args)
+        """A zero ``expert_bias`` (the MoE layer's one persistent buffer) for every layer
+        ``out`` has a tensor of. Cheap: the converters call ``from_hf`` key by key."""
         layers = {m.group(1) for k in out if (m := _OURS_LAYER.match(k))}
-        for key, buf in model.state_dict().items():
-            match = _OURS_LAYER.match(key)
-            if match and match.group(1) in layers and key.endswith(_MOE_BUFFERS) and key not in out:
-                out[key] = torch.zeros(buf.shape, dtype=buf.dtype)
+        for layer in layers:
+            out.setdefault(
+                f"layers.{layer}.moe.expert_bias", torch.zeros(self.args.moe_args.num_experts, dtype=torch.float32)
+            )
 
     def check(self, state: Mapping[str, torch.Tensor]) -> None:
         """Raise a one-line ValueError unless ``state`` has exactly this model's names and
