@@ -1,0 +1,85 @@
+"""Rank-side code of the MoE parity tests: the real ``Trainer`` on Qwen3 ``debugmodel_moe``
+under several layouts, one after the other in one launch.
+
+Each layout trains a few steps from the same seed on the same global batch (the
+layout-independent data order of ``training.dataset_shards``), in fp32, and each rank
+returns the logged losses, the full parameters (``full_tensor()``, only this rank's pipeline
+stage) and every MoE layer's expert bias. The pytest side compares them with a one-process
+run of the same config; a failure prints the numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+STEPS = 4
+COMMON = [
+    "--model.name", "qwen3",
+    "--model.flavor", "debugmodel_moe",
+    "--training.steps", str(STEPS),
+    "--training.seq_len", "32",
+    "--training.global_batch_size", "4",
+    "--training.dataset_shards", "4",
+    "--training.max_norm", "0.5",  # clipping active: a wrongly scaled gradient shows
+    "--optimizer.lr", "1e-3",
+    "--optimizer.eps", "1e-6",
+    "--lr_scheduler.warmup_steps", "1",
+    "--metrics.log_freq", "1",
+    "--metrics.no-enable_color_printing",
+    "--job.no-print_config",
+    "--activation_checkpoint.mode", "none",
+]
+
+
+def _clean(name: str) -> str:
+    for seg in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
+        name = name.replace(seg, "")
+    return name
+
+
+def run_layouts(layouts: list[tuple[str, list[str]]]) -> dict[str, dict[str, Any]]:
+    """Train each ``(name, extra_args)`` layout; return name -> {losses, grad_norms,
+    params, biases} (arrays by value: a rank exits before the launcher reads them)."""
+    from small_trainer import small_trainer_args
+
+    from torchtitan.config import ConfigManager
+    from torchtitan.models.common.moe import MoE
+    from torchtitan.trainer import Trainer
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, extra in layouts:
+        with tempfile.TemporaryDirectory() as dump:
+            cfg = ConfigManager().parse_args(small_trainer_args(dump, *COMMON, *extra))
+            trainer = Trainer(cfg)
+            grad_norms: list[float] = []
+            step = trainer.train_step
+
+            def recording_step(data_iterator: Any) -> Any:
+                loss, grad_norm, lr = step(data_iterator)
+                grad_norms.append(float(grad_norm))
+                return loss, grad_norm, lr
+
+            trainer.train_step = recording_step
+            losses = trainer.train()
+            params = {}
+            for part in trainer.model_parts:
+                for pname, p in part.named_parameters():
+                    full = p.full_tensor() if isinstance(p, DTensor) else p
+                    params[_clean(pname)] = full.detach().cpu().numpy().copy()  # by value: ranks exit before the reader
+            biases = {
+                _clean(mname): m.expert_bias.detach().cpu().numpy().copy()
+                for part in trainer.model_parts
+                for mname, m in part.named_modules()
+                if isinstance(m, MoE)
+            }
+            out[name] = {"losses": losses, "grad_norms": grad_norms, "params": params, "biases": biases}
+            trainer.checkpointer.close()
+            trainer.metrics.close()
+            del trainer
+            gc.collect()
+    return out
