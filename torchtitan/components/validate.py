@@ -95,6 +95,7 @@ class Validator:
         pp_has_last_stage: bool = False,
         pp_loss_scale: float = 1.0,
         seed: int = 0,
+        num_shards: int = 0,
     ):
         self.settings = s = settings
         pd = parallel_dims
@@ -137,6 +138,7 @@ class Validator:
             global_batch_size=s.local_batch_size * dp_degree,
             dp_rank=dp_rank,
             dp_world_size=dp_degree,
+            num_shards=num_shards,
             infinite=False,
             seed=seed,
         )
@@ -239,6 +241,18 @@ class Validator:
 
 def build_validator(job_config: Any, **kwargs: Any) -> Validator | None:
     """The validator of a run, or None when ``validation.enable`` is off."""
-    if not job_config.validation.enable:
+    v = job_config.validation
+    if not v.enable:
         return None
-    return Validator(job_config.validation, **kwargs)
+    # training.dataset_shards (fixed shards) makes the held-out batches independent of the dp
+    # degree too, when the validation global batch splits over them.
+    shards = job_config.training.dataset_shards
+    dp = kwargs["dp_degree"]
+    if shards and (shards % dp or (v.local_batch_size * dp) % shards):
+        if kwargs.get("rank", 0) == 0:
+            logger.info(
+                f"validation: {shards} data shards do not split a held-out batch of {v.local_batch_size} x dp {dp}; "
+                "one shard per data-parallel rank"
+            )
+        shards = 0
+    return Validator(v, num_shards=shards, **kwargs)
