@@ -496,6 +496,16 @@ def test_update_from_config():
         get_model_args("qwen3", "0.6B").update_from_config(job, None)
 
 
+@pytest.mark.parametrize("option", ["pipeline_parallel_degree", "tensor_parallel_degree"])
+def test_validate_refuses_splitting_a_tied_embedding(option):
+    spec = get_model_spec("qwen3")
+    job = JobConfig()
+    setattr(job.parallelism, option, 2)
+    spec.validate_fn(job, get_model_args("qwen3", "8B"))  # untied: fine
+    with pytest.raises(ConfigError, match=f"parallelism.{option} 2: .*ties the output"):
+        spec.validate_fn(job, get_model_args("qwen3", "1.7B"))
+
+
 def test_registry():
     spec = get_model_spec("qwen3")
     assert spec.model_cls is Qwen3Transformer and spec.state_dict_adapter is Qwen3StateDictAdapter

@@ -22,7 +22,7 @@ from torchtitan.models.model_spec import ModelShape
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
 
-__all__ = ["Qwen3ModelArgs", "qwen3_configs"]
+__all__ = ["Qwen3ModelArgs", "check_weight_tying", "qwen3_configs", "validate_qwen3"]
 
 
 @dataclass
@@ -66,8 +66,8 @@ class Qwen3ModelArgs:
 
         Flavors with ``vocab_size=-1`` (the debug ones) take ``tokenizer.vocab_size``; the
         published flavors keep 151936 so their checkpoints stay loadable, and only check that
-        the tokenizer's ids fit. Tied embeddings cannot be split over pipeline stages (the
-        embedding lives on the first stage, the output on the last): refused here.
+        the tokenizer's ids fit. Tied embeddings are refused with pipeline or tensor
+        parallelism (``check_weight_tying``).
         """
         if self.vocab_size == -1:
             if tokenizer is None:
@@ -81,13 +81,7 @@ class Qwen3ModelArgs:
                 f"{self.vocab_size}: pick a model.flavor whose vocabulary fits or a matching "
                 "model.tokenizer_path"
             )
-        pp = getattr(getattr(job_config, "parallelism", None), "pipeline_parallel_degree", 1)
-        if self.enable_weight_tying and pp > 1:
-            raise ConfigError(
-                f"parallelism.pipeline_parallel_degree {pp}: "
-                "this flavor ties the output layer to the embedding, which pipeline stages cannot "
-                "share; use pipeline_parallel_degree = 1 or an untied flavor"
-            )
+        check_weight_tying(job_config, self)
         self.max_seq_len = job_config.training.seq_len
         self.attn_backend = job_config.model.attention_backend
 
@@ -140,6 +134,31 @@ class Qwen3ModelArgs:
             moe_hidden=self.moe_inter_dim if self.moe_enabled else 0,
             shared_hidden=moe.num_shared_experts * self.moe_inter_dim if self.moe_enabled else 0,
         )
+
+
+def check_weight_tying(job_config: JobConfig, args: Qwen3ModelArgs) -> None:
+    """Refuse layouts that cannot hold an output layer tied to the embedding: pipeline
+    stages (the two live on different stages) and tensor parallelism (they are sharded
+    differently)."""
+    if not args.enable_weight_tying:
+        return
+    p = getattr(job_config, "parallelism", None)
+    for option in ("pipeline_parallel_degree", "tensor_parallel_degree"):
+        degree = getattr(p, option, 1)
+        if degree > 1:
+            raise ConfigError(
+                f"parallelism.{option} {degree}: this flavor ties the output layer to the embedding, "
+                f"which {option.split('_')[0]} parallelism cannot split; set it to 1 or use an untied flavor"
+            )
+
+
+def validate_qwen3(job_config: JobConfig, model_args: Qwen3ModelArgs) -> None:
+    """``ModelSpec.validate_fn``: the MoE checks (``validate_moe_config``) and the tied
+    embedding's; raises ``ConfigError`` before anything is built."""
+    from torchtitan.models.common.moe import validate_moe_config
+
+    validate_moe_config(job_config, model_args)
+    check_weight_tying(job_config, model_args)
 
 
 def _qwen3_moe(num_experts: int = 128, top_k: int = 8, **overrides: Any) -> MoEArgs:
