@@ -373,3 +373,25 @@ def test_hub_ids_are_told_apart_from_paths(files):
     assert not _looks_like_hub_id("data/my.jsonl")
     assert not _looks_like_hub_id(str(files["root"] / "jsonl"))
     assert not _looks_like_hub_id("data/*.parquet") and not _looks_like_hub_id("https://x.org/a.jsonl")
+
+
+@pytest.mark.parametrize("workers, persistent, prefetch", [(1, False, None), (2, True, 3)])
+def test_worker_processes_give_the_same_batches_and_exact_resumable_state(files, workers, persistent, prefetch):
+    """training.dataloader_*: batches and state do not depend on the workers; a state taken
+    with workers (batches prefetched past it) resumes exactly, with or without workers."""
+    kw = dict(num_workers=workers, persistent_workers=persistent, prefetch_factor=prefetch, pin_memory=False)
+    n, m = 7, 9
+    reference = _take(iter(_loader(*_source(files, "json"), seq_len=64)), n + m)
+    first = _loader(*_source(files, "json"), seq_len=64, **kw)
+    it = iter(first)
+    got = _take(it, n)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, reference[:n]))
+    state = _roundtrip(first.state_dict())
+    assert set(state) == {"shard_0"} and state["shard_0"]["samples"] == n * 2
+    assert first.documents_read > 0
+    del it
+    for resume_kw in (kw, {}):
+        resumed = _loader(*_source(files, "json"), seq_len=64, **resume_kw)
+        resumed.load_state_dict(state)
+        rest = _take(iter(resumed), m)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, reference[n:]))

@@ -13,10 +13,15 @@ is therefore a contiguous slice of the global batch, which is cut into microbatc
 - ``num_shards == 0`` (TorchTitan's behaviour): one shard per dp rank.
 
 The loader's state is a dict keyed by shard id (``"shard_3"``), so the states of all ranks
-merge with ``dict.update`` and a rank loads just the shards it owns. Loading happens in the
-main process (``num_workers=0``): packing is cheap next to a training step, and a worker
-process would keep its own copy of the position, which the loader could only report with
-a lag.
+merge with ``dict.update`` and a rank loads just the shards it owns.
+
+By default loading happens in the main process (``num_workers=0``): packing is cheap next
+to a training step. With ``num_workers > 0`` (training.dataloader_num_workers) worker 0
+tokenizes and packs the same stream in the background and the other workers yield nothing
+(the packed stream is sequential, so more workers add no throughput); the batches are the
+same. Its position comes back with each batch (StatefulDataLoader's per-batch worker
+snapshot), so ``state_dict`` is exact for the batches delivered, and a loaded state is set
+in the main process's dataset before the next ``iter()`` forks the workers.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ class PackedShardsDataset(IterableDataset):
         return self.shards[self.layout.owned[turn]]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.id > 0:
+            return  # worker 0 produces the one sequential stream
         while True:
             window = self._next_shard().next_window()
             if window is None:
@@ -169,22 +177,28 @@ class PackedDataLoader(StatefulDataLoader):
     dataset: PackedShardsDataset
 
     def state_dict(self) -> dict[str, Any]:
+        if self.num_workers > 0 and self._iterator is not None:
+            # The worker's dataset state as of the last batch delivered (not prefetched).
+            snapshot = super().state_dict()["_snapshot"]
+            worker_0 = snapshot["_worker_snapshots"]["worker_0"]
+            if worker_0.get("dataset_state"):
+                return worker_0["dataset_state"]
         return self.dataset.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.dataset.load_state_dict(state_dict)
-        self._iterator = None  # the next iter() starts from the loaded state
+        self._iterator = None  # the next iter() starts (and forks its workers) from the loaded state
 
     @property
     def skipped_documents(self) -> dict[str, int]:
         """Documents skipped so far on this rank, by reason (empty, not_text, invalid_utf8)."""
-        shards = self.dataset.shards.values()
-        return {reason: sum(s.skipped[reason] for s in shards) for reason in SKIP_REASONS}
+        shards = self.state_dict().values()
+        return {reason: sum(int(s[f"skipped_{reason}"]) for s in shards) for reason in SKIP_REASONS}
 
     @property
     def documents_read(self) -> int:
         """Documents tokenized so far on this rank."""
-        return sum(s.documents for s in self.dataset.shards.values())
+        return sum(int(s["documents"]) for s in self.state_dict().values())
 
 
 def build_dataloader(
@@ -201,13 +215,19 @@ def build_dataloader(
     num_shards: int = 0,
     infinite: bool = True,
     seed: int = 0,
+    num_workers: int = 0,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
 ) -> PackedDataLoader:
     """A loader yielding ``(inputs, labels)``: int64 CPU tensors ``[local_batch_size, seq_len]``.
 
     ``global_batch_size <= 0`` means ``local_batch_size * dp_world_size``. In finite mode the
     loader stops when a shard runs out (the last partial batch is dropped). The data order
     is the order of the files; ``seed`` only seeds the loader's own generator, so building a
-    loader never draws from torch's global random state.
+    loader never draws from torch's global random state. ``num_workers``,
+    ``persistent_workers``, ``pin_memory`` and ``prefetch_factor`` go to the StatefulDataLoader
+    (training.dataloader_*); the batches and the resumable state do not depend on them.
     """
     if seq_len < 1:
         raise DataConfigError(f"training.seq_len must be >= 1, got {seq_len}")
@@ -235,8 +255,11 @@ def build_dataloader(
         return PackedDataLoader(
             PackedShardsDataset(shards, layout),
             batch_size=local_batch_size,
-            num_workers=0,
-            pin_memory=False,
+            num_workers=num_workers,
+            persistent_workers=persistent_workers and num_workers > 0,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
             drop_last=True,
             generator=torch.Generator().manual_seed(seed),
+            snapshot_every_n_steps=1,
         )
