@@ -6,6 +6,8 @@ Writes, deterministically (same bytes on every run):
   bundled/part-0000N.jsonl   ~2.5 MB of English-like documents ({"text": ...} per line)
   test_tiktoken.model        byte-level BPE ranks in Llama 3's tiktoken format (~2000 tokens)
   test_tokenizer.json        a Hugging Face byte-level BPE tokenizer trained on the same text
+  tokenizer/                 the same tokenizer as a Hugging Face assets folder (tokenizer.json +
+                             tokenizer_config.json), what TorchTitan's model.hf_assets_path names
 
 The text comes from a template grammar with a small vocabulary (stories, arithmetic
 tables, lists, dialogues, animal facts, recipes), so it is low in entropy and has real
@@ -389,6 +391,14 @@ def write_hf_tokenizer(texts: list[str], vocab_size: int, path: Path) -> None:
     path.write_text(tok.to_str(pretty=False) + "\n")
 
 
+def write_hf_assets_folder(tokenizer_json: Path, folder: Path) -> None:
+    """``model.hf_assets_path``'s layout: tokenizer.json and tokenizer_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_bundled(texts: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("part-*.jsonl"):
@@ -409,6 +419,7 @@ def main() -> None:
     vocab = train_bpe(texts, NUM_BASE_TOKENS)
     write_tiktoken(vocab, out / "test_tiktoken.model")
     write_hf_tokenizer(texts, NUM_BASE_TOKENS + 2, out / "test_tokenizer.json")
+    write_hf_assets_folder(out / "test_tokenizer.json", out / "tokenizer")
     size = sum(len(t.encode()) for t in texts)
     print(f"{len(texts)} documents ({size / 1e6:.2f} MB) in {out / 'bundled'}; {len(vocab)} BPE tokens")
 

@@ -23,6 +23,8 @@ __all__ = [
     "TokenizerError",
     "TokenizerNotFoundError",
     "build_tokenizer",
+    "check_tokenizer_fits",
+    "download_command",
     "llama3_special_tokens",
 ]
 
@@ -41,9 +43,24 @@ _MAX_PIECE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _RUNS = re.compile(r"\s+|\S+")
 
+# Hugging Face repository of a model family's flavor, for the download hint.
+_HF_REPOS = {"llama3": "meta-llama/Llama-3.1-{flavor}", "qwen3": "Qwen/Qwen3-{flavor}"}
+_ORGS = {"llama": "meta-llama", "qwen": "Qwen", "mistral": "mistralai", "gemma": "google"}
+
+
+def download_command(folder: str | Path, repo_id: str | None = None) -> str:
+    """The command that fetches a Hugging Face tokenizer folder (the hint of every
+    missing-tokenizer error); the repository is guessed from the folder name when not given."""
+    name = Path(folder).name or "Llama-3.1-8B"
+    if repo_id is None:
+        org = next((o for prefix, o in _ORGS.items() if name.lower().startswith(prefix)), "<org>")
+        repo_id = f"{org}/{name}"
+    return f"python scripts/download_tokenizer.py --repo_id {repo_id} --local_dir {folder} --hf_token <token>"
+
+
 _DOWNLOAD_HINT = (
-    "set model.tokenizer_path to an existing tokenizer.model / tokenizer.json, or fetch Llama 3's with "
-    "`python scripts/download_tokenizer.py --repo_id meta-llama/Llama-3.1-8B --hf_token <token>`"
+    "set model.hf_assets_path (or model.tokenizer_path) to an existing tokenizer folder or file, or fetch "
+    "one with `" + download_command("./assets/hf/Llama-3.1-8B", "meta-llama/Llama-3.1-8B") + "`"
 )
 
 
@@ -245,10 +262,33 @@ def build_tokenizer(path: str | Path) -> Tokenizer:
             if (path / candidate).is_file():
                 return build_tokenizer(path / candidate)
         raise TokenizerNotFoundError(
-            f"tokenizer folder {path} holds no tokenizer.json or tokenizer.model; {_DOWNLOAD_HINT}"
+            f"tokenizer folder {path} holds no tokenizer.json or tokenizer.model; fetch it with "
+            f"`{download_command(path)}`"
+        )
+    if not path.exists() and path.suffix not in (".model", ".json", ".tiktoken"):  # a folder not fetched yet
+        raise TokenizerNotFoundError(
+            f"tokenizer folder {path} not found; fetch it with `{download_command(path)}`"
         )
     if not path.is_file():
         raise TokenizerNotFoundError(f"tokenizer file not found: {path}; {_DOWNLOAD_HINT}")
     if path.suffix == ".json":
         return HuggingFaceTokenizer(path)
     return TikTokenizer(path)
+
+
+def check_tokenizer_fits(
+    tokenizer: Tokenizer, model_vocab_size: int, *, family: str, flavor: str, path: str, allow_small: bool
+) -> None:
+    """Stop (TokenizerError, one line) when the model's vocabulary is far (> 2x) larger than
+    the tokenizer's: a big flavor trained with a toy tokenizer (most often the 2,256-token test
+    tokenizer, the default ``model.tokenizer_path``) is almost always a missing download, not a
+    choice. ``allow_small`` (model.allow_small_tokenizer) is the deliberate opt-in."""
+    if allow_small or model_vocab_size <= 2 * tokenizer.vocab_size:
+        return
+    repo = _HF_REPOS.get(family, "").format(flavor=flavor) or None
+    folder = f"./assets/hf/{repo.split('/')[1]}" if repo else "./assets/hf/<model>"
+    raise TokenizerError(
+        f"model {family} {flavor} has a {model_vocab_size:,}-token vocabulary but the tokenizer {path} has "
+        f"{tokenizer.vocab_size:,}: set model.hf_assets_path = \"{folder}\" after fetching it with "
+        f"`{download_command(folder, repo)}` (or set model.allow_small_tokenizer = true to train with this one)"
+    )
