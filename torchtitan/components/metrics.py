@@ -5,10 +5,15 @@ time, so tokens/s is per device. TFLOP/s uses the model's FLOPs per token (6N pl
 attention term); MFU divides by the device's dense bf16 peak. The JSONL file holds the
 same numbers as plain records so that scripts (scripts/benchmark.py) never parse the
 coloured console line.
+
+The step line ends with the progress, ``[step/total pct%, eta H:MM:SS]`` (the ETA from the
+mean step time of this run so far); the last step is always logged, and ``summary()`` is the
+one closing line: steps, tokens, wall time, mean tokens/s, MFU and peak memory.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -119,6 +124,7 @@ class MetricsProcessor:
         wandb_mode: str = "online",
         config_for_wandb: dict[str, Any] | None = None,
         jsonl_path: str | None = None,
+        total_steps: int = 0,
     ):
         self.device = device
         self.log_freq = log_freq
@@ -138,12 +144,38 @@ class MetricsProcessor:
         # Summary over the run: tokens/s of each window after the first (warm-up) one.
         self.tps_history: list[float] = []
         self.last: dict[str, float] = {}
+        # Progress and the closing summary.
+        self.total_steps = total_steps
+        self.start = self.window.start
+        self.first_step: int | None = None  # the first step this process ran (after a resume: > 1)
+        self.last_step = 0
+        self.total_tokens = 0
+        self.peak_reserved = (0.0, 0.0)  # GiB, % of the device
 
     def should_log(self, step: int) -> bool:
-        return step == 1 or step % self.log_freq == 0
+        """Whether to log after ``step`` (the trainer asks once per step): the first, every
+        ``log_freq``-th and the last one."""
+        if self.first_step is None:
+            self.first_step = step
+        self.last_step = max(self.last_step, step)
+        return step == 1 or step % self.log_freq == 0 or step == self.total_steps
 
     def add_tokens(self, n: int) -> None:
         self.window.tokens += n
+        self.total_tokens += n
+
+    def progress(self, step: int, now: float) -> str:
+        """``[5/100 5%, eta 0:01:23]``: the remaining steps at this run's mean step time."""
+        if self.total_steps <= 0:
+            return f"[step {step}]"
+        pct = 100 * step / self.total_steps
+        done = step - (self.first_step if self.first_step is not None else step) + 1
+        if done < 1 or step >= self.total_steps:
+            eta = "0:00:00" if step >= self.total_steps else "--"
+        else:
+            seconds = (now - self.start) / done * (self.total_steps - step)
+            eta = str(datetime.timedelta(seconds=round(seconds)))
+        return f"[{step}/{self.total_steps} {pct:.0f}%, eta {eta}]"
 
     def add_data_loading_time(self, seconds: float) -> None:
         self.window.data_loading_s += seconds
@@ -151,11 +183,14 @@ class MetricsProcessor:
     def log(
         self, step: int, *, loss: float, grad_norm: float, lr: float, extra: dict[str, float] | None = None
     ) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.window.start, 1e-9)
+        now = time.perf_counter()
+        elapsed = max(now - self.window.start, 1e-9)
         tps = self.window.tokens / elapsed
         tflops = self.flops_per_token * tps / 1e12
         mfu = 100 * self.flops_per_token * tps / self.peak_flops if self.peak_flops else None
         mem_active, mem_active_pct, mem_reserved, mem_reserved_pct = self.memory.peak()
+        if mem_reserved > self.peak_reserved[0]:
+            self.peak_reserved = (mem_reserved, mem_reserved_pct)
         data_pct = 100 * self.window.data_loading_s / elapsed
         metrics = {
             "loss_metrics/global_avg_loss": loss,
@@ -190,9 +225,9 @@ class MetricsProcessor:
             f"{c.cyan}lr: {lr:.4e}  "
             f"{c.blue}memory: {mem_reserved:.2f}GiB({mem_reserved_pct:.2f}%)  "
             f"{c.magenta}tps: {round(tps):,}  tflops: {tflops:.2f}  mfu: {mfu_txt}  "
-            f"data: {data_pct:.1f}%{c.reset}"
+            f"data: {data_pct:.1f}%{c.reset}  {self.progress(step, now)}"
         )
-        self.window = _Window()
+        self.window = _Window(start=now)
         self.memory.reset_peak()
         self.last = metrics
         return metrics
@@ -221,12 +256,24 @@ class MetricsProcessor:
         return metrics
 
     def summary(self) -> str:
-        if not self.tps_history:
-            return "no throughput window after warm-up"
-        mean = sum(self.tps_history) / len(self.tps_history)
-        tflops = self.flops_per_token * mean / 1e12
-        mfu = f", mfu {100 * self.flops_per_token * mean / self.peak_flops:.2f}%" if self.peak_flops else ""
-        return f"mean tokens/s per device (after the first window) {mean:,.0f}, tflops {tflops:.2f}{mfu}"
+        """One line for the end of the run: steps, tokens, wall time, mean tokens/s, MFU and
+        peak memory (throughput per device, over the logged windows after the first, warm-up
+        one; over the whole run when there is no such window)."""
+        wall = max(time.perf_counter() - self.start, 1e-9)
+        steps = self.last_step - self.first_step + 1 if self.first_step is not None else 0
+        if self.tps_history:
+            mean = sum(self.tps_history) / len(self.tps_history)
+        else:
+            mean = self.total_tokens / wall
+        mfu = f"{100 * self.flops_per_token * mean / self.peak_flops:.2f}%" if self.peak_flops else "n/a"
+        gib, pct = self.peak_reserved
+        memory = f"{gib:.2f}GiB ({pct:.1f}%)" if gib > 0 else "n/a"
+        last = f" (to step {self.last_step})" if self.first_step not in (None, 1) else ""
+        return (
+            f"{steps} steps{last}, {self.total_tokens:,} tokens per device, wall time "
+            f"{datetime.timedelta(seconds=round(wall))}, mean {mean:,.0f} tokens/s per device, "
+            f"tflops {self.flops_per_token * mean / 1e12:.2f}, mfu {mfu}, peak memory {memory}"
+        )
 
     def close(self) -> None:
         for lg in self.loggers:
@@ -241,16 +288,29 @@ def build_metrics_processor(job_config: Any, *, rank: int, device: torch.device,
     JSONL per rank under ``job.dump_folder``, W&B on rank 0."""
     m, dump = job_config.metrics, job_config.job.dump_folder
     log_here = rank == 0 or not m.rank_0_only
+    tb_dir = None
+    if m.enable_tensorboard:  # every run in its own folder, so re-runs do not mix
+        tb_dir = os.path.join(dump, m.save_tb_folder, _run_stamp(), f"rank_{rank}")
     return MetricsProcessor(
         device=device,
         log_freq=m.log_freq,
         flops_per_token=flops_per_token,
         peak_flops=peak_flops(device, m.peak_tflops),
         color=m.enable_color_printing,
-        tb_dir=os.path.join(dump, m.save_tb_folder, f"rank_{rank}") if m.enable_tensorboard and log_here else None,
+        tb_dir=tb_dir if log_here else None,
         wandb_dir=dump if m.enable_wandb and rank == 0 else None,
-        wandb_project=m.wandb_project,
-        wandb_mode=m.wandb_mode,
+        wandb_project=m.wandb_project or os.environ.get("WANDB_PROJECT") or "torchtitan",
+        wandb_mode=m.wandb_mode or os.environ.get("WANDB_MODE") or "online",
         config_for_wandb=job_config.to_dict() if m.enable_wandb else None,
         jsonl_path=os.path.join(dump, m.save_jsonl_folder, f"rank_{rank}.jsonl") if m.enable_jsonl and log_here else None,
+        total_steps=job_config.training.steps,
     )
+
+
+def _run_stamp() -> str:
+    """This run's TensorBoard folder name (a timestamp), the same on every rank (rank 0's)."""
+    stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(stamp, src=0)
+    return stamp[0]
