@@ -159,3 +159,34 @@ def test_malformed_bpe_file_names_the_line(tmp_path):
     bad.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(255)))
     with pytest.raises(TokenizerError, match="single bytes"):
         build_tokenizer(bad)
+
+
+def test_hf_assets_folder_and_its_download_command(tmp_path):
+    """model.hf_assets_path names a folder: the test one reads its tokenizer.json with the
+    BOS/EOS of its tokenizer_config.json; a missing one names the command that fetches it."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    tok = build_tokenizer(Path(__file__).resolve().parents[1] / "assets" / "tokenizer")
+    assert isinstance(tok, HuggingFaceTokenizer) and (tok.bos_id, tok.eos_id) == (0, 1)
+    folder = tmp_path / "hf" / "Llama-3.1-70B"
+    with pytest.raises(TokenizerNotFoundError) as e:
+        build_tokenizer(folder)
+    msg = str(e.value)
+    assert f"tokenizer folder {folder} not found" in msg and "\n" not in msg
+    assert f"download_tokenizer.py --repo_id meta-llama/Llama-3.1-70B --local_dir {folder}" in msg
+
+
+def test_a_vocabulary_far_larger_than_the_tokenizer_stops_unless_allowed():
+    from torchtitan.components.tokenizer import TokenizerError, check_tokenizer_fits
+
+    tok = build_tokenizer(TIKTOKEN)  # 2,256 tokens
+    kw = dict(family="llama3", flavor="8B", path=str(TIKTOKEN))
+    with pytest.raises(TokenizerError) as e:
+        check_tokenizer_fits(tok, 128_256, allow_small=False, **kw)
+    msg = str(e.value)
+    assert "128,256-token vocabulary" in msg and "2,256" in msg and "\n" not in msg
+    assert 'model.hf_assets_path = "./assets/hf/Llama-3.1-8B"' in msg
+    assert "--repo_id meta-llama/Llama-3.1-8B --local_dir ./assets/hf/Llama-3.1-8B" in msg
+    assert "model.allow_small_tokenizer" in msg
+    check_tokenizer_fits(tok, 128_256, allow_small=True, **kw)  # the benchmarks' deliberate choice
+    check_tokenizer_fits(tok, 4_000, allow_small=False, **kw)  # within 2x: fine
