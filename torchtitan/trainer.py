@@ -141,6 +141,7 @@ class Trainer:
                 "dataloader": self.dataloader,
                 "train_state": self,
             },
+            sd_adapter=spec.state_dict_adapter(self.model_args) if spec.state_dict_adapter else None,
         )
         # Preemption signals, non-finite steps, test-only faults (docs/fault_tolerance.md).
         # With fused optimizers a non-finite step is skipped on device and the host reads the

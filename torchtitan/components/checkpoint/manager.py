@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -45,6 +46,7 @@ from torchtitan.components.checkpoint.folder import (
     tmp_dir,
     verify_files,
 )
+from torchtitan.components.checkpoint.hf import load_hf, read_hf_index, save_hf
 from torchtitan.components.checkpoint.staging import StagedWriter, StateStager
 from torchtitan.components.checkpoint.storage import (
     MODEL,
@@ -96,6 +98,7 @@ class CheckpointManager:
         dump_folder: str,
         model_parts: list[nn.Module],
         states: dict[str, Stateful],
+        sd_adapter: Any | None = None,
     ):
         if MODEL in states:
             raise ValueError(f"states must not use the name {MODEL!r}: the model is passed as model_parts")
@@ -104,6 +107,15 @@ class CheckpointManager:
         self.folder = os.path.join(dump_folder, s.folder)
         self.model_parts = model_parts
         self.states = dict(states)
+        # The family's Hugging Face mapping (ModelSpec.state_dict_adapter, built from the
+        # args): needed by initial_load_in_hf and last_save_in_hf only.
+        self.sd_adapter = sd_adapter
+        self._hf_file_index: dict[str, int] | None = None  # the loaded folder's file split
+        if s.enable and (s.initial_load_in_hf or s.last_save_in_hf) and sd_adapter is None:
+            raise ConfigError(
+                "checkpoint.initial_load_in_hf / last_save_in_hf: this model family has no "
+                "state_dict_adapter (ModelSpec) to map its weights to Hugging Face's"
+            )
         known = (MODEL, *self.states)
         unknown = [name for name in s.exclude_from_loading if name not in known]
         if unknown:
@@ -157,7 +169,9 @@ class CheckpointManager:
         self._reap(block=True)  # one save in flight at most; its buffers get reused
         self.last_saved_step = step
         weights_only = last_step and self.settings.model_weights_only
-        if weights_only:
+        if weights_only and self.settings.last_save_in_hf:
+            self._write_hf(step)
+        elif weights_only:
             dtype = _EXPORT_DTYPES[self.settings.export_dtype]
             model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self._model_state().items()}
             self._write(step, {MODEL: model}, background=False)
@@ -172,6 +186,35 @@ class CheckpointManager:
                 f"(async_mode {self.settings.async_mode})"
             )
         return True
+
+    def _write_hf(self, step: int) -> None:
+        """The model as a Hugging Face folder ``step-N-hf`` (written under a ``.tmp`` name,
+        renamed when complete): safetensors split like the folder it was loaded from, if
+        any, with the index and config.json."""
+        final = step_dir(self.folder, step) + "-hf"
+        tmp = tmp_dir(self.folder, step, self._nonce)
+        started = time.perf_counter()
+        self._refuse_non_finite(step, self._model_state())
+        try:
+            files = save_hf(
+                tmp,
+                self.model_parts,
+                self.sd_adapter,
+                dtype=_EXPORT_DTYPES[self.settings.export_dtype],
+                file_index=self._hf_file_index,
+            )
+            if self.rank == 0:
+                if os.path.lexists(final):
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+        except (Exception, CheckpointException) as e:
+            self._failed(_Save(step, tmp, final, [MODEL], started), e)
+            return
+        if self.rank == 0:
+            logger.info(
+                f"saved the model in Hugging Face format to {final} ({len(files)} files) in "
+                f"{time.perf_counter() - started:.2f}s"
+            )
 
     def save_seed(self) -> None:
         """Write the freshly initialised model as ``step-0`` (weights only): every layout
@@ -292,7 +335,14 @@ class CheckpointManager:
         if choice is None:
             logger.info(f"no checkpoint in {self.folder}: starting from scratch")
             return False
-        path, groups = choice
+        path, groups, in_hf = choice
+        if in_hf and groups:
+            started = time.perf_counter()
+            load_hf(path, self.model_parts, self.sd_adapter)
+            self._hf_file_index = read_hf_index(path)
+            if self.rank == 0:
+                logger.info(f"loaded the model from Hugging Face folder {path} in {time.perf_counter() - started:.2f}s")
+            return True
         if not groups:
             logger.info(f"checkpoint {path}: every state is in checkpoint.exclude_from_loading")
             return False
@@ -321,8 +371,9 @@ class CheckpointManager:
             logger.info(f"loaded {', '.join(groups)} from {path} in {time.perf_counter() - started:.2f}s")
         return True
 
-    def _choose(self, step: int) -> tuple[str, tuple[str, ...]] | None:
-        """(path, states to load) on rank 0, or None when there is nothing to load."""
+    def _choose(self, step: int) -> tuple[str, tuple[str, ...], bool] | None:
+        """(path, states to load, whether it is a Hugging Face folder) on rank 0, or None when
+        there is nothing to load."""
         s = self.settings
         found = list_checkpoints(self.folder)
         info = None
@@ -342,6 +393,8 @@ class CheckpointManager:
             path = s.initial_load_path
             if not os.path.exists(path):
                 raise CheckpointError(f"checkpoint.initial_load_path {path} does not exist")
+            if s.initial_load_in_hf:  # model weights only: nothing else is in such a folder
+                return path, tuple(g for g in (MODEL,) if g not in s.exclude_from_loading), True
             full = not s.initial_load_model_weights_only
         else:
             return None
@@ -349,7 +402,7 @@ class CheckpointManager:
         if marker is not None:
             verify_files(path, marker)
         wanted = (MODEL, *self.states) if full else (MODEL,)
-        return path, tuple(g for g in wanted if g not in s.exclude_from_loading)
+        return path, tuple(g for g in wanted if g not in s.exclude_from_loading), False
 
     def _template(self, groups: tuple[str, ...]) -> dict[str, Any]:
         """Current state of each group: DCP loads into it in place (its keys, shapes and
