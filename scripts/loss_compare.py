@@ -17,5 +17,19 @@ if str(REPO) not in sys.path:  # run as a file from a checkout that is not pip-i
 
 from torchtitan.benchmarking.loss_compare import main  # noqa: E402
 
+
+def _argv() -> list[str]:
+    """Without matplotlib the text and assert modes still work: no plot unless --png asks."""
+    argv = sys.argv[1:]
+    if any(a == "--png" or a.startswith("--png=") for a in argv) or "-h" in argv or "--help" in argv:
+        return argv
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("note: matplotlib is not installed, so no plot (pass --png FILE after installing it)", file=sys.stderr)
+        return [*argv, "--png", ""]
+    return argv
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(_argv()))

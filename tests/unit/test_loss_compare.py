@@ -84,3 +84,25 @@ def test_cli_runs_two_commands(tmp_path, capsys):
     assert "2 common steps" in capsys.readouterr().out
     assert lc.parse_losses(Path(saved[1]).read_text()) == {1: 2.0, 2: 1.0}
     assert lc.main(["--commands", f"{shlex.quote(sys.executable)} -c 'raise SystemExit(3)'", cmds[0]]) == 2
+
+
+def test_text_and_assert_modes_without_matplotlib(tmp_path):
+    """scripts/loss_compare.py when matplotlib cannot be imported: the table and the verdict,
+    no plot, exit 0 (the new step-line suffix [step/total, eta] does not disturb parsing)."""
+    import os
+    import subprocess
+
+    blocker = tmp_path / "block"
+    (blocker / "matplotlib").mkdir(parents=True)
+    (blocker / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    text = LOG_A.replace("step:  3  loss: 7.25  grad_norm: 1.0  lr: 1e-4", "step:  3  loss: 7.25  data: 0.1%  [3/10 30%, eta 0:00:07]")
+    a.write_text(text)
+    b.write_text(text)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    out = subprocess.run([sys.executable, str(repo / "scripts" / "loss_compare.py"), "--logs", str(a), str(b), "--assert-equal"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "PASS" in out.stdout and "4 common steps" in out.stdout and "matplotlib is not installed" in out.stderr
+    assert not (tmp_path / "loss_compare.png").exists()
