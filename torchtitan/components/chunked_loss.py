@@ -67,6 +67,11 @@ def chunked_cross_entropy(
     y = labels.reshape(-1)
     if y.numel() != h.shape[0]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)}")
+    if torch.is_autocast_enabled(h.device.type):
+        # Cast the (vocab x dim) weight once, not once per chunk and again per recompute:
+        # autocast leaves a tensor already in its dtype alone.
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(dtype), weight.to(dtype)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         end = min(start + chunk_size, h.shape[0])

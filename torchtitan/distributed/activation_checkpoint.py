@@ -9,8 +9,8 @@ Modes (``[activation_checkpoint]``):
 - ``selective`` with ``selective_ac_option = "op"``: every block is checkpointed, but the
   outputs of the expensive ops are saved rather than recomputed: attention (every SDPA
   kernel: flash, memory-efficient, cuDNN, CPU flash), tensor-parallel reduce-scatters, and
-  every other matmul (mm/addmm/bmm), and full reductions to one value (``aten.max``: the amax
-  each float8 cast scales by, a scalar, so saving it costs nothing and spares backward a pass
+  every other matmul (mm/addmm/bmm, and the MoE experts' grouped GEMMs), and full
+  reductions to one value (``aten.max``: the amax each float8 cast scales by, a scalar, so saving it costs nothing and spares backward a pass
   over the activation). The rest (norms, activations, rotary, elementwise) is cheap and
   recomputed. Saving alternate matmuls keeps roughly half of the matmul memory
   while recomputing only half of the matmul FLOPs. ``op_saved_matmuls = "all"`` saves every
@@ -55,7 +55,8 @@ def _ops(namespace: Any, names: tuple[str, ...]) -> set:
     return {getattr(namespace, n).default for n in names if hasattr(namespace, n)}
 
 
-_MATMUL_OPS = _ops(torch.ops.aten, ("mm", "addmm", "bmm"))
+# Grouped GEMMs (MoE experts) count as matmuls: their outputs are as costly to recompute.
+_MATMUL_OPS = _ops(torch.ops.aten, ("mm", "addmm", "bmm", "_grouped_mm"))
 
 
 def op_sac_save_list() -> set:

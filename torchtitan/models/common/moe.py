@@ -154,6 +154,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast has no rule for grouped GEMMs: cast as it casts nn.Linear (on CUDA the
+            # grouped kernel takes bf16 only; fp32 would fall back to a slow loop).
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
         if self.use_grouped_mm and _grouped_mm_available(x, w1):
             return _experts_grouped_mm(x, num_tokens_per_expert, w1, w2, w3)
         if torch.compiler.is_compiling():
