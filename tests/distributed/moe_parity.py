@@ -42,14 +42,25 @@ def _clean(name: str) -> str:
     return name
 
 
+# The flavor's MoE, plus one shared expert (so the shared experts' TP plan is exercised).
+MOE_OVERRIDES = {"num_shared_experts": 1}
+
+
 def run_layouts(layouts: list[tuple[str, list[str]]]) -> dict[str, dict[str, Any]]:
     """Train each ``(name, extra_args)`` layout; return name -> {losses, grad_norms,
     params, biases} (arrays by value: a rank exits before the launcher reads them)."""
+    import dataclasses
+
     from small_trainer import small_trainer_args
 
     from torchtitan.config import ConfigManager
     from torchtitan.models.common.moe import MoE
+    from torchtitan.models.qwen3 import qwen3_configs
     from torchtitan.trainer import Trainer
+
+    # This rank process only: the flavor as the tests want it.
+    flavor = qwen3_configs["debugmodel_moe"]
+    flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
 
     out: dict[str, dict[str, Any]] = {}
     for name, extra in layouts:
