@@ -8,7 +8,9 @@ bad value is answered in a fraction of a second (and on every rank of a large jo
 any of them spends time starting up). Exit codes: 0 done, 2 bad input (one line on
 stderr, ``torchtitan: error: ...``), the preemption code after a SIGTERM/SIGUSR1
 checkpoint, 4 a non-finite loss under the stop policy; an uncaught exception goes to
-torchrun's failure summary through ``@record``.
+torchrun's failure summary through ``@record``. ``--comm.mode fake_backend`` plans instead of
+training: the dry run of ``scripts/plan.py`` for $WORLD_SIZE ranks (rank 0 only), as
+``DRY_RUN=1 ./run_train.sh`` does, with the planner's exit codes (0 fits, 1 does not, 2 bad input).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     init_logger()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = ConfigManager().parse_args(argv)
     except ConfigError as e:
         _fail(str(e))
+    if cfg.comm.mode == "fake_backend":
+        _plan(argv)
+        return
     from torch.distributed.elastic.multiprocessing.errors import record
 
     # a rank's uncaught exception goes to torchrun's failure summary, with the rank
@@ -47,6 +53,8 @@ def _train(cfg: JobConfig) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         os.makedirs(cfg.job.dump_folder, exist_ok=True)
         dump_toml(cfg, os.path.join(cfg.job.dump_folder, "config.toml"))
+        if cfg.job.save_config_file is not None:
+            _save_config(cfg, os.path.join(cfg.job.dump_folder, cfg.job.save_config_file))
         if cfg.job.print_config:
             logger.info("job config:\n" + format_config(cfg))
         if cfg.memory_estimation.enable:
@@ -85,6 +93,29 @@ def _train(cfg: JobConfig) -> None:
         print(f"torchtitan: error: {error}", file=sys.stderr)
     if exit_code:
         sys.exit(exit_code)
+
+
+def _plan(argv: list[str]) -> None:
+    """``comm.mode = fake_backend``: TorchTitan's dry run, here the planner's (docs/planning.md)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # under torchrun every rank got the same command; one plan is enough
+    from torchtitan.planner.cli import main as plan_main
+
+    world_size = os.environ.get("WORLD_SIZE") or os.environ.get("NGPU") or "1"
+    plan_main(["--world_size", world_size, *argv])
+
+
+def _save_config(cfg: JobConfig, path: str) -> None:
+    """``job.save_config_file``: the final config as JSON (a .json name) or TOML."""
+    import json
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if path.endswith(".json"):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    else:
+        dump_toml(cfg, path)
+    logger.info(f"config saved to {path}")
 
 
 def _log_memory_estimate(cfg: JobConfig, world_size: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch.distributed.tensor import DTensor
 
-from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.checkpoint_policy import PolicyCheckpointManager as CheckpointManager
 from torchtitan.components.chunked_loss import labels_for_loss
 from torchtitan.components.data import build_dataloader
 from torchtitan.components.fault_tolerance import FaultInjector, NonFiniteError, Preempted, PreemptionHandler, StepGuard
@@ -27,7 +27,7 @@ from torchtitan.components.loss import build_loss_fn
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.components.optimizer import build_optimizers
-from torchtitan.components.tokenizer import build_tokenizer
+from torchtitan.components.tokenizer import build_tokenizer, check_tokenizer_fits
 from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
 from torchtitan.distributed import utils as dist_utils
@@ -74,7 +74,9 @@ class Trainer:
         self.parallel_dims = pd = layout.parallel_dims
         self.world_mesh = pd.build_mesh(dev)
         dp_rank, dp_degree = pd.dp_rank_and_size(self.world_mesh)
-        self.seed = dist_utils.set_determinism(self.world_mesh, self.device, t.seed, t.deterministic)
+        self.seed = dist_utils.set_determinism(
+            self.world_mesh, self.device, t.seed, t.deterministic, warn_only=t.deterministic_warn_only
+        )
         resolve_cpu_precision(self.device, t)
         self.global_batch_size = layout.global_batch
         self.grad_accumulation_steps = layout.grad_accumulation_steps
@@ -94,12 +96,20 @@ class Trainer:
             num_shards=t.dataset_shards,
             infinite=t.dataset_infinite,
             seed=t.seed or 0,
+            num_workers=t.dataloader_num_workers,
+            persistent_workers=t.dataloader_persistent_workers,
+            pin_memory=t.dataloader_pin_memory,
+            prefetch_factor=t.dataloader_prefetch_factor,
         )
 
         # Model on meta -> converters -> parallelize (or pipeline stages) -> materialise.
         self.model_spec = spec = get_model_spec(cfg.model.name)
         self.model_args = get_model_args(cfg.model.name, cfg.model.flavor)
         self.model_args.update_from_config(cfg, self.tokenizer)
+        check_tokenizer_fits(
+            self.tokenizer, getattr(self.model_args, "vocab_size", 0), family=cfg.model.name,
+            flavor=cfg.model.flavor, path=cfg.model.tokenizer_path, allow_small=cfg.model.allow_small_tokenizer,
+        )
         logger.info(f"building {cfg.model.name} {cfg.model.flavor}: {self.model_args}")
         self.model_parts = self._build_model_parts()
         # Fixed from here on (the optimizer holds the same objects): computed once, not per step.

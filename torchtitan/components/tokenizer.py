@@ -256,7 +256,7 @@ class HuggingFaceTokenizer(Tokenizer):
 def build_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer at ``path``: a ``tokenizer.json`` (or a folder holding one) is read with
     Hugging Face ``tokenizers``; anything else is a Llama 3 tiktoken BPE file."""
-    path = Path(path)
+    given, path = str(path), Path(path)  # messages keep the path as the config spells it
     if path.is_dir():
         for candidate in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model"):
             if (path / candidate).is_file():
@@ -267,7 +267,7 @@ def build_tokenizer(path: str | Path) -> Tokenizer:
         )
     if not path.exists() and path.suffix not in (".model", ".json", ".tiktoken"):  # a folder not fetched yet
         raise TokenizerNotFoundError(
-            f"tokenizer folder {path} not found; fetch it with `{download_command(path)}`"
+            f"tokenizer folder {given} not found; fetch it with `{download_command(given)}`"
         )
     if not path.is_file():
         raise TokenizerNotFoundError(f"tokenizer file not found: {path}; {_DOWNLOAD_HINT}")

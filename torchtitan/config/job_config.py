@@ -163,9 +163,22 @@ class Job(Section):
     dump_folder: str = _opt("./outputs", "folder for checkpoints, traces and TensorBoard logs")
     description: str = _opt("default job", "free-text description of this run")
     print_config: bool = _opt(True, "print the final config at start on rank 0")
+    save_config_file: str | None = _opt(
+        None,
+        "also write the final config to this file, inside job.dump_folder (JSON if it ends in "
+        ".json, else TOML); <dump_folder>/config.toml is always written",
+    )
+    custom_config_module: str = _opt(
+        "",
+        "dotted module defining a JobConfig dataclass whose extra fields (sections, or fields "
+        "added to existing sections) extend this config; imported before the file is read",
+    )
 
     def check(self) -> None:
         self._nonempty("dump_folder")
+        if self.save_config_file is not None:
+            self._nonempty("save_config_file")
+        _check_module_name(self, "custom_config_module")
 
 
 @dataclass
@@ -207,9 +220,13 @@ class Metrics(Section):
     enable_tensorboard: bool = _opt(False, "write TensorBoard event files")
     save_tb_folder: str = _opt("tb", "TensorBoard folder, inside job.dump_folder")
     enable_wandb: bool = _opt(False, "log to Weights & Biases")
-    wandb_project: str = _opt("torchtitan", "Weights & Biases project name")
+    wandb_project: str = _opt(
+        "", "Weights & Biases project; empty = $WANDB_PROJECT, else torchtitan"
+    )
     wandb_mode: str = _opt(
-        "online", "Weights & Biases mode", choices=("online", "offline", "disabled")
+        "",
+        "Weights & Biases mode; empty = $WANDB_MODE, else online",
+        choices=("", "online", "offline", "disabled"),
     )
     rank_0_only: bool = _opt(True, "only rank 0 logs (else every rank writes its own logs)")
     enable_color_printing: bool = _opt(False, "colour the console metrics line")
@@ -225,7 +242,7 @@ class Metrics(Section):
 
     def check(self) -> None:
         self._positive("log_freq")
-        self._nonempty("save_tb_folder", "wandb_project", "save_jsonl_folder")
+        self._nonempty("save_tb_folder", "save_jsonl_folder")
         self._at_least("peak_tflops", 0.0)
         if math.isinf(self.peak_tflops):
             self._fail("peak_tflops", "must be finite")
@@ -238,7 +255,22 @@ class Model(Section):
     _section: ClassVar[str] = "model"
     name: str = _opt("llama3", "model family, a key of the model registry")
     flavor: str = _opt("debugmodel", "model size, a key of the family's flavors")
-    tokenizer_path: str = _opt("./tests/assets/test_tiktoken.model", "tokenizer file")
+    tokenizer_path: str = _opt(
+        "./tests/assets/test_tiktoken.model",
+        "tokenizer file (tokenizer.model or tokenizer.json) or a folder holding one; when not "
+        "given, model.hf_assets_path's folder is used",
+    )
+    hf_assets_path: str | None = _opt(
+        None,
+        "folder of a Hugging Face model's files (tokenizer.json, tokenizer_config.json, "
+        "original/tokenizer.model, config.json, *.safetensors), as scripts/download_tokenizer.py "
+        "writes it; sets the tokenizer unless model.tokenizer_path is given",
+    )
+    allow_small_tokenizer: bool = _opt(
+        False,
+        "train a flavor whose fixed vocabulary is far (> 2x) larger than the tokenizer's, e.g. 8B "
+        "shapes with the 2,256-token test tokenizer for benchmarks; off = stop and name the download",
+    )
     converters: list[str] = _opt(
         [], "module swaps applied before parallelizing", choices=("float8",)
     )
@@ -251,6 +283,8 @@ class Model(Section):
 
     def check(self) -> None:
         self._nonempty("name", "flavor", "tokenizer_path")
+        if self.hf_assets_path is not None:
+            self._nonempty("hf_assets_path")
         if len(set(self.converters)) != len(self.converters):
             self._fail("converters", "entries must not repeat")
 
@@ -337,6 +371,21 @@ class Training(Section):
     gc_freq: int = _opt(50, "run Python's garbage collector every this many steps")
     seed: int | None = _opt(None, "random seed; none = not seeded")
     deterministic: bool = _opt(False, "use deterministic algorithms (slower)")
+    deterministic_warn_only: bool = _opt(
+        False, "with deterministic: warn about ops without a deterministic kernel instead of failing"
+    )
+    dataloader_num_workers: int = _opt(
+        0,
+        "data loader worker processes: tokenizing and packing move off the training process "
+        "(same batches, same resumable state); 0 = in the training process",
+    )
+    dataloader_persistent_workers: bool = _opt(
+        False, "keep the workers alive between iterations (needs dataloader_num_workers > 0)"
+    )
+    dataloader_pin_memory: bool = _opt(False, "put batches in pinned memory (faster host-to-GPU copy)")
+    dataloader_prefetch_factor: int | None = _opt(
+        None, "batches each worker loads ahead (needs dataloader_num_workers > 0); none = 2"
+    )
     loss_chunk_size: int = _opt(
         0,
         "tokens per chunk of the output projection + cross-entropy, so full fp32 logits are "
@@ -373,6 +422,13 @@ class Training(Section):
         self._at_least("loss_chunk_size", 0)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             self._fail("seed", "must be in [0, 2**63)")
+        self._at_least("dataloader_num_workers", 0)
+        if self.dataloader_prefetch_factor is not None:
+            self._at_least("dataloader_prefetch_factor", 1)
+        if self.dataloader_num_workers == 0:
+            for key in ("dataloader_persistent_workers", "dataloader_prefetch_factor"):
+                if getattr(self, key) not in (False, None):
+                    self._fail(key, "needs training.dataloader_num_workers > 0")
 
     @property
     def chunked_loss(self) -> bool:
@@ -426,6 +482,15 @@ class Parallelism(Section):
         "allgather", "how CP exchanges keys/values", choices=("allgather", "alltoall")
     )
     context_parallel_load_balance: bool = _opt(True, "reorder the sequence to balance causal work")
+    pipeline_parallel_first_stage_less_layers: int = _opt(
+        1,
+        "TorchTitan's weighting of the embedding in its automatic stage split; that split is not "
+        "built here (the automatic split is even), so only values without effect are accepted: "
+        "pp = 1, or explicit split points / layers_per_stage",
+    )
+    pipeline_parallel_last_stage_less_layers: int = _opt(
+        1, "the same for the output layer (see pipeline_parallel_first_stage_less_layers)"
+    )
 
     SCHEDULES: ClassVar[tuple[str, ...]] = PIPELINE_SCHEDULES
 
@@ -459,6 +524,16 @@ class Parallelism(Section):
         self._at_least("pipeline_parallel_microbatch_size", 1)
         if self.pipeline_parallel_microbatches is not None:
             self._at_least("pipeline_parallel_microbatches", 1)
+        for key in ("pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers"):
+            self._at_least(key, 0)
+            explicit = self.pipeline_parallel_split_points or self.pipeline_parallel_layers_per_stage
+            if getattr(self, key) != 1 and self.pipeline_parallel_degree > 1 and not explicit:
+                self._fail(
+                    key,
+                    "a weighted automatic stage split is not built here (it splits the layers "
+                    "evenly); give parallelism.pipeline_parallel_split_points or "
+                    "pipeline_parallel_layers_per_stage instead",
+                )
 
 
 @dataclass
@@ -491,6 +566,12 @@ class Checkpoint(Section):
     exclude_from_loading: list[str] = _opt([], "state keys not to load, e.g. optimizer,dataloader")
     create_seed_checkpoint: bool = _opt(
         False, "write a step-0 checkpoint of the initialised model and exit (one rank)"
+    )
+    enable_first_step_checkpoint: bool = _opt(
+        False, "also save right after the first step (checks that saving works on a new cluster)"
+    )
+    load_only: bool = _opt(
+        False, "load checkpoints as usual but never save one during training"
     )
     fail_on_save_error: bool = _opt(True, "stop training if a save fails (else log and go on)")
     initial_load_in_hf: bool = _opt(
@@ -653,8 +734,18 @@ class Comm(Section):
     init_timeout_seconds: int = _opt(300, "collective timeout until the first step ends")
     train_timeout_seconds: int = _opt(100, "collective timeout after the first step")
     trace_buf_size: int = _opt(20000, "Flight Recorder entries kept per rank; 0 = off")
+    mode: str = _opt(
+        "default",
+        "default: train; fake_backend: plan instead (the dry run of scripts/plan.py for "
+        "$WORLD_SIZE ranks on a fake process group, as DRY_RUN=1 ./run_train.sh does)",
+        choices=("default", "fake_backend", "local_tensor"),
+    )
 
     def check(self) -> None:
+        if self.mode == "local_tensor":
+            self._fail(
+                "mode", "LocalTensor simulation is not built here; use fake_backend (the dry-run planner)"
+            )
         self._positive("init_timeout_seconds")
         self._positive("train_timeout_seconds")
         self._at_least("trace_buf_size", 0)
@@ -716,9 +807,13 @@ class Experimental(Section):
     custom_import: str = _opt("", "module to import before building (registers models/datasets)")
 
     def check(self) -> None:
-        name = self.custom_import
-        if name and not all(part.isidentifier() for part in name.split(".")):
-            self._fail("custom_import", "must be a dotted module name such as my_pkg.my_model")
+        _check_module_name(self, "custom_import")
+
+
+def _check_module_name(section: Section, key: str) -> None:
+    name = getattr(section, key)
+    if name and not all(part.isidentifier() for part in name.split(".")):
+        section._fail(key, "must be a dotted module name such as my_pkg.my_module")
 
 
 @dataclass

@@ -11,9 +11,12 @@ Importing this module must not import torch (``--help`` is instant).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
 import logging
 import math
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +30,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from torchtitan.config.job_config import (
     ConfigError,
     JobConfig,
+    Section,
     field_types,
     list_item,
     optional_inner,
@@ -35,7 +39,33 @@ from torchtitan.config.job_config import (
 
 logger = logging.getLogger(__name__)
 
-# Keys renamed since TorchTitan v0.1: old "section.key" -> new "section.key".
+# TorchTitan v0.2's names of options this project spells differently (docs/config.md has the
+# table): "section.key" (or "section.table.key" for its nested tables) -> ours. Hints for a
+# mistyped TorchTitan name suggest the TorchTitan name.
+TORCHTITAN_NAMES: dict[str, str] = {
+    "checkpoint.initial_load_model_only": "checkpoint.initial_load_model_weights_only",
+    "experimental.custom_args_module": "job.custom_config_module",
+    "debug.seed": "training.seed",
+    "debug.deterministic": "training.deterministic",
+    "debug.deterministic_warn_only": "training.deterministic_warn_only",
+    "training.dataloader.num_workers": "training.dataloader_num_workers",
+    "training.dataloader.persistent_workers": "training.dataloader_persistent_workers",
+    "training.dataloader.pin_memory": "training.dataloader_pin_memory",
+    "training.dataloader.prefetch_factor": "training.dataloader_prefetch_factor",
+    **{
+        f"quantize.linear.float8.{key}": f"float8.{key}"
+        for key in (
+            "enable_fsdp_float8_all_gather",
+            "precompute_float8_dynamic_scale_for_fsdp",
+            "recipe_name",
+            "filter_fqns",
+            "emulate",
+        )
+    },
+}
+
+# Every other name of an option -> its name here: keys renamed since TorchTitan v0.1 (old
+# "section.key" -> new "section.key"), and TorchTitan v0.2's names (TORCHTITAN_NAMES).
 ALIASES: dict[str, str] = {
     "job.print_args": "job.print_config",
     "training.batch_size": "training.local_batch_size",
@@ -63,18 +93,111 @@ ALIASES: dict[str, str] = {
     "checkpoint.last_save_model_only": "checkpoint.model_weights_only",  # TorchTitan v0.2's name
     "lr_scheduler.lr_min": "lr_scheduler.min_lr_factor",
     "memory_estimation.enabled": "memory_estimation.enable",
+    **TORCHTITAN_NAMES,
     # Special cases (boolean old keys, see _Option.kind):
     "metrics.disable_color_printing": "metrics.enable_color_printing",  # inverted
+    "metrics.save_for_all_ranks": "metrics.rank_0_only",  # inverted
+    # TorchTitan's CP balancer name: "headtail" = on, none = off ("ptrr" is refused)
+    "parallelism.context_parallel_load_balancer": "parallelism.context_parallel_load_balance",
+    # TorchTitan's per-stage module lists, turned into split points when they are contiguous
+    "parallelism.module_fqns_per_model_part": "parallelism.pipeline_parallel_split_points",
     "training.enable_float8_linear": "model.converters",  # true -> append "float8"
     "float8.enable_float8_linear": "model.converters",  # same, from a later v0.1
 }
-_INVERTED = {"metrics.disable_color_printing"}
+_INVERTED = {"metrics.disable_color_printing", "metrics.save_for_all_ranks"}
+_CP_BALANCER = "parallelism.context_parallel_load_balancer"
+_MODULE_FQNS = "parallelism.module_fqns_per_model_part"
 _ADD_FLOAT8 = {"training.enable_float8_linear", "float8.enable_float8_linear"}
 # Old keys whose setting no longer has any effect; accepted so old files still load.
 IGNORED: set[str] = {
     "model.norm_type",
     "job.use_for_integration_test",
     "memory_estimation.disable_fake_mode",  # the estimate is always a meta-device dry run
+}
+
+
+_AC_NOT_EXPOSED = "torch.utils.checkpoint's option is not exposed here (activation_checkpoint.mode: none, full, selective)"
+_TORCHFT = (
+    "torchft fault tolerance is not built here ([fault_tolerance] here handles preemption signals and "
+    "non-finite steps; see docs/fault_tolerance.md)"
+)
+_MX = "MX (mxfp8) training is not built here; float8 is (model.converters = [\"float8\"], [float8])"
+# TorchTitan options whose feature is not built here: the value that asks for nothing (the
+# TorchTitan default) is accepted, any other value is refused with the reason.
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "optimizer.early_step_in_backward": (False, "optimizer steps inside backward are not built here"),
+    "lr_scheduler.total_steps": (
+        None, "a schedule length apart from training.steps is not built here (the schedule spans training.steps)"
+    ),
+    "training.dtype": (
+        "float32",
+        "pure bfloat16 training (parameters and optimizer states in bfloat16) is not built here; "
+        "mixed precision is training.mixed_precision_param",
+    ),
+    "training.gc_debug": (False, "the garbage-collector debug mode is not built here"),
+    "parallelism.expert_tensor_parallel_degree": (1, "expert tensor parallelism is not built here"),
+    "parallelism.expert_parallel_comm_backend": ("standard", "the DeepEP backend is not built here"),
+    "parallelism.pipeline_parallel_expert_parallel_overlap": (
+        True, "the DualPipeV EP/PP overlap is not built here"
+    ),
+    "checkpoint.initial_load_in_hf_quantized": (False, "loading quantized Hugging Face weights is not built here"),
+    "checkpoint.enable_ft_dataloader_checkpoints": (True, _TORCHFT),
+    "activation_checkpoint.memory_budget": (
+        0.5, "memory-budget activation checkpointing (the compiler's partitioner) is not built here yet"
+    ),
+    "activation_checkpoint.visualize_memory_budget_pareto": (
+        False, "memory-budget activation checkpointing is not built here yet"
+    ),
+    "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": (
+        ["moe.router.gate"], "forcing the recompute of chosen matmul shapes is not built here"
+    ),
+    "activation_checkpoint.early_stop": (False, _AC_NOT_EXPOSED),
+    "activation_checkpoint.preserve_rng_state": (False, _AC_NOT_EXPOSED),
+    "activation_checkpoint.determinism_check": ("default", _AC_NOT_EXPOSED),
+    "activation_checkpoint.debug": (False, _AC_NOT_EXPOSED),
+    "quantize.grouped_mm.float8.fqns": ([], "float8 grouped GEMMs for MoE experts are not built here"),
+    "quantize.linear.mx.mxfp8_dim1_cast_kernel_choice": ("triton", _MX),
+    "quantize.linear.mx.recipe_name": ("mxfp8_cublas", _MX),
+    "quantize.linear.mx.filter_fqns": (["output"], _MX),
+    "quantize.grouped_mm.mx.recipe_name": ("mxfp8", _MX),
+    "quantize.grouped_mm.mx.fqns": ([], _MX),
+    "comm.save_traces_folder": (
+        "comm_traces",
+        "Flight Recorder traces are written to <dump_folder>/comm_traces/rank_<r> here "
+        "(scripts/analyze_flight_recorder.py reads them there)",
+    ),
+    "comm.save_traces_file_prefix": ("rank_", "Flight Recorder trace files are named rank_<r> here"),
+    "debug.moe_force_load_balance": (
+        False,
+        "the MoE router here has no forced round-robin mode (models/common/moe.py routes by top-k "
+        "scores; load balance comes from the expert bias and the auxiliary loss)",
+    ),
+    **{
+        f"fault_tolerance.{key}": (default, _TORCHFT)
+        for key, default in (
+            ("enable", False),
+            ("process_group", "gloo"),
+            ("process_group_timeout_ms", 10000),
+            ("replica_id", 0),
+            ("group_size", 0),
+            ("min_replica_size", 1),
+            ("semi_sync_method", None),
+        )
+    },
+}
+# Values of a supported option that name a feature not built here.
+_REFUSED_VALUES: dict[tuple[str, Any], str] = {
+    ("activation_checkpoint.mode", "memory_budget"): (
+        "memory-budget activation checkpointing is not built here yet; use full or selective"
+    ),
+}
+# model.converters: TorchTitan v0.2's names -> ours; the others are refused with the reason.
+_CONVERTER_NAMES = {"quantize.linear.float8": "float8"}
+_REFUSED_CONVERTERS = {
+    "quantize.grouped_mm.float8": "float8 grouped GEMMs for MoE experts are not built here",
+    "quantize.linear.mx": _MX,
+    "quantize.grouped_mm.mx": _MX,
+    "mx": _MX,
 }
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -92,7 +215,7 @@ class _Option:
 
     canonical: str  # "section.key"
     tp: Any  # type of the value as the user gives it (None: any, for IGNORED keys)
-    kind: str = "set"  # set | invert | add_float8 | ignore
+    kind: str = "set"  # set | invert | add_float8 | ignore | unsupported | cp_balancer | module_fqns
 
 
 @dataclass
@@ -271,6 +394,57 @@ def format_config(job_config: JobConfig) -> str:
 # --- the manager -----------------------------------------------------------------------------
 
 
+def _unsupported_type(default: Any) -> Any:
+    """The type a value of an unsupported option is read as (None: any value, all refused)."""
+    if default is None:
+        return None
+    if isinstance(default, list):
+        return list[str]
+    return type(default)
+
+
+def _words(name: str) -> set[str]:
+    return {w for w in re.split(r"[._]", name.lower()) if w}
+
+
+def extend_config_class(base: type[JobConfig], module_name: str) -> type[JobConfig]:
+    """``base`` extended by the ``JobConfig`` dataclass of a user's module
+    (``job.custom_config_module``, TorchTitan's mechanism): each of its fields is either a new
+    section (a dataclass; made a ``Section`` if it is not one) or an existing section's name,
+    whose dataclass then adds fields to that section. Raises ConfigError, one line."""
+    where = f"job.custom_config_module = {module_name!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{where}: cannot import it ({e}); is it on PYTHONPATH?") from None
+    custom = getattr(module, "JobConfig", None)
+    if custom is None or not dataclasses.is_dataclass(custom):
+        raise ConfigError(f"{where}: the module must define a dataclass named JobConfig")
+    if isinstance(custom, type) and issubclass(custom, base):
+        return custom
+    base_sections = {f.name: f for f in fields(base)}
+    hints = field_types(custom)
+    new_fields: list[tuple[str, Any, Any]] = []
+    for f in fields(custom):
+        user_cls = hints[f.name]
+        if not (isinstance(user_cls, type) and dataclasses.is_dataclass(user_cls)):
+            raise ConfigError(f"{where}: JobConfig.{f.name} must be a dataclass (a [{f.name}] section)")
+        bases: tuple[type, ...]
+        if f.name in base_sections:  # fields added to an existing section
+            own = field_types(base)[f.name]
+            bases = (user_cls, own) if not issubclass(user_cls, own) else (user_cls,)
+        else:
+            bases = (user_cls,) if issubclass(user_cls, Section) else (user_cls, Section)
+        section_cls = dataclasses.dataclass(
+            type(user_cls.__name__, bases, {"_section": f.name, "__module__": user_cls.__module__})
+        )
+        new_fields.append((f.name, section_cls, dataclasses.field(default_factory=section_cls)))
+    extended = dataclasses.make_dataclass("JobConfig", new_fields, bases=(base,))
+    extended.__module__ = module_name
+    extended.__doc__ = base.__doc__
+    return extended
+
+
 class ConfigManager:
     """Parses TOML + CLI into a validated ``JobConfig`` (or a subclass with more sections)."""
 
@@ -287,14 +461,25 @@ class ConfigManager:
                 self._options[canonical] = _Option(canonical, tp)
         self._aliases: dict[str, _Option] = {}
         for old, new in ALIASES.items():
+            if new not in self._options and old not in _ADD_FLOAT8:
+                continue  # a config class without that section
             if old in _INVERTED:
                 self._aliases[old] = _Option(new, bool, "invert")
             elif old in _ADD_FLOAT8:
                 self._aliases[old] = _Option(new, bool, "add_float8")
+            elif old == _CP_BALANCER:
+                self._aliases[old] = _Option(new, str | None, "cp_balancer")
+            elif old == _MODULE_FQNS:
+                self._aliases[old] = _Option(new, list[list[str]] | None, "module_fqns")
             else:
                 self._aliases[old] = _Option(new, self._options[new].tp)
         for old in IGNORED:
             self._aliases[old] = _Option(old, None, "ignore")
+        for name, (default, _) in UNSUPPORTED.items():
+            if name not in self._options:
+                self._aliases[name] = _Option(name, _unsupported_type(default), "unsupported")
+        # Top-level names a key may start with: sections, and TorchTitan's alias-only tables.
+        self._prefixes = set(self._sections) | {name.partition(".")[0] for name in self._aliases}
 
     @staticmethod
     def _field_types(cls: type) -> dict[str, Any]:
@@ -306,21 +491,36 @@ class ConfigManager:
     def parse_args(self, argv: list[str] | None = None) -> JobConfig:
         """Defaults, then ``--job.config_file``, then the other CLI options; validated.
 
-        ``--help`` / ``-h`` prints ``format_help()`` and raises ``SystemExit(0)``.
+        ``--help`` / ``-h`` prints ``format_help()`` and raises ``SystemExit(0)``. A
+        ``job.custom_config_module`` (file or command line) extends the config class first.
         """
         argv = list(sys.argv[1:] if argv is None else argv)
+        config_file = _raw_cli_value(argv, ("job.config_file",))
+        data = self._read_toml(config_file) if config_file is not None else None
+        module = _raw_cli_value(argv, ("job.custom_config_module", "experimental.custom_args_module"))
+        if module is None and data is not None:
+            module = data.get("job", {}).get("custom_config_module") or data.get(
+                "experimental", {}
+            ).get("custom_args_module")
+        if module and isinstance(module, str):
+            manager = ConfigManager(extend_config_class(self.config_cls, module))
+            return manager._parse(argv, config_file, data)
+        return self._parse(argv, config_file, data)
+
+    def _parse(self, argv: list[str], config_file: str | None, data: dict | None) -> JobConfig:
         if "--help" in argv or "-h" in argv:
             print(self.format_help())
             raise SystemExit(0)
         cli = self._parse_cli(argv)
         config = self.config_cls()
-        config_file = None
-        for setting in cli:
-            if setting.option.canonical == "job.config_file":
-                config_file = setting.value
-        if config_file is not None:
-            self._apply(config, self._load_toml(config_file), origin=f"config file {config_file}: ")
-        self._apply(config, cli, origin="")
+        given: set[str] = set()
+        if config_file is not None and data is not None:
+            origin = f"config file {config_file}: "
+            given |= self._apply(config, self._toml_settings(data, origin), origin=origin)
+        given |= self._apply(config, cli, origin="")
+        model = config.model
+        if model.hf_assets_path is not None and "model.tokenizer_path" not in given:
+            model.tokenizer_path = model.hf_assets_path
         config.validate()
         return config
 
@@ -333,7 +533,8 @@ class ConfigManager:
             "Options come from the defaults, then the TOML file, then the command line.",
             "  --section.key VALUE or --section.key=VALUE; lists are comma-separated (a,b);",
             "  booleans: --section.flag, --section.no-flag or --section.flag true|false;",
-            "  options typed '| None' accept the value none. Old (v0.1) key names are accepted.",
+            "  options typed '| None' accept the value none. Old (v0.1) key names and TorchTitan",
+            "  v0.2's names (e.g. --quantize.linear.float8.recipe_name) are accepted (docs/config.md).",
         ]
         defaults = self.config_cls()
         for section_name, section in defaults.sections().items():
@@ -356,7 +557,7 @@ class ConfigManager:
                 text = f.metadata.get("help", "")
                 choices = f.metadata.get("choices")
                 if choices and not all(c in text for c in choices):
-                    text += f" [choices: {', '.join(choices)}]"
+                    text += f" [choices: {', '.join(c for c in choices if c)}]"
                 lines.append(f"      {text}")
         return "\n".join(lines)
 
@@ -365,39 +566,58 @@ class ConfigManager:
     def _resolve(self, dotted: str) -> _Option | None:
         option = self._options.get(dotted) or self._aliases.get(dotted)
         if option is not None and option.canonical != dotted and option.kind != "ignore":
-            logger.debug("config: %s is the old name of %s", dotted, option.canonical)
+            logger.debug("config: %s is another name of %s", dotted, option.canonical)
         return option
+
+    def _suggest(self, dotted: str) -> str | None:
+        """The valid name a mistyped one most likely meant, or None when no name is close
+        enough to be a safe hint. Prefers a key of the same section, then shared words."""
+        section, _, key = dotted.rpartition(".")
+        top = section.partition(".")[0]
+        names = [n for n in list(self._options) + list(self._aliases) if self._aliases.get(n, _Option("", None)).kind != "ignore"]
+        if not section:  # "--steps": only a key; the first section that has it
+            homes = [n for n in self._options if n.rpartition(".")[2] == key]
+            return homes[0] if homes else None
+        same_section: list[tuple[float, str]] = []
+        elsewhere: list[tuple[float, str]] = []
+        for name in names:
+            n_section, _, n_key = name.rpartition(".")
+            ratio = difflib.SequenceMatcher(None, key, n_key).ratio()
+            words, n_words = _words(key), _words(n_key)
+            overlap = len(words & n_words) / max(len(words | n_words), 1)
+            section_ratio = difflib.SequenceMatcher(None, section, n_section).ratio()
+            score = ratio + 0.5 * overlap + 0.3 * section_ratio
+            if n_section == section:
+                if ratio >= 0.7 or (overlap >= 0.3 and ratio >= 0.5):
+                    same_section.append((score, name))
+            elif n_key == key:
+                # the key in the wrong (or a misspelt) section: only when that is unambiguous
+                if section_ratio >= 0.75 or sum(1 for n in names if n.rpartition(".")[2] == key) == 1:
+                    elsewhere.append((score + 0.5, name))
+            elif section_ratio >= 0.75 and (ratio >= 0.8 or overlap >= 0.6):
+                elsewhere.append((score, name))
+        for candidates in (same_section, elsewhere):
+            if candidates:
+                return max(candidates)[1]
+        return None
 
     def _unknown(self, dotted: str, shown: str, origin: str) -> ConfigError:
         """The error for an unknown key, with the nearest valid name when there is one."""
         prefix = "--" if shown.startswith("--") else ""
-        section, _, key = dotted.partition(".")
-        keys_by_section: dict[str, list[str]] = {}
-        for name in list(self._options) + list(self._aliases):
-            sec, _, k = name.partition(".")
-            keys_by_section.setdefault(sec, []).append(k)
-        guess: str | None = None
-        if not key:  # "--steps": no section given
-            section, key = "", section
+        section = dotted.rpartition(".")[0]
+        top = dotted.partition(".")[0]
+        if not section:  # "--steps": no section given
             what = f"unknown option {shown} (options are --section.key)"
-        elif section in self._sections:
-            close = difflib.get_close_matches(key, keys_by_section[section], n=1)
-            guess = f"{section}.{close[0]}" if close else None
+        elif top in self._prefixes:
             what = f"unknown option {shown}"
         else:
-            close = difflib.get_close_matches(section, list(self._sections), n=1)
-            if close and key in keys_by_section[close[0]]:
-                guess = f"{close[0]}.{key}"
-            what = f"unknown section '{section}' in {shown}"
-        if guess is None:  # the key may sit in the wrong section
-            homes = [sec for sec, keys in keys_by_section.items() if key in keys]
-            if homes:
-                guess = f"{homes[0]}.{key}"
+            what = f"unknown section '{top}' in {shown}"
+        guess = self._suggest(dotted)
         if guess is not None:
-            if guess in self._aliases and self._aliases[guess].kind == "set":
-                guess = self._aliases[guess].canonical
+            if guess in self._aliases and self._aliases[guess].kind == "set" and guess not in TORCHTITAN_NAMES:
+                guess = self._aliases[guess].canonical  # an old (v0.1) name: suggest the current one
             return ConfigError(f"{origin}{what}; did you mean {prefix}{guess}?")
-        if section and section not in self._sections:
+        if section and top not in self._prefixes:
             return ConfigError(f"{origin}{what}; valid sections: {', '.join(self._sections)}")
         return ConfigError(f"{origin}{what}; see --help for the valid options")
 
@@ -421,7 +641,7 @@ class ConfigManager:
             option = self._resolve(dotted)
             negated = False
             if option is None:
-                section, _, key = dotted.partition(".")
+                section, _, key = dotted.rpartition(".")
                 if key.startswith("no_"):
                     option = self._resolve(f"{section}.{key[3:]}")
                     if option is not None and option.tp is not bool:
@@ -434,9 +654,9 @@ class ConfigManager:
                     negated = True
             if option is None:
                 raise self._unknown(dotted, shown, "")
-            spelled = "--" + (dotted if not negated else dotted.replace(".no_", ".", 1))
+            spelled = "--" + (dotted if not negated else _strip_no(dotted))
             if negated:
-                settings.append(_Setting(option, spelled, False))
+                settings.append(self._setting(option, spelled, False, ""))
                 continue
             if option.tp is bool and not has_inline:
                 # a bare flag means true; an explicit true/false may follow
@@ -444,7 +664,7 @@ class ConfigManager:
                     text = argv[i]
                     i += 1
                 else:
-                    settings.append(_Setting(option, spelled, True))
+                    settings.append(self._setting(option, spelled, True, ""))
                     continue
             elif has_inline:
                 text = inline
@@ -457,52 +677,110 @@ class ConfigManager:
                 value = text if option.tp is None else _from_string(text, option.tp)
             except _BadValue as err:
                 raise ConfigError(f"{shown} {text}: expected {err}") from None
-            settings.append(_Setting(option, spelled, value))
+            settings.append(self._setting(option, spelled, value, ""))
         return settings
 
-    def _load_toml(self, path: str) -> list[_Setting]:
+    @staticmethod
+    def _read_toml(path: str) -> dict[str, Any]:
+        """The parsed file; every way a file can be unusable is one line (ConfigError)."""
         file = Path(path)
+        where = f"config file {path}"
+        if file.is_dir():
+            raise ConfigError(f"{where} is a directory; pass a .toml file to --job.config_file")
+        if not file.exists():
+            raise ConfigError(f"{where} not found; pass an existing file to --job.config_file")
         if not file.is_file():
-            raise ConfigError(
-                f"config file {path} not found; pass an existing file to --job.config_file"
-            )
+            raise ConfigError(f"{where} is not a regular file; pass a .toml file to --job.config_file")
         try:
-            with open(file, "rb") as f:
-                data = tomllib.load(f)
+            raw = file.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{where} cannot be read: {e.strerror or e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                "save it as UTF-8"
+            ) from None
+        text = text.removeprefix("\ufeff")  # a UTF-8 byte order mark
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {path}: invalid TOML: {err}") from None
-        origin = f"config file {path}: "
+            raise ConfigError(f"{where}: invalid TOML: {err}") from None
+        if not data:
+            raise ConfigError(
+                f"{where} is empty (no [section]); give it at least one section, or leave out "
+                "--job.config_file to run on the defaults"
+            )
+        return data
+
+    def _toml_settings(self, data: dict[str, Any], origin: str) -> list[_Setting]:
         settings: list[_Setting] = []
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(
                     f"{origin}top-level key '{section}' must be inside a [section] table"
                 )
-            if section not in self._sections:
-                first = next(iter(table), "")
-                raise self._unknown(f"{section}.{first}", f"[{section}]", origin)
-            for key, raw in table.items():
-                dotted = f"{section}.{key}"
+            if not table and section not in self._prefixes:
+                raise self._unknown(f"{section}.", f"[{section}]", origin)
+            for dotted, raw in _flatten(table, section):
                 option = self._resolve(dotted)
                 if option is None:
-                    raise self._unknown(dotted, dotted, origin)
+                    shown = f"[{section}]" if section not in self._prefixes else dotted
+                    raise self._unknown(dotted, shown, origin)
                 try:
                     value = raw if option.tp is None else _from_toml(raw, option.tp)
                 except _BadValue as err:
                     raise ConfigError(f"{origin}{dotted} = {raw!r}: expected {err}") from None
-                settings.append(_Setting(option, dotted, value))
+                settings.append(self._setting(option, dotted, value, origin))
         return settings
+
+    def _setting(self, option: _Option, spelled: str, value: Any, origin: str) -> _Setting:
+        """A setting with its value in the canonical option's terms; refuses (one line) a
+        TorchTitan option or value whose feature is not built here."""
+        shown = f"{spelled} = {_shown(value)}"
+        if option.kind == "unsupported":
+            default, reason = UNSUPPORTED[option.canonical]
+            if value != default:
+                keep = "" if default is None else f" (or set it to {_shown(default)})"
+                raise ConfigError(f"{origin}{shown}: {reason}; remove it{keep}")
+        elif option.kind == "cp_balancer":
+            choice = "none" if value is None else value.strip().lower()
+            if choice == "ptrr":
+                raise ConfigError(
+                    f"{origin}{shown}: PTRR load balancing (for FlexAttention) is not built here; "
+                    'use "headtail" (parallelism.context_parallel_load_balance = true) or "none"'
+                )
+            if choice not in ("headtail", "none", "null"):
+                raise ConfigError(f'{origin}{shown}: expected "headtail" or "none"')
+            value = choice == "headtail"
+        elif option.kind == "module_fqns":
+            value = [] if value is None else _split_points_from_fqns(value, f"{origin}{shown}")
+        canonical = option.canonical
+        refused = _REFUSED_VALUES.get((canonical, value)) if isinstance(value, (str, bool, int)) else None
+        if refused:
+            raise ConfigError(f"{origin}{shown}: {refused}")
+        if canonical == "model.converters" and isinstance(value, list):
+            for name in value:
+                if name in _REFUSED_CONVERTERS:
+                    raise ConfigError(f"{origin}{shown}: converter {name!r}: {_REFUSED_CONVERTERS[name]}")
+            value = [_CONVERTER_NAMES.get(name, name) for name in value]
+        return _Setting(option, spelled, value)
 
     # applying one source
 
-    def _apply(self, config: JobConfig, settings: list[_Setting], origin: str) -> None:
-        """Set the source's values; old and new spelling of one key must agree."""
+    def _apply(self, config: JobConfig, settings: list[_Setting], origin: str) -> set[str]:
+        """Set the source's values (old and new spelling of one key must agree); return the
+        canonical names it set."""
         chosen: dict[str, _Setting] = {}  # canonical -> setting (value already canonical)
         add_float8 = False
         for setting in settings:
             option = setting.option
             if option.kind == "ignore":
                 logger.debug("config: ignoring %s (no longer used)", setting.spelled)
+                continue
+            if option.kind == "unsupported":
+                logger.debug("config: %s has its default, which asks for nothing", setting.spelled)
                 continue
             if option.kind == "add_float8":
                 add_float8 = add_float8 or setting.value
@@ -513,8 +791,8 @@ class ConfigManager:
             if earlier is not None and earlier.spelled != setting.spelled:
                 if earlier.value != value:
                     raise ConfigError(
-                        f"{origin}{earlier.spelled} and {setting.spelled} are the old and new "
-                        f"names of one option and disagree ({option.canonical} = "
+                        f"{origin}{earlier.spelled} and {setting.spelled} are two names of one "
+                        f"option and disagree ({option.canonical} = "
                         f"{earlier.value!r} vs {value!r}); keep only "
                         f"{'--' if origin == '' else ''}{option.canonical}"
                     )
@@ -525,3 +803,72 @@ class ConfigManager:
             setattr(getattr(config, section), key, value)
         if add_float8 and "float8" not in config.model.converters:
             config.model.converters = config.model.converters + ["float8"]
+        return set(chosen)
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else _toml_value(value) if not isinstance(value, list) or all(
+        isinstance(v, (str, int, float, bool)) for v in value
+    ) else repr(value)
+
+
+def _strip_no(dotted: str) -> str:
+    head, _, key = dotted.rpartition(".")
+    return f"{head}.{key[3:]}"
+
+
+def _flatten(table: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """``[quantize.linear.float8]`` tables (nested dicts) as dotted keys."""
+    out: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            out += _flatten(value, dotted)
+        else:
+            out.append((dotted, value))
+    return out
+
+
+def _raw_cli_value(argv: list[str], names: tuple[str, ...]) -> str | None:
+    """The last value given on the command line to any of ``names`` (before full parsing,
+    which needs to know the config class and the file first)."""
+    found = None
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        name, has_inline, inline = token[2:].partition("=")
+        if name.replace("-", "_") in names:
+            if has_inline:
+                found = inline
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                found = argv[i + 1]
+    return found
+
+
+def _split_points_from_fqns(parts: list[list[str]], where: str) -> list[str]:
+    """TorchTitan's ``module_fqns_per_model_part`` as split points: each part after the first
+    must start at the layer after the previous part's last (embedding first, norm and output
+    last); other groupings are not expressible here and are refused."""
+    layers: list[list[int]] = []
+    for i, part in enumerate(parts):
+        numbers = []
+        for name in part:
+            head, _, index = name.rpartition(".")
+            if head == "layers" and index.isdigit():
+                numbers.append(int(index))
+            elif not ((name == "tok_embeddings" and i == 0) or (name in ("norm", "output") and i == len(parts) - 1)):
+                raise ConfigError(
+                    f"{where}: {name!r} in part {i}: only tok_embeddings (first part), layers.N and "
+                    "norm/output (last part) can be placed here; use pipeline_parallel_split_points"
+                )
+        if not numbers:
+            raise ConfigError(f"{where}: part {i} holds no layer; every stage needs one here")
+        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            raise ConfigError(f"{where}: part {i} is not a run of consecutive layers")
+        layers.append(numbers)
+    for i in range(1, len(layers)):
+        if layers[i][0] != layers[i - 1][-1] + 1:
+            raise ConfigError(f"{where}: part {i} does not start right after part {i - 1}'s last layer")
+    if layers and layers[0][0] != 0:
+        raise ConfigError(f"{where}: the first part must start at layers.0")
+    return [f"layers.{numbers[0]}" for numbers in layers[1:]]

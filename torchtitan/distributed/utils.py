@@ -176,6 +176,7 @@ def set_determinism(
     device: torch.device,
     seed: int | None,
     deterministic: bool = False,
+    warn_only: bool = False,
 ) -> int:
     """Seed python and torch identically on every rank; return the seed used.
 
@@ -184,7 +185,7 @@ def set_determinism(
     same stream. (On CPU DTensor has no such tracker: shards of one parameter draw the same
     numbers, which is why parity tests load weights instead of relying on sharded init.)
     ``seed=None`` draws one on rank 0 and broadcasts it. ``deterministic`` also turns on
-    deterministic kernels (slower).
+    deterministic kernels (slower); ``warn_only`` then only warns about an op without one.
     """
     if seed is None:
         seed_tensor = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
@@ -201,8 +202,8 @@ def set_determinism(
     except ImportError:  # numpy is optional
         pass
     if deterministic:
-        logger.info("deterministic algorithms on (slower)")
-        torch.use_deterministic_algorithms(True)
+        logger.info("deterministic algorithms on (slower)" + (", warn only" if warn_only else ""))
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         # cuBLAS needs a fixed workspace to be deterministic.
