@@ -292,3 +292,25 @@ def test_first_step_checkpoint_and_load_only(tmp_path):
     finally:
         trainer.close()
     assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-2"]
+
+
+def test_older_torchtitan_names_still_load(tmp_path):
+    """Names from TorchTitan before v0.2 (validation.enabled, [float8], enable_checkpoint,
+    batch_size, converters as a string) load as their current equivalents."""
+    cfg = parse_toml(
+        tmp_path,
+        """
+        [validation]
+        enabled = true
+        [float8]
+        filter_fqns = "output"
+        [checkpoint]
+        enable_checkpoint = true
+        [training]
+        batch_size = 2
+        [model]
+        converters = "float8"
+        """,
+    )
+    assert cfg.validation.enable and cfg.checkpoint.enable and cfg.training.local_batch_size == 2
+    assert cfg.model.converters == ["float8"] and cfg.float8.filter_fqns == ["output"]

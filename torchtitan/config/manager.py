@@ -93,6 +93,7 @@ ALIASES: dict[str, str] = {
     "checkpoint.last_save_model_only": "checkpoint.model_weights_only",  # TorchTitan v0.2's name
     "lr_scheduler.lr_min": "lr_scheduler.min_lr_factor",
     "memory_estimation.enabled": "memory_estimation.enable",
+    "validation.enabled": "validation.enable",  # TorchTitan before v0.2
     **TORCHTITAN_NAMES,
     # Special cases (boolean old keys, see _Option.kind):
     "metrics.disable_color_printing": "metrics.enable_color_printing",  # inverted
