@@ -8,7 +8,8 @@ the test tokenizer's 2,256 tokens), saved in several safetensors files with an i
 - 4 CPU ranks, FSDP 2 x TP 2: starts from the folder (the weights equal the adapter's
   conversion of the files), trains 3 steps (first-step loss = one process's), saves the last
   step in Hugging Face format, split like the folder it came from. FSDP 4 (2 key-value heads
-  over 4 ranks: the rotary permutation cannot run sharded) and PP 2 x FSDP 2 load it too.
+  over 4 ranks: the rotary permutation cannot run sharded), PP 2 x FSDP 2 and HSDP 2 x 2 load
+  it too; every layout validates after the last step (the same held-out loss).
 - One process: the same run; transformers loads both saved folders and its logits equal
   ours within 1e-4 (fp32).
 - A Qwen3 round trip (qwen3 debug flavor): train, save in HF, Qwen3ForCausalLM loads it,
@@ -35,6 +36,7 @@ TOKENIZER = os.path.join(REPO, "tests", "assets", "test_tiktoken.model")
 FLAVOR = "hf_test"
 STEPS = 3
 TOL = 1e-5
+LAYOUT_NAMES = ("fsdp2_tp2", "fsdp4", "pp2_fsdp2", "hsdp2x2")
 
 
 def tiny_flavor():
@@ -72,6 +74,12 @@ def _config(dump_folder: str, *overrides: str, model: str = "llama3", flavor: st
             "--comm.trace_buf_size", "0",
             "--checkpoint.enable",
             "--checkpoint.interval", "1000",
+            # validation after the last step: the same held-out batches in every layout
+            "--validation.enable",
+            "--validation.dataset", "c4_test",
+            "--validation.freq", str(STEPS),
+            "--validation.steps", "2",
+            "--validation.seq_len", "64",
             *overrides,
         ]
     )
@@ -111,15 +119,21 @@ def four_rank_main(workdir: str, hf_dir: str) -> dict[str, Any]:
         "fsdp4": ["--parallelism.data_parallel_shard_degree", "4", "--training.local_batch_size", "1"],
         "pp2_fsdp2": ["--parallelism.data_parallel_shard_degree", "2", "--parallelism.pipeline_parallel_degree", "2",
                       "--training.local_batch_size", "2"],
+        "hsdp2x2": ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2",
+                    "--training.local_batch_size", "1"],
     }
     for name, args in layouts.items():
         dump = os.path.join(workdir, name)
         save = SAVE_HF if name == "fsdp2_tp2" else []
-        trainer = Trainer(_config(dump, *_from_hf(hf_dir), *args, *save))
+        local = args[args.index("--training.local_batch_size") + 1]
+        trainer = Trainer(_config(dump, *_from_hf(hf_dir), *args, *save, "--validation.local_batch_size", local))
         assert trainer.checkpointer.load()
         loaded = _full(trainer.model_parts)
         losses = trainer.train()  # loads the folder again (no checkpoint in the folder yet)
-        report[name] = {"loaded": loaded, "losses": losses, "final": _full(trainer.model_parts)}
+        report[name] = {
+            "loaded": loaded, "losses": losses, "final": _full(trainer.model_parts),
+            "validation": trainer.validator.last["loss"],
+        }
         _release(trainer)
         dist.barrier()
     # tensors go through a file: a queue would pass them as shared memory the exiting rank frees
@@ -183,11 +197,14 @@ def single(tmp_path_factory, hf_source, monkeypatch_module) -> dict:
 
     monkeypatch_module.setitem(llama3_configs, FLAVOR, tiny_flavor())
     dump = str(tmp_path_factory.mktemp("hf_single"))
-    trainer = Trainer(_config(dump, *_from_hf(hf_source), *SAVE_HF))
+    trainer = Trainer(_config(dump, *_from_hf(hf_source), *SAVE_HF, "--validation.local_batch_size", "4"))
     try:
         losses = trainer.train()
         model = trainer.model_parts[0].eval()
-        return {"losses": losses, "model": model, "final": _full(trainer.model_parts), "dump": dump}
+        return {
+            "losses": losses, "model": model, "final": _full(trainer.model_parts), "dump": dump,
+            "validation": trainer.validator.last["loss"],
+        }
     finally:
         trainer.close()
 
@@ -208,7 +225,7 @@ def _logits_diff(folder: str, model: torch.nn.Module, cls=None) -> float:
 
 def test_every_layout_loads_the_hf_folder(four_ranks, hf_source):
     expected = _hf_as_ours(hf_source)
-    for name in ("fsdp2_tp2", "fsdp4", "pp2_fsdp2"):
+    for name in LAYOUT_NAMES:
         loaded = four_ranks[name]["loaded"]
         assert loaded.keys() == expected.keys(), (name, sorted(set(loaded) ^ set(expected)))
         for k in expected:
@@ -217,9 +234,11 @@ def test_every_layout_loads_the_hf_folder(four_ranks, hf_source):
 
 def test_first_step_loss_matches_one_process(four_ranks, single):
     assert len(single["losses"]) == STEPS
-    for name in ("fsdp2_tp2", "fsdp4", "pp2_fsdp2"):
+    for name in LAYOUT_NAMES:
         assert four_ranks[name]["losses"][0] == pytest.approx(single["losses"][0], rel=TOL), name
         assert four_ranks[name]["losses"] == pytest.approx(single["losses"], rel=1e-4), name
+        # and the held-out loss after the last step (validation in these layouts too)
+        assert four_ranks[name]["validation"] == pytest.approx(single["validation"], rel=1e-4), name
 
 
 def test_saved_hf_folders_load_in_transformers(four_ranks, single, hf_source):

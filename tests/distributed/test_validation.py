@@ -1,9 +1,9 @@
 """Validation (components/validate.py) in the real trainer: every layout agrees with one
 process, and one process agrees with a hand computation.
 
-One launch of 2 CPU ranks builds four Trainers in turn: FSDP 2, TP 2 (loss parallel), CP 2
-(head-tail load balancing, the same cp_context as training) and PP 2 (1F1B, forward only
-through schedule.eval). Each validates once before training (no gradient may appear, the
+One launch of 2 CPU ranks builds five Trainers in turn: FSDP 2, TP 2 (loss parallel), CP 2
+(head-tail load balancing, the same cp_context as training), PP 2 (1F1B, forward only
+through schedule.eval) and EP 2 (Qwen3 MoE debug flavor, against its own one-process run). Each validates once before training (no gradient may appear, the
 model must be back in training mode), then trains 2 steps validating after each. The
 training data and the held-out data use fixed shards (training.dataset_shards), so every
 layout sees the same global batches; fp32; the same tolerance as the training-loss layout
@@ -39,6 +39,9 @@ LAYOUTS = {
     "pp2_1f1b": (4, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
                      "--parallelism.pipeline_parallel_schedule", "1F1B"]),
 }
+# Expert parallelism: the Qwen3 MoE debug flavor, routed experts sharded over the 2 FSDP ranks.
+MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe", "--activation_checkpoint.mode", "none"]
+EP_LAYOUT = {"ep2_fsdp2": (2, [*MOE, "--training.local_batch_size", "2", "--parallelism.expert_parallel_degree", "2"])}
 
 
 def _config(dump_folder: str, val_local_batch: int, *overrides: str):
@@ -81,6 +84,9 @@ def _run(trainer) -> dict[str, Any]:
         "before": first,
         "training_mode_after": all(m.training for part in trainer.model_parts for m in part.modules()),
         "no_grads": all(p.grad is None for p in params),
+        # FSDP resharded: the registered parameters are the optimizer's (sharded) ones again
+        "params_resharded": {id(p) for part in trainer.model_parts for p in part.parameters()}
+        == {id(p) for p in trainer.params},
     }
     seen: list[float] = []
     validate = trainer.validator.validate
@@ -97,7 +103,7 @@ def layouts_main(workdir: str) -> dict[str, Any]:
     from torchtitan.trainer import Trainer
 
     reports = {}
-    for name, (val_batch, args) in LAYOUTS.items():
+    for name, (val_batch, args) in {**LAYOUTS, **EP_LAYOUT}.items():
         train_batch = ["--training.local_batch_size", "2"] if name == "fsdp2" else []
         trainer = Trainer(_config(os.path.join(workdir, name), val_batch, *args, *train_batch))
         reports[name] = _run(trainer)
@@ -143,6 +149,17 @@ def single(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def single_moe(tmp_path_factory) -> dict[str, Any]:
+    from torchtitan.trainer import Trainer
+
+    trainer = Trainer(_config(str(tmp_path_factory.mktemp("val_single_moe")), 4, *MOE))
+    try:
+        return _run(trainer)
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, Any]:
     return launch("test_validation:layouts_main", 2, timeout=600, workdir=str(tmp_path_factory.mktemp("val_layouts")))[0]
 
@@ -159,9 +176,17 @@ def test_one_process_equals_hand_computation(single):
 def test_layout_validation_equals_one_process(single, layouts, name):
     r = layouts[name]
     assert r["training_mode_after"] and r["no_grads"] and r["training_mode_end"], (name, r)
+    assert r["params_resharded"], name
     assert r["train_losses"] == pytest.approx(single["train_losses"], rel=TOL), (name, r, single)
     assert r["before"] == pytest.approx(single["before"], rel=TOL), (name, r["before"], single["before"])
     assert r["during"] == pytest.approx(single["during"], rel=TOL), (name, r["during"], single["during"])
+
+
+def test_expert_parallel_validation_equals_one_process(single_moe, layouts):
+    r = layouts["ep2_fsdp2"]
+    assert r["training_mode_after"] and r["no_grads"] and r["training_mode_end"] and r["params_resharded"], r
+    assert r["before"] == pytest.approx(single_moe["before"], rel=TOL), (r["before"], single_moe["before"])
+    assert r["during"] == pytest.approx(single_moe["during"], rel=TOL), (r["during"], single_moe["during"])
 
 
 def test_whole_set_and_restart(tmp_path):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from torchtitan.components.chunked_loss import labels_for_loss
@@ -65,6 +66,15 @@ def pipeline_eval(
     if not has_last_stage:
         return torch.zeros((), device=labels.device)
     return torch.stack([_plain(loss.detach()).float() for loss in losses]).sum()  # type: ignore[union-attr]
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free FSDP's unsharded parameters. A module that does not reshard after forward waits
+    for the backward to do it; without one (here) the unsharded parameters would stay
+    registered, and the optimizer's state dict would no longer find its sharded ones."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 class Validator:
@@ -220,6 +230,7 @@ class Validator:
                 batches += 1
         finally:
             for part in self.model_parts:
+                _reshard(part)
                 part.train()
         if batches == 0:
             raise RuntimeError(
