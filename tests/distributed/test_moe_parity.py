@@ -9,6 +9,7 @@ reference: the loss and the gradient norm of every step, every parameter after t
 step (``full_tensor()``, norm-wise relative error) and every layer's expert bias.
 
 Layouts: EP 2 with gradient accumulation (2 micro-batches: token counts add up over them);
+EP 2 compiled (aot_eager) with selective op AC;
 EP 2 x FSDP 2 with full activation checkpointing (all-to-alls rerun in backward, counted
 once); EP 2 x TP 2; PP 2 x EP 2 (1F1B); CP 2 x EP 2; HSDP 2 x 2 with EP 2.
 Measured errors (2026-12-02): losses <= 1.6e-7, parameters <= 3.8e-6 (experts' w3), biases
@@ -34,6 +35,12 @@ GRAD_NORM_TOL = 1e-3
 TWO_RANKS = {
     # global batch 4 = local 1 x dp 2 x accumulation 2
     "ep2_accum2": ["--training.local_batch_size", "1", "--parallelism.expert_parallel_degree", "2"],
+    # compiled around the routed experts (aot_eager: the graphs, not inductor's CPU code)
+    "ep2_compile_op_sac": [
+        "--training.local_batch_size", "2", "--parallelism.expert_parallel_degree", "2",
+        "--compile.enable", "--compile.backend", "aot_eager",
+        "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op",
+    ],
 }
 FOUR_RANKS = {
     "ep2_fsdp2_ac_full": [

@@ -57,7 +57,7 @@ from torch.distributed.tensor.parallel import (
 
 from torchtitan.models.common.moe import MoE
 
-__all__ = ["ExpertDispatcher", "apply_ep", "apply_moe_tp", "expert_modules"]
+__all__ = ["ExpertDispatcher", "apply_ep", "apply_moe_tp", "expert_modules", "ignore_profiler_ops_in_op_sac"]
 
 
 class ExpertDispatcher:
@@ -202,3 +202,22 @@ def apply_moe_tp(moe: MoE, tp_mesh: DeviceMesh) -> None:
                 "w2": RowwiseParallel(output_layouts=Replicate()),
             },
         )
+
+
+def ignore_profiler_ops_in_op_sac() -> None:
+    """Let selective-op activation checkpointing ignore the profiler's record_function ops.
+
+    Under EP the routed experts are an FSDP unit nested in the checkpointed block, and FSDP's
+    hooks open more ``record_function`` ranges when the block is recomputed in backward than
+    in forward; op SAC replays ops by their position and stops at the first extra one
+    ("... invocation index N encountered during backward but not found in storage"). The
+    ranges are profiler markers with no effect on any value, so they join the ops torch's
+    SAC already leaves out of its bookkeeping (``torch.utils.checkpoint.SAC_IGNORED_OPS``;
+    torch 2.13). Idempotent.
+    """
+    import torch.utils.checkpoint as ckpt
+
+    names = ("_record_function_enter", "_record_function_enter_new", "_record_function_exit")
+    packets = [getattr(torch.ops.profiler, n) for n in names if hasattr(torch.ops.profiler, n)]
+    ops = {getattr(p, overload) for p in packets for overload in p.overloads()}
+    ckpt.SAC_IGNORED_OPS.update(ops)

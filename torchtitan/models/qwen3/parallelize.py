@@ -30,7 +30,12 @@ from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
-from torchtitan.distributed.expert_parallel import apply_ep, apply_moe_tp, expert_modules
+from torchtitan.distributed.expert_parallel import (
+    apply_ep,
+    apply_moe_tp,
+    expert_modules,
+    ignore_profiler_ops_in_op_sac,
+)
 from torchtitan.distributed.fsdp import apply_ddp, apply_fsdp
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import _all_float8, _plan_classes, check_tp_divisibility
@@ -101,6 +106,34 @@ def apply_qwen3_tp(
     return model
 
 
+def _compile_around_experts(model: nn.Module, backend: str) -> None:
+    """Regional compile under expert parallelism: an MoE block's routed experts are their
+    own FSDP unit (whose hooks dynamo does not trace) and their all-to-alls take split sizes
+    read on the host, so neither fits in a full graph. Dense blocks are compiled whole; in an
+    MoE block each other piece (norms, attention, router, shared experts) is compiled on its
+    own, and the dispatch, the grouped GEMMs and the combine run eagerly between them."""
+    import torch
+
+    from torchtitan.distributed.compile import _materialize_async_inputs
+
+    def compiled(module: nn.Module) -> nn.Module:
+        c = torch.compile(module, backend=backend, fullgraph=True)
+        c.register_forward_pre_hook(_materialize_async_inputs)
+        return c
+
+    for name, block in list(model.layers.named_children()):
+        if not getattr(block, "moe_enabled", False):
+            model.layers.register_module(name, compiled(block))
+            continue
+        inner = getattr(block, "_checkpoint_wrapped_module", block)  # under AC
+        for child in ("attention_norm", "attention", "ffn_norm"):
+            setattr(inner, child, compiled(getattr(inner, child)))
+        moe = inner.moe
+        moe.router = compiled(moe.router)
+        if moe.shared_experts is not None:
+            moe.shared_experts = compiled(moe.shared_experts)
+
+
 def _loss_divisor(job_config: JobConfig, parallel_dims: ParallelDims) -> int:
     """What the trainer divides each forward's loss by: the gradient accumulation steps,
     times the pipeline microbatches under PP."""
@@ -168,12 +201,20 @@ def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, job_config:
 
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
+        if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "op":
+            ignore_profiler_ops_in_op_sac()
         apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
         logger.info(f"applied {ac.mode} activation checkpointing ({ac.selective_ac_option})")
 
     if compile_model:
-        apply_compile(model, backend)
-        logger.info(f"compiled each transformer block with backend {backend!r}")
+        if ep > 1:
+            _compile_around_experts(model, backend)
+            logger.info(
+                f"compiled each dense block, and each MoE block but its routed experts, with backend {backend!r}"
+            )
+        else:
+            apply_compile(model, backend)
+            logger.info(f"compiled each transformer block with backend {backend!r}")
 
     t = job_config.training
     if parallel_dims.fsdp_enabled:
