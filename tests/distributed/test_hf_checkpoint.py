@@ -7,7 +7,7 @@ the test tokenizer's 2,256 tokens), saved in several safetensors files with an i
 
 - 4 CPU ranks, FSDP 2 x TP 2: starts from the folder (the weights equal the adapter's
   conversion of the files), trains 3 steps (first-step loss = one process's), saves the last
-  step in Hugging Face format, split like the folder it came from. FSDP 4 (2 key-value heads
+  step in Hugging Face format, split like the folder it came from (PP 2 x FSDP 2 too). FSDP 4 (2 key-value heads
   over 4 ranks: the rotary permutation cannot run sharded), PP 2 x FSDP 2 and HSDP 2 x 2 load
   it too; every layout validates after the last step (the same held-out loss).
 - One process: the same run; transformers loads both saved folders and its logits equal
@@ -37,6 +37,7 @@ FLAVOR = "hf_test"
 STEPS = 3
 TOL = 1e-5
 LAYOUT_NAMES = ("fsdp2_tp2", "fsdp4", "pp2_fsdp2", "hsdp2x2")
+SAVED = ("fsdp2_tp2", "pp2_fsdp2")  # these write the last step in Hugging Face format
 
 
 def tiny_flavor():
@@ -124,7 +125,7 @@ def four_rank_main(workdir: str, hf_dir: str) -> dict[str, Any]:
     }
     for name, args in layouts.items():
         dump = os.path.join(workdir, name)
-        save = SAVE_HF if name == "fsdp2_tp2" else []
+        save = SAVE_HF if name in SAVED else []
         local = args[args.index("--training.local_batch_size") + 1]
         trainer = Trainer(_config(dump, *_from_hf(hf_dir), *args, *save, "--validation.local_batch_size", local))
         assert trainer.checkpointer.load()
@@ -244,22 +245,25 @@ def test_first_step_loss_matches_one_process(four_ranks, single):
 def test_saved_hf_folders_load_in_transformers(four_ranks, single, hf_source):
     one = os.path.join(single["dump"], "checkpoint", f"step-{STEPS}-hf")
     assert _logits_diff(one, single["model"]) < 1e-4
-    # the FSDP 2 x TP 2 save: split like the folder it started from, with its index and config
-    sharded = os.path.join(four_ranks["workdir"], "fsdp2_tp2", "checkpoint", f"step-{STEPS}-hf")
-    files = sorted(os.listdir(sharded))
-    source_files = sorted(f for f in os.listdir(hf_source) if f.endswith(".safetensors"))
-    assert [f for f in files if f.endswith(".safetensors")] == source_files, files
-    assert "config.json" in files and "model.safetensors.index.json" in files and "sharded" not in files
-    index = json.load(open(os.path.join(sharded, "model.safetensors.index.json")))
-    assert set(index["weight_map"]) == set(json.load(open(os.path.join(hf_source, "model.safetensors.index.json")))["weight_map"])
-    # the 4-rank run's final weights are what was written (and close to the one process's)
+    # the 4-rank saves (FSDP 2 x TP 2; PP 2 x FSDP 2: each stage's ranks write their layers):
+    # split like the folder they started from, with its index and config, and holding what
+    # the run ended with
     from torchtitan.models.llama3 import Transformer
 
-    args = tiny_flavor()
-    args.vocab_size = 2256
-    model = Transformer(args)
-    model.load_state_dict(four_ranks["fsdp2_tp2"]["final"], strict=False)
-    assert _logits_diff(sharded, model.eval()) < 1e-4
+    source_files = sorted(f for f in os.listdir(hf_source) if f.endswith(".safetensors"))
+    source_keys = set(json.load(open(os.path.join(hf_source, "model.safetensors.index.json")))["weight_map"])
+    for name in SAVED:
+        folder = os.path.join(four_ranks["workdir"], name, "checkpoint", f"step-{STEPS}-hf")
+        files = sorted(os.listdir(folder))
+        assert [f for f in files if f.endswith(".safetensors")] == source_files, (name, files)
+        assert "config.json" in files and "model.safetensors.index.json" in files and "sharded" not in files, name
+        index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+        assert set(index["weight_map"]) == source_keys, name
+        args = tiny_flavor()
+        args.vocab_size = 2256
+        model = Transformer(args)
+        model.load_state_dict(four_ranks[name]["final"], strict=False)
+        assert _logits_diff(folder, model.eval()) < 1e-4, name
 
 
 def test_hf_options_are_checked(tmp_path):

@@ -230,8 +230,21 @@ def test_whole_set_and_restart(tmp_path):
     assert val and val[-1]["validation_metrics/perplexity"] == pytest.approx(math.exp(val[-1]["validation_metrics/loss"]))
 
 
-def test_validation_options_are_checked():
+def test_validation_options_are_checked(tmp_path):
     from torchtitan.config import ConfigError, ConfigManager
+
+    # TorchTitan v0.2's spelling, in a file: [validation] and the Hugging Face checkpoint keys
+    toml = tmp_path / "tt.toml"
+    toml.write_text(
+        "[validation]\nenable = true\ndataset = \"c4_validation\"\nfreq = 5\nsteps = 10\n"
+        "local_batch_size = 4\nseq_len = 512\n"
+        "[checkpoint]\nenable = true\nlast_save_model_only = true\nlast_save_in_hf = true\n"
+        "initial_load_in_hf = false\nexport_dtype = \"bfloat16\"\n"
+    )
+    cfg = ConfigManager().parse_args(["--job.config_file", str(toml)])
+    v, c = cfg.validation, cfg.checkpoint
+    assert (v.enable, v.dataset, v.freq, v.steps, v.local_batch_size, v.seq_len) == (True, "c4_validation", 5, 10, 4, 512)
+    assert c.model_weights_only and c.last_save_in_hf and not c.initial_load_in_hf
 
     with pytest.raises(ConfigError, match="validation.steps"):
         ConfigManager().parse_args(["--validation.steps", "0"])
