@@ -247,7 +247,7 @@ def test_two_node_entry_needs_slurm(tmp_path, capsys, monkeypatch):
 
 
 def test_jsonl_sink_writes_what_metrics_processor_computes(tmp_path, monkeypatch):
-    clock = iter([100.0, 102.0, 102.0, 106.0, 106.0])  # window starts and log times
+    clock = iter([100.0, 102.0, 106.0])  # first window start, then log times (each starts the next window)
     monkeypatch.setattr("torchtitan.components.metrics.time.perf_counter", lambda: next(clock))
     path = tmp_path / "metrics_jsonl" / "rank_0.jsonl"
     m = MetricsProcessor(device=torch.device("cpu"), log_freq=5, flops_per_token=1_000_000,
