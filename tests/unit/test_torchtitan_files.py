@@ -314,3 +314,35 @@ def test_older_torchtitan_names_still_load(tmp_path):
     )
     assert cfg.validation.enable and cfg.checkpoint.enable and cfg.training.local_batch_size == 2
     assert cfg.model.converters == ["float8"] and cfg.float8.filter_fqns == ["output"]
+
+
+def test_download_script_fetches_a_hugging_face_assets_folder(tmp_path, monkeypatch):
+    """scripts/download_tokenizer.py (the Hub faked): the tokenizer files of the repository
+    land in assets/hf/<name>-style folders, missing optional ones are skipped, and a
+    repository with no tokenizer at all is an error."""
+    import huggingface_hub
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import download_tokenizer
+    finally:
+        sys.path.pop(0)
+    errors = download_tokenizer._hub_errors()
+    hub = {"org/Llama-X": {"tokenizer.json", "tokenizer_config.json", "original/tokenizer.model", "config.json"},
+           "org/Qwen-X": {"tokenizer.json", "tokenizer_config.json"}, "org/NoTok": {"config.json"}}  # fmt: skip
+
+    def fake_download(repo_id, filename, local_dir, token=None):
+        if filename not in hub[repo_id]:
+            raise errors.EntryNotFoundError(f"{filename} not found")
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    got = download_tokenizer.download("org/Llama-X", str(tmp_path / "llama"), None)
+    assert {Path(p).relative_to(tmp_path / "llama").as_posix() for p in got} == hub["org/Llama-X"]
+    got = download_tokenizer.download("org/Qwen-X", str(tmp_path / "qwen"), None)
+    assert len(got) == 2
+    with pytest.raises(SystemExit, match="neither tokenizer.json nor original/tokenizer.model"):
+        download_tokenizer.download("org/NoTok", str(tmp_path / "none"), None)

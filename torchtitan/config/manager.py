@@ -496,9 +496,13 @@ class ConfigManager:
         ``job.custom_config_module`` (file or command line) extends the config class first.
         """
         argv = list(sys.argv[1:] if argv is None else argv)
+        module = _raw_cli_value(argv, ("job.custom_config_module", "experimental.custom_args_module"))
+        if "--help" in argv or "-h" in argv:  # before reading any file
+            manager = ConfigManager(extend_config_class(self.config_cls, module)) if module else self
+            print(manager.format_help())
+            raise SystemExit(0)
         config_file = _raw_cli_value(argv, ("job.config_file",))
         data = self._read_toml(config_file) if config_file is not None else None
-        module = _raw_cli_value(argv, ("job.custom_config_module", "experimental.custom_args_module"))
         if module is None and data is not None:
             module = data.get("job", {}).get("custom_config_module") or data.get(
                 "experimental", {}
@@ -509,9 +513,6 @@ class ConfigManager:
         return self._parse(argv, config_file, data)
 
     def _parse(self, argv: list[str], config_file: str | None, data: dict | None) -> JobConfig:
-        if "--help" in argv or "-h" in argv:
-            print(self.format_help())
-            raise SystemExit(0)
         cli = self._parse_cli(argv)
         config = self.config_cls()
         given: set[str] = set()
