@@ -107,7 +107,11 @@ def _release(trainer) -> None:
     trainer.metrics.close()
 
 
-def four_rank_main(workdir: str, hf_dir: str) -> dict[str, Any]:
+MOE = ["--activation_checkpoint.mode", "none"]  # with model="qwen3", flavor="debugmodel_moe"
+MOE_BUFFERS = ("expert_bias", "tokens_per_expert")  # load balancing: no Hugging Face counterpart
+
+
+def four_rank_main(workdir: str, hf_dir: str, moe_dir: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from torchtitan.trainer import Trainer
@@ -137,6 +141,22 @@ def four_rank_main(workdir: str, hf_dir: str) -> dict[str, Any]:
         }
         _release(trainer)
         dist.barrier()
+    # Qwen3 MoE under EP 2 x FSDP 4: experts sharded over ep, read from per-expert tensors
+    # and written back as per-expert tensors
+    dump = os.path.join(workdir, "moe_ep2")
+    trainer = Trainer(
+        _config(
+            dump, *_from_hf(moe_dir), *MOE, *SAVE_HF, "--parallelism.expert_parallel_degree", "2",
+            "--training.local_batch_size", "1", "--validation.local_batch_size", "1",
+            model="qwen3", flavor="debugmodel_moe",
+        )
+    )
+    assert trainer.checkpointer.load()
+    loaded = _full(trainer.model_parts)
+    trainer.train()
+    report["moe_ep2"] = {"loaded": loaded, "final": _full(trainer.model_parts)}
+    _release(trainer)
+    dist.barrier()
     # tensors go through a file: a queue would pass them as shared memory the exiting rank frees
     path = os.path.join(workdir, f"report_rank{dist.get_rank()}.pt")
     torch.save(report, path)
@@ -176,10 +196,38 @@ def _hf_as_ours(hf_dir: str) -> dict[str, torch.Tensor]:
     return Llama3StateDictAdapter(args).from_hf(read_hf_state(hf_dir))
 
 
+def _zero_moe_buffers(model: torch.nn.Module) -> torch.nn.Module:
+    """No expert bias: the routing of Hugging Face's Qwen3-MoE."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith(MOE_BUFFERS):
+                buf.zero_()
+    return model
+
+
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory, hf_source) -> dict:
+def moe_source(tmp_path_factory) -> dict[str, Any]:
+    """The Qwen3 MoE debug flavor's initial weights (one process), written by save_hf."""
+    from torchtitan.components.checkpoint.hf import save_hf
+    from torchtitan.trainer import Trainer
+
+    dump = tmp_path_factory.mktemp("moe_source")
+    trainer = Trainer(_config(str(dump / "run"), *MOE, model="qwen3", flavor="debugmodel_moe"))
+    try:
+        folder = str(dump / "hf")
+        save_hf(folder, trainer.model_parts, trainer.checkpointer.sd_adapter)
+        return {"folder": folder, "state": _full(trainer.model_parts), "model": _zero_moe_buffers(trainer.model_parts[0].eval())}
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory, hf_source, moe_source) -> dict:
     workdir = str(tmp_path_factory.mktemp("hf_four"))
-    paths = launch("test_hf_checkpoint:four_rank_main", 4, timeout=600, workdir=workdir, hf_dir=hf_source)
+    paths = launch(
+        "test_hf_checkpoint:four_rank_main", 4, timeout=600, workdir=workdir, hf_dir=hf_source,
+        moe_dir=moe_source["folder"],
+    )
     report = [torch.load(p, weights_only=True) for p in paths]
     merged = report[0]
     for other in report[1:]:  # PP: each stage's weights come from its own ranks
@@ -358,3 +406,27 @@ def test_qwen3_round_trip(tmp_path):
     assert loaded.keys() == saved.keys()
     for k in saved:
         assert torch.equal(loaded[k], saved[k]), k
+
+
+def test_qwen3_moe_in_hf_under_expert_parallel(four_ranks, moe_source):
+    """Per-expert Hugging Face tensors load into EP 2 x FSDP 4 exactly (the load-balancing
+    buffers start at zero), transformers' Qwen3MoeForCausalLM matches the source folder, and
+    the EP run's own save loads in transformers with logits equal to its final weights."""
+    assert _logits_diff(moe_source["folder"], moe_source["model"], transformers.Qwen3MoeForCausalLM) < 1e-4
+    loaded, source = four_ranks["moe_ep2"]["loaded"], moe_source["state"]
+    assert loaded.keys() == source.keys()
+    for k in source:
+        if k.endswith(MOE_BUFFERS):
+            assert not loaded[k].any(), k
+        else:
+            assert torch.equal(loaded[k], source[k]), k
+    from torchtitan.models.qwen3.args import qwen3_configs
+    from torchtitan.models.qwen3.model import Qwen3Transformer
+    import copy
+
+    args = copy.deepcopy(qwen3_configs["debugmodel_moe"])
+    args.vocab_size = 2256
+    model = Qwen3Transformer(args)
+    model.load_state_dict(four_ranks["moe_ep2"]["final"], strict=False)
+    folder = os.path.join(four_ranks["workdir"], "moe_ep2", "checkpoint", f"step-{STEPS}-hf")
+    assert _logits_diff(folder, _zero_moe_buffers(model.eval()), transformers.Qwen3MoeForCausalLM) < 1e-4
