@@ -64,6 +64,8 @@ class Trainer:
             init_timeout_seconds=cfg.comm.init_timeout_seconds,
             trace_buf_size=cfg.comm.trace_buf_size,
             dump_folder=cfg.job.dump_folder,
+            traces_folder=cfg.comm.save_traces_folder,
+            traces_prefix=cfg.comm.save_traces_file_prefix,
         )
         if world_size != expected_world:
             raise RuntimeError(f"the process group has {world_size} ranks, WORLD_SIZE said {expected_world}")
@@ -349,7 +351,10 @@ class Trainer:
                 except NonFiniteError:
                     raise
                 except RuntimeError:
-                    dump_on_failure(cfg.comm.trace_buf_size, cfg.job.dump_folder, self.rank)  # a collective failed (gloo/CPU path)
+                    dump_on_failure(  # a collective failed (gloo/CPU path)
+                        cfg.comm.trace_buf_size, cfg.job.dump_folder, self.rank,
+                        cfg.comm.save_traces_folder, cfg.comm.save_traces_file_prefix,
+                    )
                     raise
                 except StopIteration:
                     logger.warning(f"data exhausted at step {self.step} (training.dataset_infinite is off)")

@@ -124,6 +124,20 @@ def test_mismatched_collectives_and_in_sync_ranks(tmp_path):
     assert d.collective == "nccl:all_gather vs nccl:reduce_scatter"
 
 
+def test_any_file_prefix_and_folder(tmp_path):
+    """comm.save_traces_folder / save_traces_file_prefix: <dump_folder>/<folder>/<prefix><rank>,
+    which the analysis reads whatever the prefix."""
+    from torchtitan.tools.flight_recorder import trace_dir
+
+    folder = trace_dir(str(tmp_path), "traces")
+    assert folder == str(tmp_path / "traces")
+    os.makedirs(folder)
+    for r in range(2):
+        with open(os.path.join(folder, f"fr_{r}"), "wb") as f:
+            f.write(pickle.dumps(_synthetic(r, ["nccl:all_reduce"])))
+    assert sorted(load_dumps(folder)) == [0, 1]
+
+
 def test_json_dumps_and_wrapped_buffers(tmp_path):
     """The JSON dump format reads the same; ring buffers that dropped different amounts of
     history are compared only where every rank still holds entries."""

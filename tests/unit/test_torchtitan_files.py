@@ -77,6 +77,11 @@ def test_nested_sections_and_torchtitan_names_on_the_command_line():
     assert cfg.parallelism.context_parallel_load_balance is False and cfg.model.converters == ["float8"]
 
 
+def test_flight_recorder_folder_and_prefix(tmp_path):
+    cfg = parse_toml(tmp_path, '[comm]\nsave_traces_folder = "traces"\nsave_traces_file_prefix = "fr_"\n')
+    assert (cfg.comm.save_traces_folder, cfg.comm.save_traces_file_prefix) == ("traces", "fr_")
+
+
 def test_hf_assets_path_sets_the_tokenizer_unless_tokenizer_path_is_given(tmp_path):
     text = '[model]\nhf_assets_path = "./assets/hf/Llama-3.1-8B"\n'
     assert parse_toml(tmp_path, text).model.tokenizer_path == "./assets/hf/Llama-3.1-8B"
@@ -108,7 +113,7 @@ def test_two_names_of_one_option_must_agree(tmp_path):
         ('[quantize.grouped_mm.float8]\nfqns = ["experts"]\n', "grouped GEMMs for MoE experts"),
         ('[quantize.linear.mx]\nrecipe_name = "mxfp8_cutlass"\n', "MX (mxfp8)"),
         ('[comm]\nmode = "local_tensor"\n', "LocalTensor simulation is not built here"),
-        ('[comm]\nsave_traces_folder = "traces"\n', "comm_traces"),
+        ('[comm]\nsave_traces_file_prefix = "a/b"\n', "without '/'"),
         ("[optimizer]\nearly_step_in_backward = true\n", "not built here"),
         ("[lr_scheduler]\ntotal_steps = 100\n", "training.steps"),
         ("[parallelism]\npipeline_parallel_degree = 2\npipeline_parallel_first_stage_less_layers = 2\n",

@@ -734,6 +734,10 @@ class Comm(Section):
     init_timeout_seconds: int = _opt(300, "collective timeout until the first step ends")
     train_timeout_seconds: int = _opt(100, "collective timeout after the first step")
     trace_buf_size: int = _opt(20000, "Flight Recorder entries kept per rank; 0 = off")
+    save_traces_folder: str = _opt("comm_traces", "Flight Recorder trace folder, inside job.dump_folder")
+    save_traces_file_prefix: str = _opt(
+        "rank_", "Flight Recorder trace files are <prefix><rank> (scripts/analyze_flight_recorder.py reads any)"
+    )
     mode: str = _opt(
         "default",
         "default: train; fake_backend: plan instead (the dry run of scripts/plan.py for "
@@ -749,6 +753,9 @@ class Comm(Section):
         self._positive("init_timeout_seconds")
         self._positive("train_timeout_seconds")
         self._at_least("trace_buf_size", 0)
+        self._nonempty("save_traces_folder", "save_traces_file_prefix")
+        if "/" in self.save_traces_file_prefix or self.save_traces_file_prefix[-1:].isdigit():
+            self._fail("save_traces_file_prefix", "must be a file name start without '/' that does not end in a digit")
 
 
 @dataclass

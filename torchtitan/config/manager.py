@@ -162,12 +162,6 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "quantize.linear.mx.filter_fqns": (["output"], _MX),
     "quantize.grouped_mm.mx.recipe_name": ("mxfp8", _MX),
     "quantize.grouped_mm.mx.fqns": ([], _MX),
-    "comm.save_traces_folder": (
-        "comm_traces",
-        "Flight Recorder traces are written to <dump_folder>/comm_traces/rank_<r> here "
-        "(scripts/analyze_flight_recorder.py reads them there)",
-    ),
-    "comm.save_traces_file_prefix": ("rank_", "Flight Recorder trace files are named rank_<r> here"),
     "debug.moe_force_load_balance": (
         False,
         "the MoE router here has no forced round-robin mode (models/common/moe.py routes by top-k "

@@ -67,8 +67,18 @@ def init_single_process_group(dev_type: str = device_type, timeout_seconds: int 
     )
 
 
-def init_distributed(init_timeout_seconds: int, trace_buf_size: int, dump_folder: str) -> int:
+def init_distributed(
+    init_timeout_seconds: int,
+    trace_buf_size: int,
+    dump_folder: str,
+    traces_folder: str = "comm_traces",
+    traces_prefix: str = "rank_",
+) -> int:
     """Create the default process group from torchrun's environment; return the world size.
+
+    With ``trace_buf_size > 0`` the Flight Recorder dumps to
+    ``<dump_folder>/<traces_folder>/<traces_prefix><rank>`` (comm.save_traces_folder /
+    save_traces_file_prefix).
 
     NCCL on CUDA (the device taken from LOCAL_RANK), gloo on CPU. Without torchrun (no
     WORLD_SIZE/MASTER_ADDR) a 1-rank group is created in memory, so single-process runs use
@@ -81,13 +91,13 @@ def init_distributed(init_timeout_seconds: int, trace_buf_size: int, dump_folder
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if trace_buf_size > 0:
         # Flight recorder: keep the last N collectives per rank and dump them on a timeout.
-        trace_dir = os.path.join(dump_folder, "comm_traces")
+        trace_dir = os.path.join(dump_folder, traces_folder)
         os.makedirs(trace_dir, exist_ok=True)
         # TORCH_FR_BUFFER_SIZE is the name since torch 2.9 (TORCH_NCCL_TRACE_BUFFER_SIZE, the
         # old one, still works but warns); it also enables the recorder on gloo.
         os.environ["TORCH_FR_BUFFER_SIZE"] = str(trace_buf_size)
         os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
-        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = os.path.join(trace_dir, "rank_")
+        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = os.path.join(trace_dir, traces_prefix)
     timeout = timedelta(seconds=init_timeout_seconds)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         init_single_process_group(device_type, init_timeout_seconds)

@@ -67,9 +67,9 @@ def _unpickle(raw: bytes) -> Any:
     return _DataUnpickler(io.BytesIO(raw)).load()
 
 
-def trace_dir(dump_folder: str) -> str:
-    """Where a run's per-rank traces go: ``<dump_folder>/comm_traces``."""
-    return os.path.join(dump_folder, "comm_traces")
+def trace_dir(dump_folder: str, traces_folder: str = "comm_traces") -> str:
+    """Where a run's per-rank traces go: ``<dump_folder>/comm_traces`` (comm.save_traces_folder)."""
+    return os.path.join(dump_folder, traces_folder)
 
 
 def _process_group_config() -> dict[str, dict[str, str]]:
@@ -91,8 +91,8 @@ def _process_group_config() -> dict[str, dict[str, str]]:
     return config
 
 
-def dump_trace(folder: str, rank: int) -> str | None:
-    """Write this rank's Flight Recorder buffer to ``folder/rank_<rank>``; return the path.
+def dump_trace(folder: str, rank: int, prefix: str = "rank_") -> str | None:
+    """Write this rank's Flight Recorder buffer to ``folder/<prefix><rank>``; return the path.
 
     Returns None when the recorder is off (``TORCH_FR_BUFFER_SIZE`` unset or 0): an empty
     dump would only mislead the analysis.
@@ -110,7 +110,7 @@ def dump_trace(folder: str, rank: int) -> str | None:
     config.pop("", None)  # gloo's placeholder entry
     dump["pg_config"] = config
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"rank_{rank}")
+    path = os.path.join(folder, f"{prefix}{rank}")
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         pickle.dump(dump, f)
@@ -118,7 +118,9 @@ def dump_trace(folder: str, rank: int) -> str | None:
     return path
 
 
-def dump_on_failure(trace_buf_size: int, dump_folder: str, rank: int) -> None:
+def dump_on_failure(
+    trace_buf_size: int, dump_folder: str, rank: int, traces_folder: str = "comm_traces", prefix: str = "rank_"
+) -> None:
     """After a collective failed or timed out: write this rank's buffer to
     ``<dump_folder>/comm_traces`` (NCCL dumps by itself on a timeout; other backends only
     through this). Never masks the original error."""
@@ -129,7 +131,7 @@ def dump_on_failure(trace_buf_size: int, dump_folder: str, rank: int) -> None:
     if trace_buf_size <= 0 or not dist.is_initialized() or dist.get_world_size() == 1:
         return
     try:
-        path = dump_trace(trace_dir(dump_folder), rank)
+        path = dump_trace(trace_dir(dump_folder, traces_folder), rank, prefix)
         if path:
             logger.error(f"flight recorder trace written to {path}; see docs/debugging.md")
     except Exception as e:  # noqa: BLE001 - the original error matters more
