@@ -29,6 +29,8 @@ from torch.distributed.tensor import DTensor
 
 from harness import launch
 
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -27,6 +27,8 @@ import torch
 
 from harness import launch
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 2
 VAL_STEPS = 2
