@@ -353,6 +353,25 @@ def _script_main(name: str):
     return module.main
 
 
+def test_tied_folder_without_lm_head(tmp_path, hf_source):
+    """A folder without lm_head.weight (tied embeddings, e.g. Llama 3.2 1B): our untied
+    output layer gets the embedding."""
+    from torchtitan.components.checkpoint.hf import load_hf, save_hf
+    from torchtitan.models.llama3 import Transformer
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+    state = _hf_as_ours(hf_source)
+    del state["output.weight"]
+    args = tiny_flavor()
+    args.vocab_size = 2256
+    adapter = Llama3StateDictAdapter(args)
+    save_hf(str(tmp_path / "tied"), [], adapter, state=state)
+    model = Transformer(args)
+    load_hf(str(tmp_path / "tied"), [model], adapter)
+    assert torch.equal(model.output.weight, state["tok_embeddings.weight"])
+    assert torch.equal(model.layers["1"].attention.wk.weight, state["layers.1.attention.wk.weight"])
+
+
 def test_converters_round_trip_through_dcp(tmp_path, hf_source, capsys):
     """scripts/convert_hf_to_dcp.py then convert_dcp_to_hf.py (their main(), in-process)."""
     from safetensors.torch import load_file
