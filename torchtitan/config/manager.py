@@ -162,6 +162,16 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "quantize.linear.mx.filter_fqns": (["output"], _MX),
     "quantize.grouped_mm.mx.recipe_name": ("mxfp8", _MX),
     "quantize.grouped_mm.mx.fqns": ([], _MX),
+    **{
+        f"validation.dataloader.{key}": (
+            default,
+            "worker processes for the validation data are not built here (it loads in the training "
+            "process); training.dataloader_* applies to the training data",
+        )
+        for key, default in (
+            ("num_workers", 0), ("persistent_workers", False), ("pin_memory", False), ("prefetch_factor", None)
+        )
+    },
     "debug.moe_force_load_balance": (
         False,
         "the MoE router here has no forced round-robin mode (models/common/moe.py routes by top-k "
