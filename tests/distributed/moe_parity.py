@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import gc
 import tempfile
+import time
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
-STEPS = 4
+STEPS = 3
 COMMON = [
     "--model.name", "qwen3",
     "--model.flavor", "debugmodel_moe",
@@ -46,9 +47,11 @@ def _clean(name: str) -> str:
 MOE_OVERRIDES = {"num_shared_experts": 1}
 
 
-def run_layouts(layouts: list[tuple[str, list[str]]]) -> dict[str, dict[str, Any]]:
+def run_layouts(layouts: list[tuple[str, list[str]]], reshard: dict | None = None) -> dict[str, dict[str, Any]]:
     """Train each ``(name, extra_args)`` layout; return name -> {losses, grad_norms,
-    params, biases} (arrays by value: a rank exits before the launcher reads them)."""
+    params, biases} (arrays by value: a rank exits before the launcher reads them).
+    ``reshard``: also run :func:`reshard_across_ep` with these arguments (result under
+    "reshard"), in the same launch."""
     import dataclasses
 
     from small_trainer import small_trainer_args
@@ -64,6 +67,7 @@ def run_layouts(layouts: list[tuple[str, list[str]]]) -> dict[str, dict[str, Any
 
     out: dict[str, dict[str, Any]] = {}
     for name, extra in layouts:
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as dump:
             cfg = ConfigManager().parse_args(small_trainer_args(dump, *COMMON, *extra))
             trainer = Trainer(cfg)
@@ -89,8 +93,66 @@ def run_layouts(layouts: list[tuple[str, list[str]]]) -> dict[str, dict[str, Any
                 if isinstance(m, MoE)
             }
             out[name] = {"losses": losses, "grad_norms": grad_norms, "params": params, "biases": biases}
+            out[name]["seconds"] = time.perf_counter() - t0
             trainer.checkpointer.close()
             trainer.metrics.close()
             del trainer
             gc.collect()
+    if reshard is not None:
+        t0 = time.perf_counter()
+        out["reshard"] = reshard_across_ep(**reshard)
+        out["reshard"]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _full(value: Any) -> Any:
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().copy()
+    return value
+
+
+def _snapshot(trainer: Any) -> dict[str, Any]:
+    """Full parameters, expert biases and optimizer state (collective: every rank calls)."""
+    from torchtitan.models.common.moe import MoE
+
+    part = trainer.model_parts[0]
+    return {
+        "params": {_clean(k): _full(v) for k, v in part.named_parameters()},
+        "biases": {_clean(k): _full(m.expert_bias) for k, m in part.named_modules() if isinstance(m, MoE)},
+        "optimizer": {_clean(k): _full(v) for k, v in trainer.optimizers.state_dict().items()},
+    }
+
+
+def reshard_across_ep(workdir: str, save_args: list[str], load_layouts: list[tuple[str, list[str]]]) -> dict:
+    """Train 1 step under ``save_args`` and checkpoint; load that checkpoint under each of
+    ``load_layouts``; return every snapshot (rank 0's) for the pytest side to compare."""
+    import dataclasses
+
+    import torch.distributed as dist
+    from small_trainer import small_trainer_args
+
+    from torchtitan.config import ConfigManager
+    from torchtitan.models.qwen3 import qwen3_configs
+    from torchtitan.trainer import Trainer
+
+    flavor = qwen3_configs["debugmodel_moe"]
+    flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
+    ckpt = ["--training.steps", "1", "--checkpoint.enable", "--checkpoint.interval", "1"]
+
+    def config(extra: list[str]) -> Any:
+        return ConfigManager().parse_args(small_trainer_args(workdir, *COMMON, *extra, *ckpt))
+
+    trainer = Trainer(config(save_args))
+    trainer.train()
+    out = {"saved": _snapshot(trainer)}
+    trainer.checkpointer.close()
+    trainer.metrics.close()
+    dist.barrier()
+    for name, extra in load_layouts:
+        trainer = Trainer(config(extra))
+        out[name] = {"loaded": trainer.checkpointer.load(), **_snapshot(trainer)}
+        trainer.checkpointer.close()
+        trainer.metrics.close()
     return out
