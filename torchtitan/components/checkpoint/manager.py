@@ -58,11 +58,11 @@ from torchtitan.components.checkpoint.storage import (
 )
 from torchtitan.config import Checkpoint as CheckpointConfig
 from torchtitan.config import ConfigError
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP
 from torchtitan.tools.logging import logger
 
 __all__ = ["CheckpointManager", "Stateful"]
 
-_EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Stateful(Protocol):
@@ -172,7 +172,7 @@ class CheckpointManager:
         if weights_only and self.settings.last_save_in_hf:
             self._write_hf(step)
         elif weights_only:
-            dtype = _EXPORT_DTYPES[self.settings.export_dtype]
+            dtype = TORCH_DTYPE_MAP[self.settings.export_dtype]
             model = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self._model_state().items()}
             self._write(step, {MODEL: model}, background=False)
         else:
@@ -200,7 +200,7 @@ class CheckpointManager:
                 tmp,
                 self.model_parts,
                 self.sd_adapter,
-                dtype=_EXPORT_DTYPES[self.settings.export_dtype],
+                dtype=TORCH_DTYPE_MAP[self.settings.export_dtype],
                 file_index=self._hf_file_index,
             )
             if self.rank == 0:
