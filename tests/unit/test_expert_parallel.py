@@ -61,6 +61,9 @@ def test_model_checks():
             )
         )
     check_model_config(_cfg("--parallelism.expert_parallel_degree", "8"))
+    with pytest.raises(ConfigError, match="needs an MoE model"):
+        check_model_config(ConfigManager().parse_args(["--model.name", "llama3", "--parallelism.expert_parallel_degree", "2"]))
+    check_model_config(ConfigManager().parse_args(["--model.name", "llama3"]))
 
 
 @pytest.fixture

@@ -23,4 +23,6 @@ llama3_spec = ModelSpec(
     pipelining_fn=lazy_function("torchtitan.models.llama3.pipeline:pipeline_llama"),
     build_loss_fn=lazy_function("torchtitan.components.loss:build_loss_fn"),
     state_dict_adapter=Llama3StateDictAdapter,
+    # Dense: refuses parallelism.expert_parallel_degree > 1 before anything is built.
+    validate_fn=lazy_function("torchtitan.models.common.moe:validate_moe_config"),
 )
