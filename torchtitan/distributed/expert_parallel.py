@@ -55,8 +55,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from torchtitan.models.common.moe import MoE
-
 __all__ = ["ExpertDispatcher", "apply_ep", "apply_moe_tp", "expert_modules", "ignore_profiler_ops_in_op_sac"]
 
 
@@ -108,9 +106,19 @@ class ExpertDispatcher:
         return all_to_all_single_autograd(out[inverse], input_splits, output_splits, self.group)
 
 
-def expert_modules(model: nn.Module) -> list[tuple[str, MoE]]:
-    """The ``MoE`` layers of ``model`` with their qualified names."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+def _is_moe(module: nn.Module) -> bool:
+    """The MoE contract this floor relies on (``torchtitan.models.common.moe.MoE`` meets it;
+    this module does not import it, models sit above distributed/): a ``router`` with a
+    ``gate`` linear, ``experts`` whose ``forward(rows, counts)`` takes token copies sorted by
+    expert and whose parameters are stacked on a leading expert dim of ``num_experts``, and
+    ``shared_experts`` (a SwiGLU with ``w1``/``w2``/``w3`` linears, or None)."""
+    experts = getattr(module, "experts", None)
+    return hasattr(module, "router") and experts is not None and hasattr(experts, "num_experts")
+
+
+def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The MoE layers of ``model`` with their qualified names."""
+    return [(name, m) for name, m in model.named_modules() if _is_moe(m)]
 
 
 def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
@@ -170,7 +178,7 @@ def _replicate_params(module: nn.Module, tp_mesh: DeviceMesh) -> None:
             module.register_parameter(name, nn.Parameter(dt, requires_grad=param.requires_grad))
 
 
-def apply_moe_tp(moe: MoE, tp_mesh: DeviceMesh) -> None:
+def apply_moe_tp(moe: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Tensor parallelism for one MoE layer fed by sequence-parallel activations.
 
     Input ``Shard(1)`` (sequence) -> ``Replicate`` (gathered) as a local tensor; the router
