@@ -813,9 +813,8 @@ class ConfigManager:
 
 
 def _shown(value: Any) -> str:
-    return "none" if value is None else _toml_value(value) if not isinstance(value, list) or all(
-        isinstance(v, (str, int, float, bool)) for v in value
-    ) else repr(value)
+    """A value as the TOML file would spell it (for error messages)."""
+    return "none" if value is None else _toml_value(value)
 
 
 def _strip_no(dotted: str) -> str:
