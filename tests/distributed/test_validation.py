@@ -1,9 +1,11 @@
 """Validation (components/validate.py) in the real trainer: every layout agrees with one
 process, and one process agrees with a hand computation.
 
-One launch of 2 CPU ranks builds five Trainers in turn: FSDP 2, TP 2 (loss parallel), CP 2
-(head-tail load balancing, the same cp_context as training), PP 2 (1F1B, forward only
-through schedule.eval) and EP 2 (Qwen3 MoE debug flavor, against its own one-process run). Each validates once before training (no gradient may appear, the
+One launch of 2 CPU ranks builds six Trainers in turn: FSDP 2, TP 2 (loss parallel), CP 2
+(head-tail load balancing, the same cp_context as training), PP 2 with 1F1B (forward only
+through schedule.eval) and with ZBVZeroBubble (2 stages per rank in a V; the validator runs
+the stages forward with point-to-point sends), and EP 2 (Qwen3 MoE debug flavor, against its
+own one-process run). All seven schedules were checked by hand to give the same losses. Each validates once before training (no gradient may appear, the
 model must be back in training mode), then trains 2 steps validating after each. The
 training data and the held-out data use fixed shards (training.dataset_shards), so every
 layout sees the same global batches; fp32; the same tolerance as the training-loss layout
@@ -40,6 +42,11 @@ LAYOUTS = {
     "cp2_load_balanced": (4, ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1"]),
     "pp2_1f1b": (4, ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.data_parallel_shard_degree", "1",
                      "--parallelism.pipeline_parallel_schedule", "1F1B"]),
+    # V-shaped, 2 stages per rank: its eval() keeps backward actions, so the validator runs
+    # the stages forward itself (validate.pipeline_forward)
+    "pp2_zbv_stages_forward": (4, ["--parallelism.pipeline_parallel_degree", "2",
+                                   "--parallelism.data_parallel_shard_degree", "1",
+                                   "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble"]),
 }
 # Expert parallelism: the Qwen3 MoE debug flavor, routed experts sharded over the 2 FSDP ranks.
 MOE = ["--model.name", "qwen3", "--model.flavor", "debugmodel_moe", "--activation_checkpoint.mode", "none"]

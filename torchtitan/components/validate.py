@@ -7,8 +7,10 @@ share its batches). A validation runs ``validation.steps`` batches per data-para
 same number of batches and no collective is left waiting), in eval mode and without
 gradients, through the same contexts as training: the context-parallel sequence split,
 loss parallel under TP, mixed precision, and, under PP, the pipeline schedule's
-forward-only ``eval``. The model is put back in training mode afterwards, and the data
-starts from the beginning at every validation.
+forward-only ``eval`` (or, for the schedules whose ``eval`` keeps backward actions, the
+stages run forward in order with point-to-point sends: ``pipeline_forward``). The model is
+put back in training mode afterwards (FSDP modules resharded), and the data starts from the
+beginning at every validation.
 
 The loss is averaged per token over all batches and all data-parallel (and CP) ranks;
 perplexity is ``exp(loss)``. Both go to the console, TensorBoard, W&B and JSONL through
@@ -36,7 +38,7 @@ from torchtitan.config import ConfigError
 from torchtitan.distributed.context_parallel import cp_context
 from torchtitan.tools.logging import logger
 
-__all__ = ["Validator", "pipeline_eval"]
+__all__ = ["Validator", "pipeline_eval", "pipeline_forward"]
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,68 @@ def _reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+# Schedules whose eval() is forward-only in torch 2.11-2.13 (one stage per rank, or looped
+# stages with separate forward and backward actions). The zero-bubble and V-shaped ones run a
+# fixed action list that keeps its backward actions under eval(), so the validator runs
+# their stages forward itself (``pipeline_forward``).
+_EVAL_SCHEDULES = ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleLoopedBFS")
+_P2P_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _send(t: torch.Tensor, dst: int) -> None:
+    t = t.contiguous()
+    header = [t.dim(), _P2P_DTYPES.index(t.dtype), *t.shape]
+    dist.send(torch.tensor(header + [0] * (10 - len(header)), dtype=torch.int64, device=t.device), dst)
+    dist.send(t, dst)
+
+
+def _recv(src: int, device: torch.device) -> torch.Tensor:
+    header = torch.empty(10, dtype=torch.int64, device=device)
+    dist.recv(header, src)
+    ndim, code, *shape = header.tolist()
+    t = torch.empty(shape[:ndim], dtype=_P2P_DTYPES[code], device=device)
+    dist.recv(t, src)
+    return t
+
+
+def pipeline_forward(
+    schedule: Any,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chunked_loss: bool = False,
+) -> torch.Tensor:
+    """Forward only through the pipeline stages without the schedule's action list: every
+    microbatch goes through the stages in order, activations sent point-to-point between
+    the ranks that own consecutive stages (any placement: looped or V). Returns the mean
+    microbatch loss on the rank of the last stage, zero elsewhere."""
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    mine = {stage.stage_index: stage for stage in stages}
+    first = stages[0]
+    owner, me, last = first.stage_index_to_group_rank, first.group_rank, first.num_stages - 1
+    n_microbatches = getattr(schedule, "_n_microbatches", 1)
+    total = torch.zeros((), device=labels.device)
+    for x, y in zip(inputs.tensor_split(n_microbatches), labels.tensor_split(n_microbatches)):
+        act: torch.Tensor | None = None
+        for index in range(last + 1):
+            if owner[index] != me:
+                continue
+            if index > 0 and owner[index - 1] != me:
+                act = _recv(dist.get_global_rank(first.group, owner[index - 1]), labels.device)
+            module = mine[index].submod
+            if index < last:
+                act = module(x if index == 0 else act)
+                act = act.to_local() if isinstance(act, DTensor) else act
+                if owner[index + 1] != me:
+                    _send(act, dist.get_global_rank(first.group, owner[index + 1]))
+            elif chunked_loss:
+                with labels_for_loss(module, y):
+                    total += _plain(module(x if index == 0 else act)).float()
+            else:
+                total += _plain(loss_fn(module(x if index == 0 else act), y)).float()
+    return total / n_microbatches
 
 
 class Validator:
@@ -179,11 +243,14 @@ class Validator:
         )
         with self.train_context(cp), self.amp_context:
             if self.pp_schedule is not None:
-                loss = pipeline_eval(
-                    self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage,
-                    labels_to_stages=self.chunked_loss,
-                )
-                loss = loss * self.pp_loss_scale
+                if type(self.pp_schedule).__name__ in _EVAL_SCHEDULES:
+                    loss = pipeline_eval(
+                        self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage,
+                        labels_to_stages=self.chunked_loss,
+                    )
+                    loss = loss * self.pp_loss_scale
+                else:
+                    loss = pipeline_forward(self.pp_schedule, inputs, labels, self.loss_fn, self.chunked_loss)
                 group = pd.get_mesh("pp").get_group()
                 dist.all_reduce(loss, group=group)  # the last stage's loss, on every stage
                 return loss
