@@ -79,7 +79,7 @@ def _reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-# Schedules whose eval() is forward-only in torch 2.11-2.13 (one stage per rank, or looped
+# Schedules whose eval() is forward-only (checked on torch 2.13: one stage per rank, or looped
 # stages with separate forward and backward actions). The zero-bubble and V-shaped ones run a
 # fixed action list that keeps its backward actions under eval(), so the validator runs
 # their stages forward itself (``pipeline_forward``).
