@@ -154,6 +154,7 @@ class Trainer:
                 "train_state": self,
             },
             sd_adapter=spec.state_dict_adapter(self.model_args) if spec.state_dict_adapter else None,
+            hf_assets_path=cfg.model.hf_assets_path,
         )
         # Preemption signals, non-finite steps, test-only faults (docs/fault_tolerance.md).
         # With fused optimizers a non-finite step is skipped on device and the host reads the

@@ -325,6 +325,35 @@ def test_hf_options_are_checked(tmp_path):
         ConfigManager().parse_args(["--checkpoint.enable", "--checkpoint.last_save_in_hf"])
     cfg = ConfigManager().parse_args(["--checkpoint.last_save_model_only"])
     assert cfg.checkpoint.model_weights_only  # TorchTitan's name for the same option
+    with pytest.raises(ConfigError, match="initial_load_path \\(or model.hf_assets_path\\)"):
+        ConfigManager().parse_args(["--checkpoint.enable", "--checkpoint.initial_load_in_hf"])
+    # TorchTitan's fallback: no initial_load_path, the folder of model.hf_assets_path
+    ConfigManager().parse_args(
+        ["--checkpoint.enable", "--checkpoint.initial_load_in_hf", "--model.hf_assets_path", str(tmp_path)]
+    )
+
+
+def test_initial_load_in_hf_falls_back_to_hf_assets_path(tmp_path, hf_source):
+    """As in TorchTitan: initial_load_in_hf without initial_load_path reads model.hf_assets_path."""
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.config import ConfigManager
+    from torchtitan.models.llama3 import Transformer
+    from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
+
+    args = tiny_flavor()
+    args.vocab_size = 2256
+    model = Transformer(args)
+    cfg = ConfigManager().parse_args(
+        ["--checkpoint.enable", "--checkpoint.initial_load_in_hf", "--model.hf_assets_path", hf_source]
+    )
+    manager = CheckpointManager(
+        cfg.checkpoint, dump_folder=str(tmp_path), model_parts=[model], states={},
+        sd_adapter=Llama3StateDictAdapter(args), hf_assets_path=hf_source,
+    )
+    assert manager.load()
+    expected = _hf_as_ours(hf_source)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k]), k
 
 
 def test_wrong_folder_is_one_line(tmp_path, hf_source, monkeypatch):

@@ -576,9 +576,9 @@ class Checkpoint(Section):
     fail_on_save_error: bool = _opt(True, "stop training if a save fails (else log and go on)")
     initial_load_in_hf: bool = _opt(
         False,
-        "initial_load_path is a Hugging Face folder (config.json + model.safetensors, or shards "
-        "with model.safetensors.index.json), read through the model family's state-dict adapter "
-        "and resharded to this run's layout",
+        "initial_load_path (when unset: model.hf_assets_path, as in TorchTitan) is a Hugging Face "
+        "folder (model.safetensors, or shards with model.safetensors.index.json), read through the "
+        "model family's state-dict adapter and resharded to this run's layout",
     )
     last_save_in_hf: bool = _opt(
         False,
@@ -596,11 +596,8 @@ class Checkpoint(Section):
         self._at_least("load_step", -1)
         if self.create_seed_checkpoint and not self.enable:
             self._fail("create_seed_checkpoint", "needs checkpoint.enable = true")
-        if self.initial_load_in_hf and not (self.enable and self.initial_load_path):
-            self._fail(
-                "initial_load_in_hf",
-                "needs checkpoint.enable = true and checkpoint.initial_load_path = <Hugging Face folder>",
-            )
+        if self.initial_load_in_hf and not self.enable:
+            self._fail("initial_load_in_hf", "needs checkpoint.enable = true")
         if self.last_save_in_hf and not (self.enable and self.model_weights_only):
             self._fail(
                 "last_save_in_hf",
@@ -860,6 +857,12 @@ class JobConfig:
         """
         for section in self.sections().values():
             section.validate()
+        ckpt = self.checkpoint
+        if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or self.model.hf_assets_path):
+            raise ConfigError(
+                "checkpoint.initial_load_in_hf = True: set checkpoint.initial_load_path (or "
+                "model.hf_assets_path) to the Hugging Face folder to start from"
+            )
         training, par = self.training, self.parallelism
         if par.pipeline_parallel_degree > 1:
             what = "pipeline_parallel_microbatch_size"

@@ -216,8 +216,8 @@ def load_hf(path: str, model_parts: list[nn.Module], adapter: Any) -> None:
     reader_cls, _ = hf_storage()
     if not is_hf_folder(path):
         raise CheckpointError(
-            f"checkpoint.initial_load_path {path} holds no *.safetensors files (checkpoint.initial_load_in_hf "
-            "expects a Hugging Face model folder)"
+            f"Hugging Face folder {path} holds no *.safetensors files (checkpoint.initial_load_in_hf reads "
+            "the model's weights from it: download them, or turn the option off)"
         )
     distributed = dist.is_available() and dist.is_initialized()
     state = _model_state(model_parts)

@@ -99,6 +99,7 @@ class CheckpointManager:
         model_parts: list[nn.Module],
         states: dict[str, Stateful],
         sd_adapter: Any | None = None,
+        hf_assets_path: str | None = None,
     ):
         if MODEL in states:
             raise ValueError(f"states must not use the name {MODEL!r}: the model is passed as model_parts")
@@ -110,6 +111,8 @@ class CheckpointManager:
         # The family's Hugging Face mapping (ModelSpec.state_dict_adapter, built from the
         # args): needed by initial_load_in_hf and last_save_in_hf only.
         self.sd_adapter = sd_adapter
+        # TorchTitan's fallback: initial_load_in_hf without initial_load_path reads this folder.
+        self.hf_assets_path = hf_assets_path
         self._hf_file_index: dict[str, int] | None = None  # the loaded folder's file split
         if s.enable and (s.initial_load_in_hf or s.last_save_in_hf) and sd_adapter is None:
             raise ConfigError(
@@ -389,10 +392,11 @@ class CheckpointManager:
         if info is not None:
             path = info.path
             full = info.step > 0
-        elif s.initial_load_path:
-            path = s.initial_load_path
+        elif s.initial_load_path or (s.initial_load_in_hf and self.hf_assets_path):
+            path = s.initial_load_path or self.hf_assets_path
             if not os.path.exists(path):
-                raise CheckpointError(f"checkpoint.initial_load_path {path} does not exist")
+                what = "checkpoint.initial_load_path" if s.initial_load_path else "model.hf_assets_path"
+                raise CheckpointError(f"{what} {path} does not exist")
             if s.initial_load_in_hf:  # model weights only: nothing else is in such a folder
                 return path, tuple(g for g in (MODEL,) if g not in s.exclude_from_loading), True
             full = not s.initial_load_model_weights_only
