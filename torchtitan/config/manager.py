@@ -508,9 +508,10 @@ class ConfigManager:
         config_file = _raw_cli_value(argv, ("job.config_file",))
         data = self._read_toml(config_file) if config_file is not None else None
         if module is None and data is not None:
-            module = data.get("job", {}).get("custom_config_module") or data.get(
-                "experimental", {}
-            ).get("custom_args_module")
+            job, experimental = data.get("job"), data.get("experimental")
+            module = (job.get("custom_config_module") if isinstance(job, dict) else None) or (
+                experimental.get("custom_args_module") if isinstance(experimental, dict) else None
+            )
         if module and isinstance(module, str):
             manager = ConfigManager(extend_config_class(self.config_cls, module))
             return manager._parse(argv, config_file, data)
