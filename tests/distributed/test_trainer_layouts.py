@@ -31,10 +31,10 @@ COMMON = [
 LOSS = re.compile(r"step:\s*(\d+)\s+loss:\s*([-+0-9.eE]+)")
 
 
-def _losses(out: subprocess.CompletedProcess) -> list[float]:
+def _losses(out: subprocess.CompletedProcess, steps: int = 5) -> list[float]:
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     found = [float(v) for _, v in LOSS.findall(out.stdout + out.stderr)]
-    assert len(found) == 5, (out.stdout + out.stderr)[-2000:]
+    assert len(found) == steps, (out.stdout + out.stderr)[-2000:]
     return found
 
 
@@ -69,3 +69,18 @@ def test_two_rank_layout_matches_one_process(single, tmp_path, name, args):
         cwd=REPO, env=_env(NGPU="2"), capture_output=True, text=True, timeout=300,
     )
     assert _losses(out) == pytest.approx(single, rel=1e-5), name
+
+
+def test_tied_embeddings_under_fsdp_match_one_process(tmp_path):
+    """A flavor whose output layer is its embedding: FSDP keeps the shared weight in one unit."""
+    tied = [*COMMON, "--model.name", "qwen3", "--model.flavor", "debugmodel_tied", "--training.steps", "3"]
+    one = subprocess.run(
+        [sys.executable, "-m", "torchtitan.train", *tied, "--training.local_batch_size", "4",
+         "--job.dump_folder", str(tmp_path / "one")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    two = subprocess.run(
+        ["./run_train.sh", *tied, "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path / "two")],
+        cwd=REPO, env=_env(NGPU="2"), capture_output=True, text=True, timeout=300,
+    )
+    assert _losses(two, 3) == pytest.approx(_losses(one, 3), rel=1e-5)

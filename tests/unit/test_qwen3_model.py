@@ -30,7 +30,7 @@ PUBLISHED = {
     "235B-A22B": 235_093_634_560,
     "30B-A3B-6L": 4_361_055_744,
 }
-TIED = {"0.6B", "1.7B", "4B"}  # tie_word_embeddings in the published config.json files
+TIED = {"0.6B", "1.7B", "4B", "debugmodel_tied"}  # tie_word_embeddings in the published config.json files; the tied debug shape
 
 
 def meta_model(flavor: str) -> tuple[Qwen3ModelArgs, Qwen3Transformer]:

@@ -75,7 +75,11 @@ def apply_fsdp(
         config["offload_policy"] = CPUOffloadPolicy()
 
     tok_embeddings = getattr(model, "tok_embeddings", None)
-    if tok_embeddings is not None:
+    output = getattr(model, "output", None)
+    # A weight shared by the embedding and the output layer (tied embeddings) can belong to
+    # one FSDP unit only: both then stay in the root unit.
+    tied = tok_embeddings is not None and output is not None and output.weight is tok_embeddings.weight
+    if tok_embeddings is not None and not tied:
         fully_shard(
             tok_embeddings,
             reshard_after_forward=_reshard_after_forward(reshard_after_forward_policy, pp_enabled, False),
@@ -104,7 +108,7 @@ def apply_fsdp(
     # norm and output run last in forward and first in backward: one unit, kept gathered
     # between the two unless the user asks to always reshard.
     tail = [m for m in (getattr(model, "norm", None), getattr(model, "output", None)) if m is not None]
-    if tail:
+    if tail and not tied:
         fully_shard(tail, reshard_after_forward=reshard_after_forward_policy == "always", **config)
     fully_shard(model, reshard_after_forward=reshard_after_forward_policy == "always", **config)
     return model

@@ -186,6 +186,11 @@ qwen3_configs: dict[str, Qwen3ModelArgs] = {
         dim=256, n_layers=6, n_heads=16, n_kv_heads=8, head_dim=32, hidden_dim=768, vocab_size=-1,
         max_seq_len=2048,
     ),
+    # The debug shape with the output layer tied to the embedding, as the small Qwen3s are.
+    "debugmodel_tied": Qwen3ModelArgs(
+        dim=256, n_layers=6, n_heads=16, n_kv_heads=8, head_dim=32, hidden_dim=768, vocab_size=-1,
+        max_seq_len=2048, enable_weight_tying=True,
+    ),
     "0.6B": Qwen3ModelArgs(
         dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072, enable_weight_tying=True
     ),
