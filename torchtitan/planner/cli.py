@@ -50,6 +50,7 @@ class PlannerOptions:
     intra_node_gbps: float = _opt(0.0, "override NVLink GB/s per GPU and direction; 0 = the table's")
     inter_node_gbps: float = _opt(0.0, "override network GB/s per GPU and direction; 0 = the table's")
     gpus_per_node: int = _opt(0, "override GPUs per node; 0 = the table's")
+    hbm_tbps: float = _opt(0.0, "override the device memory bandwidth (TB/s); 0 = the table's")
     json: str = _opt("", "also write the dry run's report as JSON to this file")
 
     def validate(self) -> None:
@@ -73,7 +74,7 @@ class PlannerOptions:
             fail("headroom_gib", "must be >= 0")
         if not 0 <= self.margin < 1:
             fail("margin", "must be in [0, 1), e.g. 0.05")
-        for name in ("memory_gib", "tflops", "intra_node_gbps", "inter_node_gbps"):
+        for name in ("memory_gib", "tflops", "intra_node_gbps", "inter_node_gbps", "hbm_tbps"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0 (0 = the table's value)")
         for name in ("efficiency", "attention_efficiency"):
@@ -100,6 +101,7 @@ class PlannerOptions:
             intra_node_gbps=self.intra_node_gbps or None,
             inter_node_gbps=self.inter_node_gbps or None,
             gpus_per_node=self.gpus_per_node or None,
+            hbm_tbps=self.hbm_tbps or None,
         )
 
 

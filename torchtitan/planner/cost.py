@@ -3,8 +3,9 @@
 The model, per GPU and step (all assumptions in ``hardware.py`` and docs/planning.md):
 
 - compute = dense hardware FLOPs / (peak x dense efficiency) + attention hardware FLOPs /
-  (peak x attention efficiency). Dense: 6 x non-embedding params per token plus the forward
-  matmuls activation checkpointing reruns; attention: causal FlashAttention FLOPs (half the
+  (peak x attention efficiency). Dense: 6 x active non-embedding params per token (MoE: the
+  routed experts at top_k / num_experts) plus the forward matmuls activation checkpointing
+  reruns (grouped GEMMs included); attention: causal FlashAttention FLOPs (half the
   non-causal count the trainer's MFU uses) plus AC's reruns. Separating them is what makes
   long sequences right: with one efficiency on the MFU formula's FLOPs the planner was 26-39%
   slow at 65k-262k tokens. The efficiencies are fitted to measured runs from 8k to 262k
@@ -17,6 +18,8 @@ The model, per GPU and step (all assumptions in ``hardware.py`` and docs/plannin
   puts tp innermost, then cp, dp_shard, dp_replicate, pp) and the inter-node network
   otherwise. FSDP and DDP traffic overlaps the compute and only the excess is paid; TP, CP
   and PP traffic sits on the critical path (async TP hides ``ASYNC_TP_HIDDEN`` of it).
+  Expert parallelism's all-to-all (dispatch and combine of the routed copies, forward,
+  backward and AC's rerun) is on the critical path too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "attention_flops_per_token",
     "dense_flops_per_token",
     "model_flops_per_token",
+    "routed_flops_per_token",
     "step_cost",
     "step_cost_for_config",
     "FLOAT8_DENSE_SPEEDUP",
@@ -51,10 +55,12 @@ class StepCost:
     """Seconds of one optimizer step on one GPU, and what that gives."""
 
     compute_s: float
+    memory_s: float  # optimizer, clipping, autocast's weight casts (memory-bound)
     bubble_s: float
     tp_s: float
     cp_s: float
     pp_s: float
+    ep_s: float  # expert parallel all-to-all (on the critical path)
     dp_s: float  # FSDP / HSDP / DDP traffic, before overlap
     exposed_dp_s: float
     step_s: float
@@ -63,12 +69,15 @@ class StepCost:
 
 
 def _params_no_embedding(g: Geometry) -> int:
-    """Blocks, the output projection and the final norm (as the trainer counts them)."""
-    return g.n_layers * g.block_params + g.vocab * g.dim + g.dim
+    """Active parameters a token's matmuls use (as the model families count them for MFU):
+    the blocks with routed experts at top_k / num_experts, the output projection and the
+    final norm (a tied table counts as the output projection, once)."""
+    return g.active_params_no_embedding
 
 
 def model_flops_per_token(g: Geometry, seq: int) -> float:
-    """The trainer's FLOPs per token (``TransformerModelArgs.get_nparams_and_flops``)."""
+    """The trainer's FLOPs per token (the family's ``get_nparams_and_flops``):
+    6 x active non-embedding parameters + 12 x layers x heads x head_dim x seq."""
     return 6 * _params_no_embedding(g) + 12 * g.n_layers * g.n_heads * g.head_dim * seq
 
 
@@ -84,29 +93,68 @@ def _recomputed_share(g: Geometry, ac_mode: str, ac_option: str, op_layers: int)
     return 1.0 / int(ac_option), 0.0
 
 
-def _op_matmul_rerun(g: Geometry, ac_option: str) -> float:
+def _active_block(g: Geometry, moe: bool) -> float:
+    """Active parameters of one block (routed experts at top_k / num_experts)."""
+    if not moe:
+        return g.block_numel(False)
+    return g.block_numel(True) - g.routed_params * (1 - g.top_k / g.num_experts)
+
+
+def _op_matmul_rerun(g: Geometry, ac_option: str, moe: bool = False) -> float:
     """Forward matmul FLOPs per token one per-op-AC block reruns: wk, wo and w3 (the matmuls
     it does not save; backward needs k, the residual after wo and w3's output), none with
-    ``op_all``, all of them with ``op_attn`` (which saves attention's output only)."""
+    ``op_all``, all of them with ``op_attn`` (which saves attention's output only).
+
+    An MoE block's matmuls, in order, after attention's four: the router gate (saved), the
+    experts' grouped w1 (rerun), w3 (saved), w2 (rerun), shared experts w1 (saved), w3
+    (rerun), w2 (saved): every other one rerun, grouped GEMMs counted as matmuls."""
     d, q, kv, h = g.dim, g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim, g.hidden
-    return {"op_all": 0.0, "op_attn": 2 * g.block_params}.get(ac_option, 2 * (kv * d + d * q + h * d))
+    if ac_option == "op_all":
+        return 0.0
+    if ac_option == "op_attn":
+        return 2 * _active_block(g, moe)
+    if not moe:
+        return 2 * (kv * d + d * q + h * d)
+    return 2 * (kv * d + d * q + 2 * g.top_k * g.moe_hidden * d + g.shared_hidden * d)
+
+
+def _n_moe(g: Geometry) -> tuple[int, int]:
+    return g.n_layers - g.n_moe_layers, g.n_moe_layers
 
 
 def dense_flops_per_token(
     g: Geometry, ac_mode: str, ac_option: str, op_layers: int = -1, chunked_loss: bool = False
 ) -> float:
-    """Hardware FLOPs per token outside attention: 6 x non-embedding params, the forward
-    matmuls activation checkpointing reruns, and the loss chunks' second output projection.
+    """Hardware FLOPs per token outside attention: 6 x active non-embedding params, the
+    forward matmuls activation checkpointing reruns, and the loss chunks' second output
+    projection.
 
     Full AC reruns every block forward; per-op AC the matmuls it does not save
     (``_op_matmul_rerun``); "N" reruns 1/N of the blocks; ``op_layers`` >= 0: op AC on that
-    many layers only, full AC on the rest."""
+    many layers only, full AC on the rest. MoE blocks count their routed experts at
+    top_k / num_experts (each token's copies), in the forward and in its reruns."""
     flops = 6 * _params_no_embedding(g)
     whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers)
-    flops += g.n_layers * (whole * 2 * g.block_params + op * _op_matmul_rerun(g, ac_option))
+    for n, moe in zip(_n_moe(g), (False, True)):
+        if n:
+            flops += n * (whole * 2 * _active_block(g, moe) + op * _op_matmul_rerun(g, ac_option, moe))
     if chunked_loss:
         flops += 2 * g.vocab * g.dim
     return flops
+
+
+def routed_flops_per_token(g: Geometry, ac_mode: str, ac_option: str, op_layers: int = -1) -> float:
+    """The routed experts' and the router's share of ``dense_flops_per_token``: under TP every
+    TP rank runs them on the whole gathered sequence (``apply_moe_tp``), so they are not
+    divided over tp."""
+    if not g.moe:
+        return 0.0
+    k, m, d, e = g.top_k, g.moe_hidden, g.dim, g.num_experts
+    per_layer = 6 * (3 * k * m * d + e * d)
+    whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers)
+    rerun = {"op_all": 0.0, "op_attn": 2 * (3 * k * m * d + e * d)}.get(ac_option, 2 * 2 * k * m * d)
+    per_layer += whole * 2 * (3 * k * m * d + e * d) + op * rerun
+    return g.n_moe_layers * per_layer
 
 
 def attention_flops_per_token(
@@ -162,6 +210,8 @@ def step_cost(
     op_layers: int = -1,
     chunked_loss: bool = False,
     later_attention: bool = False,
+    autocast: bool = False,
+    clip: bool = True,
 ) -> StepCost:
     """The cost of one step of ``lay`` (see the module docstring). ``chunked_loss``: the
     loss chunks recompute their output projection in backward, one more forward of it."""
@@ -169,6 +219,8 @@ def step_cost(
     tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
     tokens_gpu = tokens_dp / (lay.tp * lay.cp * lay.pp)  # work-equivalent tokens per GPU
     dense = dense_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers, chunked_loss) * tokens_gpu
+    # TP ranks duplicate the routed experts' work on the gathered sequence
+    dense += routed_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers) * tokens_gpu * (lay.tp - 1)
     attention = attention_flops_per_token(g, lay.seq, lay.ac_mode, lay.ac_option, op_layers, later_attention)
     attention *= tokens_gpu
     eff = gpu.compute_efficiency_compiled if compiled else gpu.compute_efficiency_eager
@@ -205,28 +257,60 @@ def step_cost(
         hidden = tokens_fwd * g.dim * a / lay.tp
         pp_s = 2 * hidden * micro * stages_per_rank * lay.grad_accum / _bandwidth(gpu, pp_span)
 
-    params_local = g.n_layers * g.block_params / (lay.tp * lay.pp) + 2 * g.vocab * g.dim / (lay.tp * lay.pp)
+    ep_s = 0.0
+    if lay.ep > 1 and g.moe:
+        # all-to-all of the routed copies: dispatch and combine in forward, their reverses in
+        # backward, and again in the forward that AC reruns (full or per-op: the collectives
+        # are not saved); each rank keeps 1/ep of its copies
+        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
+        copies = tokens_fwd * g.top_k * g.dim * a
+        per_layer = 4 + 2 * (whole + op)
+        volume = per_layer * g.n_moe_layers / lay.pp * copies * (lay.ep - 1) / lay.ep * forwards
+        ep_s = volume / _bandwidth(gpu, lay.ep * lay.tp)
+
+    # (elements per rank before FSDP sharding, FSDP group size): the routed experts are
+    # replicated over tp, split over ep and FSDP-sharded over the other dp_shard x cp / ep
+    routed = g.n_moe_layers * g.routed_params / (lay.ep * lay.pp)
+    embeddings = (1 if g.tied_embeddings else 2) * g.vocab * g.dim
+    rest = (g.layers_params - g.n_moe_layers * g.routed_params + embeddings) / (lay.tp * lay.pp)
     fsdp_n = lay.dp_shard * lay.cp
     dp_s = 0.0
     if fsdp_n > 1:
-        gather = params_local * (1 if float8_all_gather else param_bytes_gathered)
         regathers = 0.0 if (lay.pp > 1 or reshard == "never") else 1.0
-        per_pass = _ring(gather, fsdp_n) * (1 + regathers) + _ring(params_local * reduce_bytes, fsdp_n)
         passes = 1 if lay.pp > 1 else lay.grad_accum
-        dp_s += per_pass * passes / _bandwidth(gpu, fsdp_span)
-        if lay.dp_replicate > 1:  # HSDP: all-reduce the shards over the replicas
-            dp_s += 2 * _ring(params_local / fsdp_n * reduce_bytes, lay.dp_replicate) * passes / _bandwidth(gpu, rep_span)
+        for local, n, linears in ((rest, fsdp_n, True), (routed, fsdp_n // lay.ep, False)):
+            gather = local * (1 if (float8_all_gather and linears) else param_bytes_gathered)
+            per_pass = _ring(gather, n) * (1 + regathers) + _ring(local * reduce_bytes, n)
+            dp_s += per_pass * passes / _bandwidth(gpu, fsdp_span)
+            if lay.dp_replicate > 1:  # HSDP: all-reduce the shards over the replicas
+                dp_s += 2 * _ring(local / n * reduce_bytes, lay.dp_replicate) * passes / _bandwidth(gpu, rep_span)
     elif lay.dp_replicate > 1:  # DDP: all-reduce fp32 gradients every backward
-        dp_s += 2 * _ring(params_local * 4, lay.dp_replicate) * lay.grad_accum / _bandwidth(gpu, rep_span)
+        dp_s += 2 * _ring((rest + routed) * 4, lay.dp_replicate) * lay.grad_accum / _bandwidth(gpu, rep_span)
+    # memory-bound work per parameter, not per token: fused AdamW reads parameter, gradient
+    # and two moments and writes three (28 bytes a parameter), clipping reads the gradients
+    # for the norm and scales them (12); under autocast (bf16 without FSDP) each weight is
+    # cast to bf16 in every forward and AC rerun (read 4, write 2) and its gradient back to
+    # fp32 (6). The dense efficiencies were fitted on step times that include this work for
+    # the parameters whose FLOPs they count, so only the routed experts a token does not use
+    # (1 - top_k / num_experts of them) are charged here: they cost optimizer and cast time
+    # and bring no FLOPs. Dense models: 0.
+    idle = routed * (1 - g.top_k / g.num_experts) if g.moe else 0.0
+    nbytes = (idle / (fsdp_n // lay.ep) if fsdp_n > 1 else idle) * (28 + (12 if clip else 0))
+    if autocast:
+        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
+        nbytes += 6 * idle * (2 + whole + op) * lay.grad_accum
+    memory_s = nbytes / (gpu.hbm_tbps * 1e12 * gpu.hbm_efficiency)
     exposed = max(0.0, dp_s - compute)
-    step = compute + bubble + tp_s + cp_s + pp_s + exposed
+    step = compute + memory_s + bubble + tp_s + cp_s + pp_s + ep_s + exposed
     tokens_per_gpu = lay.global_batch * lay.seq / step / lay.world_size
     return StepCost(
         compute_s=compute,
+        memory_s=memory_s,
         bubble_s=bubble,
         tp_s=tp_s,
         cp_s=cp_s,
         pp_s=pp_s,
+        ep_s=ep_s,
         dp_s=dp_s,
         exposed_dp_s=exposed,
         step_s=step,
@@ -252,4 +336,6 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
         chunked_loss=cfg.training.chunked_loss,
         later_attention=cfg.activation_checkpoint.later_layers == "attention",
+        autocast=cfg.training.mixed_precision_param == "bfloat16" and lay.dp_shard * lay.cp == 1,
+        clip=cfg.training.max_norm > 0,
     )

@@ -214,7 +214,8 @@ def measured_states(
 
 
 def _tp_local_numel(p: torch.Tensor) -> int:
-    """Elements of ``p`` on this rank after TP sharding, before FSDP sharding."""
+    """Elements of ``p`` on this rank after TP (and EP: routed experts) sharding, before
+    FSDP sharding."""
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(p, DTensor):
@@ -222,7 +223,7 @@ def _tp_local_numel(p: torch.Tensor) -> int:
     shape = list(p.shape)
     names = p.device_mesh.mesh_dim_names or ()
     for mesh_dim, placement in enumerate(p.placements):
-        if isinstance(placement, Shard) and mesh_dim < len(names) and names[mesh_dim] == "tp":
+        if isinstance(placement, Shard) and mesh_dim < len(names) and names[mesh_dim] in ("tp", "ep"):
             size = p.device_mesh.size(mesh_dim)
             shape[placement.dim] = -(-shape[placement.dim] // size)
     return math.prod(shape)
@@ -321,9 +322,13 @@ def _build_rank(cfg: JobConfig, layout: Layout, rank: int, gpu: GpuSpec, tokeniz
         )
         stages = _stage_ids(pd, cfg, n_layers)
         stage_layers = tuple(len(part.layers) for part in parts)
-    inflight = schedule_inflight(schedule, coords["pp"]) if schedule is not None else None
-    workload = rank_workload(cfg, layout, coords["pp"], stage_layers, first, last, inflight=inflight)
     geometry = Geometry.from_model_args(args)
+    # the blocks keep their global layer ids as names: the MoE ones of each stage
+    stage_moe = tuple(sum(geometry.is_moe_layer(int(i)) for i in part.layers.keys()) for part in parts)
+    inflight = schedule_inflight(schedule, coords["pp"]) if schedule is not None else None
+    workload = rank_workload(
+        cfg, layout, coords["pp"], stage_layers, first, last, inflight=inflight, stage_moe_layers=stage_moe
+    )
     plan = RankPlan(
         rank=rank,
         coords=coords,
@@ -370,7 +375,7 @@ def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float =
         margin=margin,
         ranks=ranks,
         cost=cost,
-        nparams=geometry.n_layers * geometry.block_params + 2 * geometry.vocab * geometry.dim + geometry.dim,
+        nparams=geometry.nparams,
         flops_per_token=int(model_flops_per_token(geometry, layout.seq)),
         geometry=geometry,
         warnings=warnings,

@@ -12,6 +12,9 @@ command line (``scripts/plan.py --help``). Achieved rates are the peak times an 
   262k (CP 2) (docs/performance.md, docs/context_parallel.md); every run is predicted within
   10%. Dense work (matmuls, norms, elementwise): 0.523 compiled, 0.461 eager; causal
   attention (cuDNN, counted as FlashAttention counts it): 0.545;
+- memory-bound work that scales with the parameters, not the tokens (the optimizer step,
+  gradient clipping, autocast's weight casts): bytes / (HBM bandwidth x 0.71), the rate
+  fused AdamW reached in a profiled MoE step (docs/planning.md);
 - communication: 0.8 of the link rate (NCCL ring all-gather / reduce-scatter bus bandwidth on
   NVLink and InfiniBand typically reaches 75-85% of the nominal rate for large messages).
 """
@@ -44,6 +47,10 @@ class GpuSpec:
     compute_efficiency_eager: float = 0.461  # dense work, eager
     attention_efficiency: float = 0.545  # causal attention kernels
     comm_efficiency: float = 0.8
+    hbm_tbps: float = 3.35  # device memory bandwidth, TB/s
+    # share of it memory-bound kernels reach: fused AdamW over 4.36 B fp32 parameters took
+    # 36 ms in the profile of a 30B-A3B-6L step on one H200 (28 bytes a parameter: 3.4 TB/s)
+    hbm_efficiency: float = 0.71
 
     def peak_flops(self, float8: bool = False) -> float:
         if float8 and self.fp8_tflops > 0:
@@ -59,9 +66,9 @@ class GpuSpec:
 # InfiniBand NDR per 8-GPU node = 50 GB/s per GPU per direction. A100 SXM: NVLink 3 at
 # 600 GB/s bidirectional; 8 x 200 Gb/s HDR per node.
 GPUS: dict[str, GpuSpec] = {
-    "H100": GpuSpec("H100 80GB HBM3 (SXM)", 79.2, 989.5, 1979.0, (9, 0), 8, 450.0, 50.0),
-    "H200": GpuSpec("H200 141GB HBM3e (SXM)", 139.8, 989.5, 1979.0, (9, 0), 8, 450.0, 50.0),
-    "A100": GpuSpec("A100 80GB (SXM)", 79.2, 312.0, 0.0, (8, 0), 8, 300.0, 25.0),
+    "H100": GpuSpec("H100 80GB HBM3 (SXM)", 79.2, 989.5, 1979.0, (9, 0), 8, 450.0, 50.0, hbm_tbps=3.35),
+    "H200": GpuSpec("H200 141GB HBM3e (SXM)", 139.8, 989.5, 1979.0, (9, 0), 8, 450.0, 50.0, hbm_tbps=4.8),
+    "A100": GpuSpec("A100 80GB (SXM)", 79.2, 312.0, 0.0, (8, 0), 8, 300.0, 25.0, hbm_tbps=2.039),
 }
 
 

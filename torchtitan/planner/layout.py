@@ -36,6 +36,7 @@ class Layout:
     schedule: str = "1F1B"
     microbatch_size: int = 1
     microbatches: int | None = None
+    ep: int = 1  # expert parallel: borrowed from dp_shard x cp (no GPUs of its own)
 
     @property
     def dp(self) -> int:
@@ -74,6 +75,7 @@ class Layout:
             schedule=p.pipeline_parallel_schedule,
             microbatch_size=p.pipeline_parallel_microbatch_size,
             microbatches=p.pipeline_parallel_microbatches,
+            ep=getattr(pd, "ep", 1),
         )
 
     def apply(self, cfg: JobConfig) -> JobConfig:
@@ -92,6 +94,7 @@ class Layout:
         p.pipeline_parallel_schedule = self.schedule
         p.pipeline_parallel_microbatch_size = self.microbatch_size
         p.pipeline_parallel_microbatches = self.microbatches
+        p.expert_parallel_degree = self.ep
         if self.pp != cfg.parallelism.pipeline_parallel_degree:
             p.pipeline_parallel_split_points = []
             p.pipeline_parallel_layers_per_stage = None
@@ -132,6 +135,8 @@ class Layout:
             "--activation_checkpoint.selective_ac_option", self._ac_settings[0],
             "--activation_checkpoint.op_saved_matmuls", self._ac_settings[1],
         ]
+        if self.ep > 1:
+            args += ["--parallelism.expert_parallel_degree", str(self.ep)]
         if not self._op_ac:
             args += ["--activation_checkpoint.op_ac_layers", "-1", "--activation_checkpoint.later_layers", "full"]
         if self.pp > 1:
@@ -148,7 +153,7 @@ class Layout:
             parts.append(f"{'HSDP' if self.dp_shard > 1 else 'DDP'} {self.dp_replicate}")
         if self.dp_shard > 1:
             parts.append(f"FSDP {self.dp_shard}")
-        for name, value in (("CP", self.cp), ("TP", self.tp), ("PP", self.pp)):
+        for name, value in (("CP", self.cp), ("TP", self.tp), ("PP", self.pp), ("EP", self.ep)):
             if value > 1:
                 parts.append(f"{name} {value}")
         text = " x ".join(parts) or "1 GPU"
@@ -179,6 +184,7 @@ def rank_workload(
     last: bool,
     gpu_path: bool = True,
     inflight: int | None = None,
+    stage_moe_layers: tuple[int, ...] = (),
 ):
     """The memory model's view of one rank running ``layout`` with ``cfg``'s other settings.
 
@@ -223,4 +229,7 @@ def rank_workload(
         cpu_offload=t.enable_cpu_offload,
         repeat_kv=layout.cp > 1 or not gpu_path,
         composite_rmsnorm=not gpu_path,
+        ep=layout.ep,
+        group_align=16 // (2 if bf16 else 4) if gpu_path else 1,
+        stage_moe_layers=tuple(stage_moe_layers),
     )

@@ -46,15 +46,29 @@ OP_AC_OPTIONS = tuple(OP_AC_SAVED_MATMULS)
 
 @dataclass(frozen=True)
 class Geometry:
-    """The shape of a Llama-style transformer (global, before any sharding)."""
+    """The shape of a decoder-only transformer (global, before any sharding), dense or MoE.
+
+    MoE fields as in ``ModelShape``: ``n_moe_layers`` of the ``n_layers`` blocks have
+    ``num_experts`` routed SwiGLU experts of hidden size ``moe_hidden`` (each token uses
+    ``top_k``) plus shared experts of total hidden size ``shared_hidden`` in place of the
+    dense feed-forward. The planner takes the dense blocks to come first and the MoE blocks
+    last (DeepSeek-V3's first dense layers; every Qwen3-MoE block is MoE).
+    """
 
     dim: int
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    hidden: int  # feed-forward hidden size
+    hidden: int  # dense feed-forward hidden size
     vocab: int
+    tied_embeddings: bool = False
+    qk_norm: bool = False
+    n_moe_layers: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+    moe_hidden: int = 0
+    shared_hidden: int = 0
 
     @classmethod
     def from_model_args(cls, args) -> Geometry:
@@ -68,26 +82,109 @@ class Geometry:
             head_dim=s.head_dim,
             hidden=s.hidden,
             vocab=s.vocab,
+            tied_embeddings=getattr(s, "tied_embeddings", False),
+            qk_norm=getattr(s, "qk_norm", False),
+            n_moe_layers=getattr(s, "n_moe_layers", 0),
+            num_experts=getattr(s, "num_experts", 0),
+            top_k=getattr(s, "top_k", 0),
+            moe_hidden=getattr(s, "moe_hidden", 0),
+            shared_hidden=getattr(s, "shared_hidden", 0),
         )
 
-    def block_shapes(self) -> list[tuple[str, tuple[int, int] | tuple[int], str]]:
-        """(name, global shape, TP style) of one block's parameters, in module order."""
+    @property
+    def moe(self) -> bool:
+        return self.n_moe_layers > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (global index) is an MoE block (the last n_moe_layers)."""
+        return layer >= self.n_layers - self.n_moe_layers
+
+    def moe_share(self, n_blocks: int) -> int:
+        """MoE blocks among ``n_blocks`` of a stage whose layer ids are not known: the
+        model's share (exact for all-dense and all-MoE models)."""
+        return round(n_blocks * self.n_moe_layers / self.n_layers) if self.n_layers else 0
+
+    def block_shapes(self, moe: bool | None = None) -> list[tuple[str, tuple[int, ...], str]]:
+        """(name, global shape, sharding style) of one block's parameters, in module order.
+
+        ``moe``: an MoE block (default: the model's last block, MoE when it has any).
+        Styles: ``col``/``row`` TP-sharded on dim 0/1; ``rep`` replicated over TP (norms,
+        the router); ``ep`` the routed experts' stacked weights: sharded on the expert dim
+        over EP (not over TP: every TP rank runs them on the gathered sequence), then
+        FSDP-sharded over the remaining data ranks dp_shard x cp / ep.
+        """
+        moe = self.moe if moe is None else moe
         d, q, kv, h = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden
-        return [
+        shapes: list[tuple[str, tuple[int, ...], str]] = [
             ("attention.wq", (q, d), "col"),
             ("attention.wk", (kv, d), "col"),
             ("attention.wv", (kv, d), "col"),
             ("attention.wo", (d, q), "row"),
-            ("feed_forward.w1", (h, d), "col"),
-            ("feed_forward.w2", (d, h), "row"),
-            ("feed_forward.w3", (h, d), "col"),
-            ("attention_norm", (d,), "rep"),
-            ("ffn_norm", (d,), "rep"),
         ]
+        if self.qk_norm:
+            shapes += [("attention.q_norm", (self.head_dim,), "rep"), ("attention.k_norm", (self.head_dim,), "rep")]
+        if moe:
+            e, mh, sh = self.num_experts, self.moe_hidden, self.shared_hidden
+            shapes += [
+                ("moe.router.gate", (e, d), "rep"),
+                ("moe.experts.w1", (e, mh, d), "ep"),
+                ("moe.experts.w2", (e, d, mh), "ep"),
+                ("moe.experts.w3", (e, mh, d), "ep"),
+            ]
+            if sh:
+                shapes += [
+                    ("moe.shared_experts.w1", (sh, d), "col"),
+                    ("moe.shared_experts.w2", (d, sh), "row"),
+                    ("moe.shared_experts.w3", (sh, d), "col"),
+                ]
+        else:
+            shapes += [
+                ("feed_forward.w1", (h, d), "col"),
+                ("feed_forward.w2", (d, h), "row"),
+                ("feed_forward.w3", (h, d), "col"),
+            ]
+        return shapes + [("attention_norm", (d,), "rep"), ("ffn_norm", (d,), "rep")]
+
+    def block_numel(self, moe: bool | None = None) -> int:
+        return sum(math.prod(shape) for _, shape, _ in self.block_shapes(moe))
 
     @property
     def block_params(self) -> int:
-        return sum(math.prod(shape) for _, shape, _ in self.block_shapes())
+        """Parameters of one block of the model's last kind (MoE when it has any)."""
+        return self.block_numel()
+
+    @property
+    def routed_params(self) -> int:
+        """Routed expert parameters of one MoE block (w1, w2, w3 of every expert)."""
+        return 3 * self.num_experts * self.moe_hidden * self.dim if self.moe else 0
+
+    @property
+    def layers_params(self) -> int:
+        """Parameters of all blocks."""
+        n_moe = self.n_moe_layers
+        dense = self.block_numel(False) * (self.n_layers - n_moe) if n_moe < self.n_layers else 0
+        return dense + (self.block_numel(True) * n_moe if n_moe else 0)
+
+    @property
+    def nparams(self) -> int:
+        """All parameters, a tied embedding/output weight counted once (the model's count)."""
+        return self.layers_params + (1 if self.tied_embeddings else 2) * self.vocab * self.dim + self.dim
+
+    @property
+    def active_layers_params(self) -> int:
+        """Parameters a token's matmuls use in the blocks: the routed experts at
+        top_k / num_experts of their size (on the model's total, rounded down, as
+        ``get_nparams_and_flops`` counts), router and shared experts in full."""
+        routed = self.n_moe_layers * self.routed_params
+        if not routed:
+            return self.layers_params
+        return self.layers_params - routed + routed * self.top_k // self.num_experts
+
+    @property
+    def active_params_no_embedding(self) -> int:
+        """What the FLOPs count: active block parameters, the output projection (the tied
+        table counted as the output) and the final norm; the embedding lookup is no matmul."""
+        return self.active_layers_params + self.vocab * self.dim + self.dim
 
 
 @dataclass(frozen=True)
@@ -122,6 +219,10 @@ class Workload:
     cpu_offload: bool = False
     repeat_kv: bool = False  # keys/values repeated to the query heads (CPU path, CP)
     composite_rmsnorm: bool = False  # CPU: rms_norm decomposes and also keeps x * rstd
+    ep: int = 1  # expert parallel degree (routed token copies exchanged by all-to-all)
+    # rows each expert's group is padded to for the grouped GEMMs: 16 bytes (CUDA), 1 (CPU)
+    group_align: int = 8
+    stage_moe_layers: tuple[int, ...] = ()  # MoE blocks of each stage; () = the model's share
 
     @property
     def tokens(self) -> float:
@@ -173,13 +274,34 @@ def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
 
 
-def block_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
+def _stage_blocks(g: Geometry, w: Workload) -> list[list[tuple[str, bool]]]:
+    """(AC mode, is MoE) of each block of each stage on this rank (dense blocks first)."""
+    out = []
+    for i, n in enumerate(w.stage_layers):
+        n_moe = w.stage_moe_layers[i] if i < len(w.stage_moe_layers) else g.moe_share(n)
+        modes = _block_modes(w, n, g.n_layers)
+        out.append([(m, j >= n - n_moe) for j, m in enumerate(modes)])
+    return out
+
+
+def block_saved_per_token(g: Geometry, w: Workload, mode: str, moe: bool | None = None) -> float:
     """Bytes one block keeps for backward per token of its sequence (``w.tokens``).
 
     ``mode``: ``none``, ``full``, ``op`` (selective per-op), ``op_all`` (the same saving every
     matmul output) or ``op_attn`` (saving attention's only). Sequence-parallel tensors (block
-    input, residual, norm statistics) have tokens / tp rows when tp > 1.
+    input, residual, norm statistics) have tokens / tp rows when tp > 1. ``moe``: an MoE
+    block (default: the model's last block kind); its feed-forward terms are
+    ``_moe_saved_per_token``'s.
     """
+    moe = g.moe if moe is None else moe
+    saved = _dense_block_saved(g, w, mode) + _qk_norm_saved(g, w, mode)
+    if moe:
+        saved += _moe_saved_per_token(g, w, mode) - _dense_ffn_saved(g, w, mode)
+    return saved
+
+
+def _dense_block_saved(g: Geometry, w: Workload, mode: str) -> float:
+    """A Llama block (attention without q/k norms, SwiGLU feed-forward)."""
     a, r, tp = w.compute_bytes, w.residual_bytes, w.tp
     s = 1.0 / tp if tp > 1 else 1.0
     d = g.dim
@@ -218,6 +340,100 @@ def block_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
     attention = x + 4 * s + norm_extra + a * d + a * q + 2 * a * kv_attn + a * q + lse
     feed_forward = r * d * s + 4 * s + norm_extra + a * d + 4 * a * h  # w1, silu, w3, product
     return attention + feed_forward
+
+
+def _dense_ffn_saved(g: Geometry, w: Workload, mode: str) -> float:
+    """The dense feed-forward's share of ``_dense_block_saved`` (after its norm): what an
+    MoE block has instead."""
+    a, tp, d, h = w.compute_bytes, w.tp, g.dim, g.hidden / w.tp
+    s = 1.0 / tp if tp > 1 else 1.0
+    eager_w2 = 0.0 if w.compile_model else a * d + (a * d * s if tp > 1 else 0.0)  # w2 out, its reduce-scatter
+    return {
+        "full": 0.0,
+        "op_attn": 0.0,
+        "op": a * h + eager_w2,
+        "op_all": 2 * a * h + eager_w2,
+        "none": a * d + (3 if w.compile_model else 4) * a * h,
+    }[mode]
+
+
+def _qk_norm_saved(g: Geometry, w: Workload, mode: str) -> float:
+    """Qwen3's per-head RMSNorm of queries and keys: without AC each keeps its input (wq's,
+    wk's output) and the per-head rstd (the CPU's decomposed norm also x * rstd). Under
+    per-op AC wq's output is saved anyway and the norms rerun."""
+    if not g.qk_norm or mode != "none":
+        return 0.0
+    a, tp = w.compute_bytes, w.tp
+    qk = (g.n_heads + g.n_kv_heads) * g.head_dim / tp
+    composite = w.composite_rmsnorm and not w.compile_model
+    return a * qk * (2 if composite else 1) + 4 * (g.n_heads + g.n_kv_heads) / tp
+
+
+def _moe_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
+    """What one MoE feed-forward (``models/common/moe.py``) keeps per token, after its norm.
+
+    With ``k`` = top_k routed copies per token, ``E`` experts, ``m`` = expert hidden size,
+    ``c`` = rows per token the grouped GEMMs see (``k`` plus the per-expert padding to
+    ``group_align`` rows, a static bound of E x (align - 1) rows per layer and forward):
+
+    - no AC: the router's input ``a d`` (the gate's), softmax scores ``4 E`` (fp32), the top-k
+      ids ``8 k`` and renormalised weights ``4 k + 4``, the sort order and each copy's token
+      ``16 k`` (int64), the copies' input ``a d c`` (CUDA: the padded buffer, plus its row
+      map ``8 k``), the experts' hidden ``4 a m c`` (w1 out, silu, w3 out, product: the
+      dense FFN's four), their output ``a d k`` and the copies' weights ``r k`` (both read
+      by the weighting's backward), the weighted copies ``r d k`` that ``index_add`` keeps
+      (in the layer input's dtype: fp32 under autocast); shared experts like a dense FFN
+      ``4 a m_s``; under EP the regrouping permutations ``16 k``. Compiled (inductor's
+      partition, checked on this CPU): the logits ``a E`` and softmax's max and sum instead
+      of the scores, silu recomputed (``3 a m c``), w2's output ``a d c`` in place of the
+      weighted copies, and the zeros ``index_add`` starts from (``r d``).
+    - per-op AC: the MUST_SAVE outputs of the matmuls saved, counting on from attention's
+      four (wq, wv saved; wk, wo not): the gate's (5th, saved: ``a E``), the experts' w1 (6th,
+      rerun), w3 (7th, saved: ``a m c``), w2 (8th, rerun), shared w1 (9th, saved), w3, w2
+      (11th, saved; eager only, backward does not read it). ``op_all``: every one, w2's
+      output ``a d c`` included (the weighting's backward reads it). ``op_attn``: none.
+    - full AC: nothing beyond the block input.
+
+    Under TP the layer runs on the gathered sequence: its routed terms are per token of the
+    whole sequence (not / tp); shared experts split their hidden over tp.
+    """
+    if mode in ("full", "op_attn"):
+        return 0.0
+    a, r, d = w.compute_bytes, w.residual_bytes, g.dim
+    k, e, m = g.top_k, g.num_experts, g.moe_hidden
+    sh = g.shared_hidden / w.tp
+    pad = e * (w.group_align - 1) / w.tokens if w.group_align > 1 else 0.0
+    c = k + pad
+    if mode == "op":
+        saved = a * e + a * m * c
+        if sh:
+            saved += a * sh + (0.0 if w.compile_model else a * d)
+        return saved
+    if mode == "op_all":
+        saved = a * e + a * (2 * m + d) * c
+        if sh:
+            saved += 2 * a * sh + (0.0 if w.compile_model else a * d)
+        return saved
+    if mode != "none":
+        raise ValueError(f"unknown block mode {mode!r}")
+    dispatch = 16 * k + a * d * c + (8 * k if w.group_align > 1 else 0.0)
+    offsets = 4 * e / w.tokens  # the groups' end rows (int32), per layer
+    if w.compile_model:
+        # the logits and softmax's max and sum instead of the scores; the experts' output
+        # before the weighting; the zeros index_add starts from (layer input dtype)
+        router = a * d + a * e + 8 + 8 * k + 4 * k
+        experts = 3 * a * m * c
+        combine = a * d * c + r * k + r * d + offsets
+        shared = 3 * a * sh
+    else:
+        router = a * d + 4 * e + 8 * k + 4 * k + 4
+        experts = 4 * a * m * c
+        # the weighting keeps the experts' output and the weights; index_add keeps its source
+        # (the weighted copies, in the layer input's dtype) for its backward's expand_as
+        combine = a * d * k + r * k + r * d * k + offsets
+        shared = 4 * a * sh
+    ep = 16 * k if w.ep > 1 else 0.0
+    return router + dispatch + experts + combine + shared + ep
 
 
 def inflight_chunks(schedule: str, pp: int, pp_rank: int, n_microbatches: int, stages_per_rank: int) -> int:
@@ -282,49 +498,69 @@ def analytical_states(
     gather_bytes: int = 2,
     fused_step: bool = True,
     ddp: bool = False,
+    ep: int = 1,
+    moe_layers: int | None = None,
 ) -> StateBytes:
     """State bytes of rank 0 of a layout, from the shapes alone (what FSDP2 and DTensor
     allocate: TP shards of ceil(dim / tp) rows or columns, FSDP shards of ceil(rows / F)
-    rows of the TP-local tensor, padded; optimizer state sized like the unpadded shard)."""
+    rows of the TP-local tensor, padded; optimizer state sized like the unpadded shard).
+
+    Routed experts (style ``ep``): ``num_experts / ep`` experts per rank, not split over TP;
+    under FSDP with ``ep`` > 1 they are a unit of their own over the ``fsdp_degree / ep``
+    remaining data ranks, sharded on the expert dim when each rank gets at least one
+    expert, else on dim 1 (``apply_fsdp``); with ``ep`` 1 they are in the block's unit.
+    ``moe_layers``: MoE blocks among ``stage_layers`` (None: the model's share)."""
+    n_moe = g.moe_share(stage_layers) if moe_layers is None else moe_layers
 
     def local(shape: tuple[int, ...], style: str) -> tuple[int, ...]:
         if style == "col" or style == "vocab":
             return (math.ceil(shape[0] / tp),) + shape[1:]
         if style == "row":
             return (shape[0], math.ceil(shape[1] / tp))
+        if style == "ep":
+            return (shape[0] // ep,) + shape[1:]
         return shape
 
     params = grads = opt = n_tensors = stage = 0
     units: list[int] = []
 
-    def add_unit(entries: list[tuple[tuple[int, ...], str, bool]]) -> None:
+    def add_unit(entries: list[tuple[tuple[int, ...], str, bool]], degree: int) -> None:
         nonlocal params, grads, opt, n_tensors, stage
         gathered = 0
         for shape, style, is_linear in entries:
             loc = local(shape, style)
             numel = math.prod(loc)
-            rest = numel // loc[0]
             stage += numel
             n_tensors += 1
             if fsdp_degree > 1:
-                rows = math.ceil(loc[0] / fsdp_degree)
+                dim = 1 if (style == "ep" and ep > 1 and loc[0] < degree) else 0
+                rest = numel // loc[dim] if loc[dim] else 0
+                rows = math.ceil(loc[dim] / degree)
                 params += rows * rest * param_bytes
-                opt += 2 * min(rows, loc[0]) * rest * param_bytes
-                gathered += rows * fsdp_degree * rest * (1 if (float8_all_gather and is_linear) else gather_bytes)
+                opt += 2 * min(rows, loc[dim]) * rest * param_bytes
+                gathered += rows * degree * rest * (1 if (float8_all_gather and is_linear) else gather_bytes)
             else:
                 params += numel * param_bytes
                 opt += 2 * numel * param_bytes
         units.append(gathered)
 
     if first:
-        add_unit([((g.vocab, g.dim), "vocab", False)])
-    for _ in range(stage_layers):
-        add_unit([(shape, style, style != "rep") for _, shape, style in g.block_shapes()])
+        add_unit([((g.vocab, g.dim), "vocab", False)], fsdp_degree)
+    for i in range(stage_layers):
+        moe = i >= stage_layers - n_moe  # dense blocks first
+        entries = [(shape, style, style not in ("rep", "ep") or name.endswith("gate"))
+                   for name, shape, style in g.block_shapes(moe)]
+        if moe and ep > 1 and fsdp_degree > 1:  # the experts' own unit, after the block's
+            add_unit([e for e in entries if e[1] != "ep"], fsdp_degree)
+            add_unit([e for e in entries if e[1] == "ep"], fsdp_degree // ep)
+        else:
+            add_unit(entries, fsdp_degree)
     if last:
-        add_unit([((g.dim,), "rep", False), ((g.vocab, g.dim), "vocab", False)])
+        tied = g.tied_embeddings and first  # the output weight is the embedding's
+        add_unit([((g.dim,), "rep", False)] + ([] if tied else [((g.vocab, g.dim), "vocab", False)]), fsdp_degree)
     grads = params if fsdp_degree > 1 else stage * param_bytes
     opt += 4 * n_tensors if fused_step else 0
-    block = sum(math.prod(local(shape, style)) for _, shape, style in g.block_shapes())
+    block = sum(math.prod(local(shape, style)) for _, shape, style in g.block_shapes(n_moe > 0 if stage_layers else None))
     return StateBytes(
         params=params,
         grads=grads,
@@ -337,24 +573,63 @@ def analytical_states(
     )
 
 
+def _grad_temps(g: Geometry, w: Workload, moe: bool) -> float:
+    """Bytes per token of the gradients alive inside one block's backward: the feed-forward
+    hidden's three and two of width dim (MoE: per routed copy, plus the shared experts)."""
+    if not moe:
+        return w.compute_bytes * (3 * g.hidden / w.tp + 2 * g.dim)
+    c = g.top_k + (g.num_experts * (w.group_align - 1) / w.tokens if w.group_align > 1 else 0.0)
+    return w.compute_bytes * (3 * g.moe_hidden * c + 2 * g.dim * g.top_k + 2 * g.dim + 3 * g.shared_hidden / w.tp)
+
+
+def _backward_walk(
+    g: Geometry, w: Workload, states: StateBytes, blocks: list[tuple[str, bool]], head: float
+) -> float:
+    """Without FSDP the gradients are allocated on the compute stream as backward produces
+    them, while the earlier blocks' activations are still kept: the largest sum, block by
+    block from the last, of the gradients made so far (output, later blocks), the kept
+    activations of this and earlier blocks, and this block's transient (its recomputation,
+    the gradients inside it, and under autocast the bf16 weight copies its rerun makes) or
+    its own gradients, whichever is larger. It starts at the output projection's backward
+    (``head``: the final norm's and the projection's inputs and the loss's logits and their
+    gradient), with the projection's weight gradient (and its bf16 copy under autocast)."""
+    a, T = w.compute_bytes, w.tokens
+    per_param = states.grads / max(states.stage_params, 1)
+    block_grads = per_param * states.block_params
+    made = per_param * (states.output_params + g.dim) if w.last else 0.0
+    kept = []
+    for m, moe in blocks:
+        kept.append(block_saved_per_token(g, w, m, moe) * T + (2 * states.block_params if w.autocast and m == "none" else 0))
+    below = sum(kept)
+    out_copy = 2 * states.output_params if w.autocast else 0.0
+    peak = below + head + out_copy + made + (a * states.output_params if w.autocast else 0.0) if w.last else 0.0
+    for (m, moe), k in zip(reversed(blocks), reversed(kept)):
+        rerun = (block_saved_per_token(g, w, "none", moe) - block_saved_per_token(g, w, m, moe)) * T
+        recast = a * states.block_params if (w.autocast and m != "none") else 0.0
+        transient = rerun + _grad_temps(g, w, moe) * T + recast
+        peak = max(peak, made + below + max(transient, block_grads))
+        below -= k
+        made += block_grads
+    return peak
+
+
 def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstimate:
     """Peak active and reserved bytes of one rank (see the module docstring)."""
     a, T = w.compute_bytes, w.tokens
     per_stage, transient = [], 0.0
-    grad_temps = a * (3 * g.hidden / w.tp + 2 * g.dim) * T  # gradients inside one block
-    for n in w.stage_layers:
-        modes = _block_modes(w, n, g.n_layers)
-        per_stage.append(sum(block_saved_per_token(g, w, m) for m in modes) * T)
-        for m in set(modes):
-            recompute = block_saved_per_token(g, w, "none") - block_saved_per_token(g, w, m)
-            transient = max(transient, recompute * T + grad_temps)
+    stages = _stage_blocks(g, w)
+    for blocks in stages:
+        per_stage.append(sum(block_saved_per_token(g, w, m, moe) for m, moe in blocks) * T)
+        for m, moe in set(blocks):
+            recompute = block_saved_per_token(g, w, "none", moe) - block_saved_per_token(g, w, m, moe)
+            transient = max(transient, recompute * T + _grad_temps(g, w, moe) * T)
     if w.cp > 1:  # ring attention gathers keys and values of the whole sequence
         transient += 2 * T * w.cp * g.n_heads * g.head_dim / w.tp * a
     acts = sum(per_stage) / max(len(per_stage), 1) * w.inflight
 
     copies = 0.0  # autocast: bf16 copies of fp32 weights, kept by the matmuls that saved them
     if w.autocast:
-        no_ac = sum(m == "none" for n in w.stage_layers for m in _block_modes(w, n, g.n_layers))
+        no_ac = sum(m == "none" for blocks in stages for m, _ in blocks)
         copies = 2 * (states.output_params + no_ac * states.block_params)
 
     boundary = loss = 0.0
@@ -403,6 +678,9 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         "backward": base + acts + copies + boundary + transient + block_grad_tmp,
         "optimizer": max(base, on_gpu + states.buckets + grads_end) + end_tmp,
     }
+    if not w.fsdp and not w.pp and w.grad_accum == 1 and not w.cpu_offload and len(stages) == 1:
+        walk = _backward_walk(g, w, states, stages[0], boundary + loss)
+        phases["backward"] = max(phases["backward"], base + walk)
     phase = max(phases, key=phases.get)
     pools = {"compute stream": int(phases[phase])}
     if w.fsdp:

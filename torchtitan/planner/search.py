@@ -46,6 +46,7 @@ class SearchSpace:
     ac: tuple[str, ...] = ("none", "op_all", "op", "op_attn", "2", "full")
     max_local_batch: int = 32
     max_replicate: int = 0  # 0: any dp_replicate that divides the world
+    ep: tuple[int, ...] = ()  # expert-parallel degrees (MoE models); (): every legal one
 
 
 @dataclass
@@ -160,7 +161,9 @@ def evaluate(
     worst = None
     for pp_rank in range(lay.pp):
         ids = stages.rank_stages[pp_rank] if stages is not None else (0,)
-        layers = tuple(len(stages.layers_of(s)) for s in ids) if stages is not None else (g.n_layers,)
+        ranges = [stages.layers_of(s) for s in ids] if stages is not None else [range(g.n_layers)]
+        layers = tuple(len(r) for r in ranges)
+        moe_layers = tuple(sum(g.is_moe_layer(i) for i in r) for r in ranges)
         first = 0 in ids
         last = (stages.num_stages - 1 if stages is not None else 0) in ids
         states = _states(
@@ -174,8 +177,11 @@ def evaluate(
             gather_bytes=2 if t.mixed_precision_param == "bfloat16" else 4,
             fused_step=cfg.optimizer.implementation == "fused",
             ddp=fsdp_degree == 1 and lay.dp_replicate > 1,
+            ep=lay.ep,
+            moe_layers=sum(moe_layers),
         )
-        mem = estimate_memory(g, rank_workload(cfg, lay, pp_rank, layers, first, last), states)
+        workload = rank_workload(cfg, lay, pp_rank, layers, first, last, stage_moe_layers=moe_layers)
+        mem = estimate_memory(g, workload, states)
         if worst is None or mem.peak_reserved > worst.peak_reserved:
             worst = mem
     assert worst is not None
@@ -186,9 +192,24 @@ def evaluate(
     return Candidate(lay, worst, cost, worst.peak_reserved <= budget)
 
 
-def _layouts(world: int, seq: int, global_batch: int, cfg: JobConfig, space: SearchSpace, node: int):
+def _ep_degrees(g: Geometry, dp_shard_cp: int, tp: int, space: SearchSpace) -> list[int]:
+    """Expert-parallel degrees to try: 1 for a dense model; for an MoE model each degree of
+    ``space.ep`` (all when empty) that divides the experts and dp_shard x cp and is >= tp
+    (the trainer's rules; validate_layout checks them again)."""
+    if not g.moe:
+        return [1]
+    out = [1] if tp == 1 else []
+    for ep in space.ep or _divisors(dp_shard_cp):
+        if ep > 1 and g.num_experts % ep == 0 and dp_shard_cp % ep == 0 and ep >= tp:
+            out.append(ep)
+    return out
+
+
+def _layouts(world: int, seq: int, global_batch: int, cfg: JobConfig, space: SearchSpace, node: int,
+             g: Geometry | None = None):
     """Every combination of the search space whose degrees multiply to ``world`` and whose
-    batch reaches ``global_batch`` exactly; HSDP only with shard groups of whole nodes."""
+    batch reaches ``global_batch`` exactly; HSDP only with shard groups of whole nodes; for
+    an MoE model every legal expert-parallel degree."""
     for tp in space.tp:
         for cp in space.cp:
             for pp in space.pp:
@@ -203,16 +224,16 @@ def _layouts(world: int, seq: int, global_batch: int, cfg: JobConfig, space: Sea
                     group = dp // rep * cp * tp
                     if rep > 1 and (group % node or (space.max_replicate and rep > space.max_replicate)):
                         continue
-                    for lb in _divisors(per_dp):
-                        if lb > space.max_local_batch:
-                            break
+                    eps = _ep_degrees(g, dp // rep * cp, tp, space) if g is not None else [1]
+                    batches = [lb for lb in _divisors(per_dp) if lb <= space.max_local_batch]
+                    for ep, lb in ((ep, lb) for ep in eps for lb in batches):
                         for ac in space.ac:
                             mode, option = AC_CHOICES[ac]
                             for sched in space.schedules if pp > 1 else (cfg.parallelism.pipeline_parallel_schedule,):
                                 yield Layout(
                                     world_size=world, dp_replicate=rep, dp_shard=dp // rep, cp=cp, tp=tp,
                                     pp=pp, local_batch=lb, grad_accum=per_dp // lb, seq=seq,
-                                    ac_mode=mode, ac_option=option, schedule=sched,
+                                    ac_mode=mode, ac_option=option, schedule=sched, ep=ep,
                                 )
 
 
@@ -265,7 +286,7 @@ def search(
             ) from None
     result.global_batch = target
     seq = cfg.training.seq_len
-    for lay in _layouts(world_size, seq, target, cfg, space, gpu.gpus_per_node):
+    for lay in _layouts(world_size, seq, target, cfg, space, gpu.gpus_per_node, g):
         result.considered += 1
         try:
             cand, stages = check_legal(cfg, lay, tiny)
