@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from torchtitan.components.checkpoint.folder import CheckpointError
-from torchtitan.components.checkpoint.storage import read_model_state, write_model_state
+from torchtitan.components.checkpoint.storage import SafeLoadPlanner, read_model_state, write_model_state
 
 __all__ = [
     "HF_INDEX",
@@ -249,7 +249,9 @@ def load_hf(path: str, model_parts: list[nn.Module], adapter: Any) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(template, storage_reader=reader_cls(path), no_dist=not distributed)
+            dcp.load(
+                template, storage_reader=reader_cls(path), planner=SafeLoadPlanner(), no_dist=not distributed
+            )
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"cannot read Hugging Face folder {path} ({_describe(e)})") from e
     ours = from_hf_state(adapter, template, origin)
@@ -275,7 +277,7 @@ def read_hf_state(path: str) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(template, storage_reader=reader_cls(path), no_dist=True)
+            dcp.load(template, storage_reader=reader_cls(path), planner=SafeLoadPlanner(), no_dist=True)
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"cannot read Hugging Face folder {path} ({_describe(e)})") from e
     return template
