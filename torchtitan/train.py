@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from torchtitan.config import ConfigError, ConfigManager, JobConfig
-from torchtitan.config.manager import dump_toml, format_config
+from torchtitan.config.values import dump_toml, format_config
 from torchtitan.tools.logging import init_logger, logger
 
 

@@ -21,7 +21,8 @@ from torchtitan.config.job_config import (
     Profiling,
     Training,
 )
-from torchtitan.config.manager import ALIASES, ConfigManager, dump_toml, format_config, to_toml
+from torchtitan.config.manager import ALIASES, ConfigManager
+from torchtitan.config.values import dump_toml, format_config, to_toml
 
 __all__ = [
     "ALIASES",

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import importlib
 import logging
-import math
 import re
 import sys
 from dataclasses import dataclass, fields
@@ -27,192 +26,29 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from torchtitan.config.job_config import (
-    ConfigError,
-    JobConfig,
-    Section,
-    field_types,
-    list_item,
-    optional_inner,
-    type_name,
+from torchtitan.config.job_config import ConfigError, JobConfig, Section, field_types, type_name
+from torchtitan.config.torchtitan_names import (
+    _ADD_FLOAT8,
+    _CONVERTER_NAMES,
+    _CP_BALANCER,
+    _INVERTED,
+    _MODULE_FQNS,
+    _REFUSED_CONVERTERS,
+    _REFUSED_VALUES,
+    ALIASES,
+    IGNORED,
+    TORCHTITAN_NAMES,
+    UNSUPPORTED,
+    _split_points_from_fqns,
+)
+from torchtitan.config.values import (
+    _BadValue,
+    _from_string,
+    _from_toml,
+    _toml_value,
 )
 
 logger = logging.getLogger(__name__)
-
-# TorchTitan v0.2's names of options this project spells differently (docs/config.md has the
-# table): "section.key" (or "section.table.key" for its nested tables) -> ours. Hints for a
-# mistyped TorchTitan name suggest the TorchTitan name.
-TORCHTITAN_NAMES: dict[str, str] = {
-    "checkpoint.initial_load_model_only": "checkpoint.initial_load_model_weights_only",
-    "experimental.custom_args_module": "job.custom_config_module",
-    "debug.seed": "training.seed",
-    "debug.deterministic": "training.deterministic",
-    "debug.deterministic_warn_only": "training.deterministic_warn_only",
-    "training.dataloader.num_workers": "training.dataloader_num_workers",
-    "training.dataloader.persistent_workers": "training.dataloader_persistent_workers",
-    "training.dataloader.pin_memory": "training.dataloader_pin_memory",
-    "training.dataloader.prefetch_factor": "training.dataloader_prefetch_factor",
-    **{
-        f"quantize.linear.float8.{key}": f"float8.{key}"
-        for key in (
-            "enable_fsdp_float8_all_gather",
-            "precompute_float8_dynamic_scale_for_fsdp",
-            "recipe_name",
-            "filter_fqns",
-            "emulate",
-        )
-    },
-}
-
-# Every other name of an option -> its name here: keys renamed since TorchTitan v0.1 (old
-# "section.key" -> new "section.key"), and TorchTitan v0.2's names (TORCHTITAN_NAMES).
-ALIASES: dict[str, str] = {
-    "job.print_args": "job.print_config",
-    "training.batch_size": "training.local_batch_size",
-    "training.data_parallel_replicate_degree": "parallelism.data_parallel_replicate_degree",
-    "training.data_parallel_shard_degree": "parallelism.data_parallel_shard_degree",
-    "training.tensor_parallel_degree": "parallelism.tensor_parallel_degree",
-    "training.disable_loss_parallel": "parallelism.disable_loss_parallel",
-    "training.fsdp_reshard_after_forward": "parallelism.fsdp_reshard_after_forward",
-    "training.compile": "compile.enable",
-    "training.warmup_steps": "lr_scheduler.warmup_steps",
-    "training.enable_fsdp_float8_all_gather": "float8.enable_fsdp_float8_all_gather",
-    "training.precompute_float8_dynamic_scale_for_fsdp": (
-        "float8.precompute_float8_dynamic_scale_for_fsdp"
-    ),
-    "experimental.pipeline_parallel_degree": "parallelism.pipeline_parallel_degree",
-    "experimental.pipeline_parallel_split_points": "parallelism.pipeline_parallel_split_points",
-    "experimental.pipeline_parallel_schedule": "parallelism.pipeline_parallel_schedule",
-    "experimental.pipeline_parallel_schedule_csv": "parallelism.pipeline_parallel_schedule_csv",
-    "experimental.pipeline_parallel_microbatches": "parallelism.pipeline_parallel_microbatches",
-    "experimental.context_parallel_degree": "parallelism.context_parallel_degree",
-    "experimental.context_parallel_rotate_method": "parallelism.context_parallel_rotate_method",
-    "experimental.enable_async_tensor_parallel": "parallelism.enable_async_tensor_parallel",
-    "experimental.enable_compiled_autograd": "parallelism.enable_compiled_autograd",
-    "checkpoint.enable_checkpoint": "checkpoint.enable",
-    "checkpoint.last_save_model_only": "checkpoint.model_weights_only",  # TorchTitan v0.2's name
-    "lr_scheduler.lr_min": "lr_scheduler.min_lr_factor",
-    "memory_estimation.enabled": "memory_estimation.enable",
-    "validation.enabled": "validation.enable",  # TorchTitan before v0.2
-    **TORCHTITAN_NAMES,
-    # Special cases (boolean old keys, see _Option.kind):
-    "metrics.disable_color_printing": "metrics.enable_color_printing",  # inverted
-    "metrics.save_for_all_ranks": "metrics.rank_0_only",  # inverted
-    # TorchTitan's CP balancer name: "headtail" = on, none = off ("ptrr" is refused)
-    "parallelism.context_parallel_load_balancer": "parallelism.context_parallel_load_balance",
-    # TorchTitan's per-stage module lists, turned into split points when they are contiguous
-    "parallelism.module_fqns_per_model_part": "parallelism.pipeline_parallel_split_points",
-    "training.enable_float8_linear": "model.converters",  # true -> append "float8"
-    "float8.enable_float8_linear": "model.converters",  # same, from a later v0.1
-}
-_INVERTED = {"metrics.disable_color_printing", "metrics.save_for_all_ranks"}
-_CP_BALANCER = "parallelism.context_parallel_load_balancer"
-_MODULE_FQNS = "parallelism.module_fqns_per_model_part"
-_ADD_FLOAT8 = {"training.enable_float8_linear", "float8.enable_float8_linear"}
-# Old keys whose setting no longer has any effect; accepted so old files still load.
-IGNORED: set[str] = {
-    "model.norm_type",
-    "job.use_for_integration_test",
-    "memory_estimation.disable_fake_mode",  # the estimate is always a meta-device dry run
-}
-
-
-_AC_NOT_EXPOSED = "torch.utils.checkpoint's option is not exposed here (activation_checkpoint.mode: none, full, selective)"
-_TORCHFT = (
-    "torchft fault tolerance is not built here ([fault_tolerance] here handles preemption signals and "
-    "non-finite steps; see docs/fault_tolerance.md)"
-)
-_MX = "MX (mxfp8) training is not built here; float8 is (model.converters = [\"float8\"], [float8])"
-# TorchTitan options whose feature is not built here: the value that asks for nothing (the
-# TorchTitan default) is accepted, any other value is refused with the reason.
-UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "optimizer.early_step_in_backward": (False, "optimizer steps inside backward are not built here"),
-    "lr_scheduler.total_steps": (
-        None, "a schedule length apart from training.steps is not built here (the schedule spans training.steps)"
-    ),
-    "training.dtype": (
-        "float32",
-        "pure bfloat16 training (parameters and optimizer states in bfloat16) is not built here; "
-        "mixed precision is training.mixed_precision_param",
-    ),
-    "training.gc_debug": (False, "the garbage-collector debug mode is not built here"),
-    "parallelism.expert_tensor_parallel_degree": (1, "expert tensor parallelism is not built here"),
-    "parallelism.expert_parallel_comm_backend": ("standard", "the DeepEP backend is not built here"),
-    "parallelism.pipeline_parallel_expert_parallel_overlap": (
-        True, "the DualPipeV EP/PP overlap is not built here"
-    ),
-    "checkpoint.initial_load_in_hf_quantized": (False, "loading quantized Hugging Face weights is not built here"),
-    "checkpoint.enable_ft_dataloader_checkpoints": (True, _TORCHFT),
-    "activation_checkpoint.memory_budget": (
-        0.5, "memory-budget activation checkpointing (the compiler's partitioner) is not built here yet"
-    ),
-    "activation_checkpoint.visualize_memory_budget_pareto": (
-        False, "memory-budget activation checkpointing is not built here yet"
-    ),
-    "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns": (
-        ["moe.router.gate"], "forcing the recompute of chosen matmul shapes is not built here"
-    ),
-    "activation_checkpoint.early_stop": (False, _AC_NOT_EXPOSED),
-    "activation_checkpoint.preserve_rng_state": (False, _AC_NOT_EXPOSED),
-    "activation_checkpoint.determinism_check": ("default", _AC_NOT_EXPOSED),
-    "activation_checkpoint.debug": (False, _AC_NOT_EXPOSED),
-    "quantize.grouped_mm.float8.fqns": ([], "float8 grouped GEMMs for MoE experts are not built here"),
-    "quantize.linear.mx.mxfp8_dim1_cast_kernel_choice": ("triton", _MX),
-    "quantize.linear.mx.recipe_name": ("mxfp8_cublas", _MX),
-    "quantize.linear.mx.filter_fqns": (["output"], _MX),
-    "quantize.grouped_mm.mx.recipe_name": ("mxfp8", _MX),
-    "quantize.grouped_mm.mx.fqns": ([], _MX),
-    **{
-        f"validation.dataloader.{key}": (
-            default,
-            "worker processes for the validation data are not built here (it loads in the training "
-            "process); training.dataloader_* applies to the training data",
-        )
-        for key, default in (
-            ("num_workers", 0), ("persistent_workers", False), ("pin_memory", False), ("prefetch_factor", None)
-        )
-    },
-    "debug.moe_force_load_balance": (
-        False,
-        "the MoE router here has no forced round-robin mode (models/common/moe.py routes by top-k "
-        "scores; load balance comes from the expert bias and the auxiliary loss)",
-    ),
-    **{
-        f"fault_tolerance.{key}": (default, _TORCHFT)
-        for key, default in (
-            ("enable", False),
-            ("process_group", "gloo"),
-            ("process_group_timeout_ms", 10000),
-            ("replica_id", 0),
-            ("group_size", 0),
-            ("min_replica_size", 1),
-            ("semi_sync_method", None),
-        )
-    },
-}
-# Values of a supported option that name a feature not built here.
-_REFUSED_VALUES: dict[tuple[str, Any], str] = {
-    ("activation_checkpoint.mode", "memory_budget"): (
-        "memory-budget activation checkpointing is not built here yet; use full or selective"
-    ),
-}
-# model.converters: TorchTitan v0.2's names -> ours; the others are refused with the reason.
-_CONVERTER_NAMES = {"quantize.linear.float8": "float8"}
-_REFUSED_CONVERTERS = {
-    "quantize.grouped_mm.float8": "float8 grouped GEMMs for MoE experts are not built here",
-    "quantize.linear.mx": _MX,
-    "quantize.grouped_mm.mx": _MX,
-    "mx": _MX,
-}
-
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-_NONE = {"none", "null"}
-
-
-class _BadValue(Exception):
-    """A value that does not convert to the option's type; carries what was expected."""
-
 
 @dataclass(frozen=True)
 class _Option:
@@ -228,175 +64,6 @@ class _Setting:
     option: _Option
     spelled: str  # as the user wrote it, e.g. "--training.batch_size" or "training.batch_size"
     value: Any
-
-
-# --- value conversion ------------------------------------------------------------------------
-
-
-def _expected(tp: Any) -> str:
-    inner = optional_inner(tp)
-    if inner is not None:
-        return f"{_expected(inner)} or none"
-    item = list_item(tp)
-    if item is not None:
-        return f"comma-separated list of {type_name(item)}"
-    if tp is bool:
-        return "true or false"
-    return type_name(tp)
-
-
-def _from_string(text: str, tp: Any) -> Any:
-    """Convert a command-line string to ``tp``; raises _BadValue."""
-    inner = optional_inner(tp)
-    if inner is not None:
-        if text.strip().lower() in _NONE:
-            return None
-        try:
-            return _from_string(text, inner)
-        except _BadValue:
-            raise _BadValue(_expected(tp)) from None
-    item = list_item(tp)
-    if item is not None:
-        if not text.strip():
-            return []
-        try:
-            return [_from_string(part.strip(), item) for part in text.split(",")]
-        except _BadValue:
-            raise _BadValue(_expected(tp)) from None
-    if tp is bool:
-        word = text.strip().lower()
-        if word in _TRUE or word in _FALSE:
-            return word in _TRUE
-        raise _BadValue(_expected(tp))
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise _BadValue(_expected(tp)) from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise _BadValue(_expected(tp)) from None
-    return text
-
-
-def _from_toml(value: Any, tp: Any) -> Any:
-    """Check/convert a parsed TOML value to ``tp``; a string is also accepted for a list."""
-    inner = optional_inner(tp)
-    if inner is not None:
-        if isinstance(value, str) and value.strip().lower() in _NONE:
-            return None  # TOML has no null
-        try:
-            return _from_toml(value, inner)
-        except _BadValue:
-            raise _BadValue(f'{type_name(inner)} or "none"') from None
-    item = list_item(tp)
-    if item is not None:
-        if isinstance(value, str):
-            return _from_string(value, tp)
-        try:
-            if not isinstance(value, list):
-                raise _BadValue()
-            return [_from_toml(v, item) for v in value]
-        except _BadValue:
-            raise _BadValue(type_name(tp)) from None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool):
-        raise _BadValue("int")
-    if not isinstance(value, tp):
-        raise _BadValue(type_name(tp))
-    return value
-
-
-# --- TOML writing ----------------------------------------------------------------------------
-
-_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        out = []
-        for ch in value:
-            if ch in _ESCAPES:
-                out.append(_ESCAPES[ch])
-            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        return '"' + "".join(out) + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def to_toml(job_config: JobConfig) -> str:
-    """The config as TOML text; ``parse_args`` reads it back to an equal config.
-
-    TOML has no null: a None value is written as a comment when None is the default (so the
-    key keeps its default on reading) and as the string "none" otherwise.
-    """
-    lines: list[str] = []
-    for name, section in job_config.sections().items():
-        lines.append(f"[{name}]")
-        defaults = type(section)()
-        for f in fields(section):  # type: ignore[arg-type]
-            value = getattr(section, f.name)
-            if value is None:
-                if getattr(defaults, f.name) is None:
-                    lines.append(f"# {f.name} = none")
-                else:
-                    lines.append(f'{f.name} = "none"')
-            else:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def dump_toml(job_config: JobConfig, path: str | Path) -> None:
-    """Write the final config to ``path`` so the run can be repeated with it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(job_config), encoding="utf-8")
-
-
-def format_config(job_config: JobConfig) -> str:
-    """Multi-line listing for the start-of-run log; values changed from defaults are marked."""
-    lines: list[str] = []
-    for name, section in job_config.sections().items():
-        lines.append(f"[{name}]")
-        defaults = type(section)()
-        for f in fields(section):  # type: ignore[arg-type]
-            value = getattr(section, f.name)
-            default = getattr(defaults, f.name)
-            shown = "none" if value is None else _toml_value(value)
-            note = ""
-            if value != default:
-                note = f"  # default: {'none' if default is None else _toml_value(default)}"
-            lines.append(f"  {f.name} = {shown}{note}")
-    return "\n".join(lines)
-
-
-# --- the manager -----------------------------------------------------------------------------
 
 
 def _unsupported_type(default: Any) -> Any:
@@ -580,8 +247,10 @@ class ConfigManager:
         """The valid name a mistyped one most likely meant, or None when no name is close
         enough to be a safe hint. Prefers a key of the same section, then shared words."""
         section, _, key = dotted.rpartition(".")
-        top = section.partition(".")[0]
-        names = [n for n in list(self._options) + list(self._aliases) if self._aliases.get(n, _Option("", None)).kind != "ignore"]
+        names = [
+            n for n in list(self._options) + list(self._aliases)
+            if self._aliases.get(n, _Option("", None)).kind != "ignore"
+        ]
         if not section:  # "--steps": only a key; the first section that has it
             homes = [n for n in self._options if n.rpartition(".")[2] == key]
             return homes[0] if homes else None
@@ -849,32 +518,3 @@ def _raw_cli_value(argv: list[str], names: tuple[str, ...]) -> str | None:
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 found = argv[i + 1]
     return found
-
-
-def _split_points_from_fqns(parts: list[list[str]], where: str) -> list[str]:
-    """TorchTitan's ``module_fqns_per_model_part`` as split points: each part after the first
-    must start at the layer after the previous part's last (embedding first, norm and output
-    last); other groupings are not expressible here and are refused."""
-    layers: list[list[int]] = []
-    for i, part in enumerate(parts):
-        numbers = []
-        for name in part:
-            head, _, index = name.rpartition(".")
-            if head == "layers" and index.isdigit():
-                numbers.append(int(index))
-            elif not ((name == "tok_embeddings" and i == 0) or (name in ("norm", "output") and i == len(parts) - 1)):
-                raise ConfigError(
-                    f"{where}: {name!r} in part {i}: only tok_embeddings (first part), layers.N and "
-                    "norm/output (last part) can be placed here; use pipeline_parallel_split_points"
-                )
-        if not numbers:
-            raise ConfigError(f"{where}: part {i} holds no layer; every stage needs one here")
-        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
-            raise ConfigError(f"{where}: part {i} is not a run of consecutive layers")
-        layers.append(numbers)
-    for i in range(1, len(layers)):
-        if layers[i][0] != layers[i - 1][-1] + 1:
-            raise ConfigError(f"{where}: part {i} does not start right after part {i - 1}'s last layer")
-    if layers and layers[0][0] != 0:
-        raise ConfigError(f"{where}: the first part must start at layers.0")
-    return [f"layers.{numbers[0]}" for numbers in layers[1:]]
