@@ -202,3 +202,27 @@ def test_every_named_schedule_exists_in_this_torch() -> None:
         cls = pp_lib.get_schedule_class(name)
         assert cls.__name__ == f"Schedule{name}"
         assert pp_lib.is_multi_stage_schedule(name) == (name not in ("GPipe", "1F1B"))
+
+
+@pytest.mark.parametrize(
+    "n_layers, stages, first, last, sizes",
+    [
+        (8, 2, 1, 1, [4, 4]),  # 10 units: 5 + 5, less one each
+        (16, 4, 1, 1, [4, 5, 4, 3]),  # 18 units: 5, 5, 4, 4
+        (6, 2, 2, 0, [2, 4]),
+        (5, 1, 3, 3, [5]),
+    ],
+)
+def test_weighted_split_counts_embedding_and_output_as_layers(n_layers, stages, first, last, sizes):
+    """TorchTitan's first/last_stage_less_layers: the embedding and the output count as layers."""
+    schedule = "1F1B" if stages <= 2 else "Interleaved1F1B"
+    layout = pp_lib.resolve_stage_layout(
+        n_layers, pp=min(stages, 2), schedule=schedule, first_stage_less_layers=first, last_stage_less_layers=last
+    )
+    got = [len(layout.layers_of(s)) for s in range(layout.num_stages)]
+    assert got == sizes and sum(got) == n_layers
+
+
+def test_weighted_split_refuses_a_stage_without_layers():
+    with pytest.raises(ConfigError, match="without a layer"):
+        pp_lib.resolve_stage_layout(3, pp=2, schedule="1F1B", first_stage_less_layers=4)

@@ -483,13 +483,12 @@ class Parallelism(Section):
     )
     context_parallel_load_balance: bool = _opt(True, "reorder the sequence to balance causal work")
     pipeline_parallel_first_stage_less_layers: int = _opt(
-        1,
-        "TorchTitan's weighting of the embedding in its automatic stage split; that split is not "
-        "built here (the automatic split is even), so only values without effect are accepted: "
-        "pp = 1, or explicit split points / layers_per_stage",
+        0,
+        "the automatic stage split counts the embedding as this many layers of the first stage "
+        "(TorchTitan's weighting; its default is 1, 0 here = an even split)",
     )
     pipeline_parallel_last_stage_less_layers: int = _opt(
-        1, "the same for the output layer (see pipeline_parallel_first_stage_less_layers)"
+        0, "the same for the output projection on the last stage (TorchTitan's default is 1)"
     )
 
     SCHEDULES: ClassVar[tuple[str, ...]] = PIPELINE_SCHEDULES
@@ -527,12 +526,11 @@ class Parallelism(Section):
         for key in ("pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers"):
             self._at_least(key, 0)
             explicit = self.pipeline_parallel_split_points or self.pipeline_parallel_layers_per_stage
-            if getattr(self, key) != 1 and self.pipeline_parallel_degree > 1 and not explicit:
+            if getattr(self, key) > 1 and explicit:
                 self._fail(
                     key,
-                    "a weighted automatic stage split is not built here (it splits the layers "
-                    "evenly); give parallelism.pipeline_parallel_split_points or "
-                    "pipeline_parallel_layers_per_stage instead",
+                    "weights the automatic stage split only; with pipeline_parallel_split_points or "
+                    "pipeline_parallel_layers_per_stage set, leave it at 0 (or TorchTitan's 1)",
                 )
 
 

@@ -173,6 +173,45 @@ def _even_starts(n_layers: int, num_stages: int) -> list[int]:
     return starts
 
 
+def _weighted_starts(n_layers: int, num_stages: int, first_less: int, last_less: int) -> list[int]:
+    """TorchTitan's weighted automatic split: the embedding counts as ``first_less`` layers of
+    the first stage and the output projection as ``last_less`` of the last, and the
+    ``n_layers + first_less + last_less`` units are spread evenly (earlier stages take the
+    remainder). Raises ConfigError when a stage would get no layer."""
+    units = _even_starts(n_layers + first_less + last_less, num_stages) + [n_layers + first_less + last_less]
+    sizes = [units[s + 1] - units[s] for s in range(num_stages)]
+    sizes[0] -= first_less
+    sizes[-1] -= last_less
+    if num_stages == 1:
+        sizes = [n_layers]
+    if min(sizes) < 1:
+        raise ConfigError(
+            f"{_OPT}first_stage_less_layers {first_less} / last_stage_less_layers {last_less} leave a "
+            f"stage of {num_stages} without a layer ({n_layers} layers); use smaller values"
+        )
+    starts, at = [], 0
+    for size in sizes:
+        starts.append(at)
+        at += size
+    return starts
+
+
+def stage_layout_from_config(parallelism: Any, n_layers: int, pp: int, layers_prefix: str = "layers") -> StageLayout:
+    """``resolve_stage_layout`` with the options of a ``[parallelism]`` section."""
+    p = parallelism
+    return resolve_stage_layout(
+        n_layers=n_layers,
+        pp=pp,
+        schedule=p.pipeline_parallel_schedule,
+        schedule_csv=p.pipeline_parallel_schedule_csv,
+        split_points=p.pipeline_parallel_split_points,
+        layers_per_stage=p.pipeline_parallel_layers_per_stage,
+        layers_prefix=layers_prefix,
+        first_stage_less_layers=p.pipeline_parallel_first_stage_less_layers,
+        last_stage_less_layers=p.pipeline_parallel_last_stage_less_layers,
+    )
+
+
 def resolve_stage_layout(
     n_layers: int,
     pp: int,
@@ -181,6 +220,8 @@ def resolve_stage_layout(
     split_points: Sequence[str] = (),
     layers_per_stage: int | None = None,
     layers_prefix: str = "layers",
+    first_stage_less_layers: int = 0,
+    last_stage_less_layers: int = 0,
 ) -> StageLayout:
     """Decide the number of stages, their layers and their ranks from the ``[parallelism]``
     options; every inconsistency is a one-line ConfigError naming the option."""
@@ -232,6 +273,8 @@ def resolve_stage_layout(
                 f"{_OPT}layers_per_stage {layers_per_stage} gives {len(starts)} stages but the "
                 f"schedule file has {num_stages}"
             )
+    elif first_stage_less_layers or last_stage_less_layers:
+        starts = _weighted_starts(n_layers, num_stages, first_stage_less_layers, last_stage_less_layers)
     else:
         starts = _even_starts(n_layers, num_stages)
     return StageLayout(num_stages, tuple(starts), n_layers, tuple(tuple(ids) for ids in rank_stages))

@@ -264,14 +264,7 @@ def _stage_ids(pd, cfg: JobConfig, n_layers: int) -> tuple[int, ...]:
     if not pd.pp_enabled:
         return (0,)
     p = cfg.parallelism
-    layout = pp_lib.resolve_stage_layout(
-        n_layers=n_layers,
-        pp=pd.pp,
-        schedule=p.pipeline_parallel_schedule,
-        schedule_csv=p.pipeline_parallel_schedule_csv,
-        split_points=p.pipeline_parallel_split_points,
-        layers_per_stage=p.pipeline_parallel_layers_per_stage,
-    )
+    layout = pp_lib.stage_layout_from_config(p, n_layers=n_layers, pp=pd.pp)
     return layout.rank_stages[pd.get_mesh("pp").get_local_rank()]
 
 

@@ -123,14 +123,7 @@ def check_legal(cfg: JobConfig, lay: Layout, tiny_model) -> tuple[JobConfig, obj
     p = cand.parallelism
     if not pd.pp_enabled:
         return cand, None
-    stages = pp_lib.resolve_stage_layout(
-        n_layers=_n_layers(cand),
-        pp=pd.pp,
-        schedule=p.pipeline_parallel_schedule,
-        schedule_csv=p.pipeline_parallel_schedule_csv,
-        split_points=p.pipeline_parallel_split_points,
-        layers_per_stage=p.pipeline_parallel_layers_per_stage,
-    )
+    stages = pp_lib.stage_layout_from_config(p, n_layers=_n_layers(cand), pp=pd.pp)
     n_mb = pp_lib.num_microbatches(
         cand.training.local_batch_size, p.pipeline_parallel_microbatch_size, p.pipeline_parallel_microbatches
     )

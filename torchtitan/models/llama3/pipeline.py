@@ -59,14 +59,7 @@ def pipeline_llama(
     pp_mesh = parallel_dims.get_mesh("pp")
     pp_rank, pp = pp_mesh.get_local_rank(), parallel_dims.pp
     schedule = p.pipeline_parallel_schedule
-    layout = pp_lib.resolve_stage_layout(
-        n_layers=len(model.layers),
-        pp=pp,
-        schedule=schedule,
-        schedule_csv=p.pipeline_parallel_schedule_csv,
-        split_points=p.pipeline_parallel_split_points,
-        layers_per_stage=p.pipeline_parallel_layers_per_stage,
-    )
+    layout = pp_lib.stage_layout_from_config(p, n_layers=len(model.layers), pp=pp)
     n_microbatches = pp_lib.num_microbatches(
         job_config.training.local_batch_size,
         p.pipeline_parallel_microbatch_size,
