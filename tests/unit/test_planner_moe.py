@@ -89,6 +89,7 @@ EP_LAYOUTS = {
     "fsdp16-ep4": (16, ["--parallelism.expert_parallel_degree", "4"]),  # 2 experts / 4 ranks: dim 1
     "fsdp2-cp2-ep4": (4, ["--parallelism.expert_parallel_degree", "4", "--parallelism.context_parallel_degree", "2"]),
     "fsdp2": (2, []),
+    "fsdp3-tied-dense": (3, ["--model.flavor", "debugmodel_tied"]),  # table + norm in the root unit
 }
 
 
@@ -317,6 +318,13 @@ def test_active_flops_recompute_and_all_to_all():
     assert with_ep.step_s == pytest.approx(no_ep.step_s - no_ep.exposed_dp_s + with_ep.exposed_dp_s + with_ep.ep_s)
     assert with_ep.dp_s < no_ep.dp_s  # the experts gather over 8 ranks instead of 64
     assert math.isclose(with_ep.mfu * with_ep.step_s, no_ep.mfu * no_ep.step_s)
+    # memory-bound MoE work: the idle experts' optimizer step and clipping (40 bytes a
+    # parameter, each rank its 1/64) and the routed copies' permutation (bf16 under FSDP)
+    idle = g.n_layers * g.routed_params * (1 - k / e) / 64 * 40
+    routing = (5 * 2 + 6 + 6 * m / d) * (3 + 1) * k * d * g.n_layers * 4 * 4096
+    assert with_ep.memory_s == pytest.approx((idle + routing) / (H100.hbm_tbps * 1e12 * H100.hbm_efficiency))
+    dense = Geometry.from_model_args(__import__("torchtitan.models", fromlist=["x"]).get_model_args("llama3", "8B"))
+    assert step_cost(dense, lay, H100, compiled=True).memory_s == 0  # dense predictions unchanged
 
 
 def test_plan_cli_with_expert_parallel_and_search(tmp_path):

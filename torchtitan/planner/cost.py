@@ -20,6 +20,10 @@ The model, per GPU and step (all assumptions in ``hardware.py`` and docs/plannin
   and PP traffic sits on the critical path (async TP hides ``ASYNC_TP_HIDDEN`` of it).
   Expert parallelism's all-to-all (dispatch and combine of the routed copies, forward,
   backward and AC's rerun) is on the critical path too.
+- MoE memory-bound work (``memory_s``) at the HBM rate x ``hbm_efficiency``: the optimizer
+  step, clipping and autocast casts of the experts a token does not use (the dense
+  efficiencies already contain this work for the active parameters), and the permutation
+  and combination of the routed copies (``_routing_bytes``). 0 for dense models.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class StepCost:
     """Seconds of one optimizer step on one GPU, and what that gives."""
 
     compute_s: float
-    memory_s: float  # optimizer, clipping, autocast's weight casts (memory-bound)
+    memory_s: float  # memory-bound: idle experts' optimizer/casts, MoE routing (0 for dense)
     bubble_s: float
     tp_s: float
     cp_s: float
@@ -155,6 +159,27 @@ def routed_flops_per_token(g: Geometry, ac_mode: str, ac_option: str, op_layers:
     rerun = {"op_all": 0.0, "op_attn": 2 * (3 * k * m * d + e * d)}.get(ac_option, 2 * 2 * k * m * d)
     per_layer += whole * 2 * (3 * k * m * d + e * d) + op * rerun
     return g.n_moe_layers * per_layer
+
+
+def _routing_bytes(g: Geometry, lay: Layout, compiled: bool, autocast: bool, op_layers: int) -> float:
+    """Bytes an MoE rank moves per token of one forward permuting and combining the routed
+    copies (memory-bound passes over ``top_k x dim`` values a token, counted off
+    ``models/common/moe.py``; ``r`` = the layer input's bytes, 4 under autocast). Forward,
+    per element of a copy: compiled (inductor fuses each group) the gather + cast + padded
+    buffer ``r + 4``, SwiGLU's elementwise ``6 m / dim``, un-padding + weighting + cast
+    ``2 + r``, ``index_add`` reading the copy and updating its token ``3 r``; eager, each op
+    its own pass: gather ``2 r``, zeros + index_copy ``6``, silu and product ``10 m / dim``,
+    un-pad ``4``, weighting ``4``, zeros ``r``, index_add ``3 r``, and under autocast the two
+    casts ``2 r + 4``. Backward twice the forward; AC's rerun the forward again. Every TP rank
+    does this on the gathered sequence."""
+    r = 4 if autocast else 2
+    ratio = g.moe_hidden / g.dim
+    if compiled:
+        forward = 5 * r + 6 + 6 * ratio
+    else:
+        forward = 6 * r + 14 + 10 * ratio + (2 * r + 4 if autocast else 0)
+    whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
+    return forward * (3 + whole + op) * g.top_k * g.dim * g.n_moe_layers / lay.pp
 
 
 def attention_flops_per_token(
@@ -299,6 +324,8 @@ def step_cost(
     if autocast:
         whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
         nbytes += 6 * idle * (2 + whole + op) * lay.grad_accum
+    if g.moe:
+        nbytes += _routing_bytes(g, lay, compiled, autocast, op_layers) * tokens_fwd * forwards
     memory_s = nbytes / (gpu.hbm_tbps * 1e12 * gpu.hbm_efficiency)
     exposed = max(0.0, dp_s - compute)
     step = compute + memory_s + bubble + tp_s + cp_s + pp_s + ep_s + exposed

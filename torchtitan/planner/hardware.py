@@ -12,9 +12,9 @@ command line (``scripts/plan.py --help``). Achieved rates are the peak times an 
   262k (CP 2) (docs/performance.md, docs/context_parallel.md); every run is predicted within
   10%. Dense work (matmuls, norms, elementwise): 0.523 compiled, 0.461 eager; causal
   attention (cuDNN, counted as FlashAttention counts it): 0.545;
-- memory-bound work that scales with the parameters, not the tokens (the optimizer step,
-  gradient clipping, autocast's weight casts): bytes / (HBM bandwidth x 0.71), the rate
-  fused AdamW reached in a profiled MoE step (docs/planning.md);
+- an MoE's memory-bound work (the idle experts' optimizer step, clipping and casts; the
+  permutation of the routed copies): bytes / (HBM bandwidth x 0.71), the rate fused AdamW
+  reached in a profiled MoE step (docs/planning.md);
 - communication: 0.8 of the link rate (NCCL ring all-gather / reduce-scatter bus bandwidth on
   NVLink and InfiniBand typically reaches 75-85% of the nominal rate for large messages).
 """

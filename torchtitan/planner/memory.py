@@ -544,8 +544,11 @@ def analytical_states(
                 opt += 2 * numel * param_bytes
         units.append(gathered)
 
+    # a tied table and the final norm stay in the root unit, first in forward order (apply_fsdp)
+    tied = g.tied_embeddings and first and last
     if first:
-        add_unit([((g.vocab, g.dim), "vocab", False)], fsdp_degree)
+        root_norm = [((g.dim,), "rep", False)] if tied else []
+        add_unit([((g.vocab, g.dim), "vocab", False)] + root_norm, fsdp_degree)
     for i in range(stage_layers):
         moe = i >= stage_layers - n_moe  # dense blocks first
         entries = [(shape, style, style not in ("rep", "ep") or name.endswith("gate"))
@@ -555,9 +558,8 @@ def analytical_states(
             add_unit([e for e in entries if e[1] == "ep"], fsdp_degree // ep)
         else:
             add_unit(entries, fsdp_degree)
-    if last:
-        tied = g.tied_embeddings and first  # the output weight is the embedding's
-        add_unit([((g.dim,), "rep", False)] + ([] if tied else [((g.vocab, g.dim), "vocab", False)]), fsdp_degree)
+    if last and not tied:
+        add_unit([((g.dim,), "rep", False), ((g.vocab, g.dim), "vocab", False)], fsdp_degree)
     grads = params if fsdp_degree > 1 else stage * param_bytes
     opt += 4 * n_tensors if fused_step else 0
     block = sum(math.prod(local(shape, style)) for _, shape, style in g.block_shapes(n_moe > 0 if stage_layers else None))
