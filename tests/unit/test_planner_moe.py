@@ -339,3 +339,61 @@ def test_plan_cli_with_expert_parallel_and_search(tmp_path):
     assert res.configured is not None and res.configured.layout.ep == 2
     # the configured layout's analytical prediction equals the dry run's from built modules
     assert res.configured.memory.peak_reserved == plan.peak_reserved
+
+
+def _gloo_ep_after_forward(config_args: list[str], dump_folder: str, modes: list[str]) -> dict[str, int]:
+    """On a gloo rank: bytes alive after forward of a real step, per AC mode (EP 2 x FSDP 2)."""
+    from test_planner import _measured_step
+
+    from torchtitan.config import ConfigManager
+    from torchtitan.trainer import Trainer
+
+    out = {}
+    for key in modes:
+        mode, option, saved = AC[key]
+        cfg = ConfigManager().parse_args(config_args + [
+            "--job.dump_folder", f"{dump_folder}/{key}", "--activation_checkpoint.mode", mode,
+            "--activation_checkpoint.selective_ac_option", option, "--activation_checkpoint.op_saved_matmuls", saved])
+        trainer = Trainer(cfg)
+        try:
+            out[key] = _measured_step(trainer)[0]
+        finally:
+            trainer.checkpointer.close()
+    return out
+
+
+@pytest.mark.slow
+def test_moe_activations_under_ep_match_two_gloo_ranks(tmp_path):
+    """EP 2 x FSDP 2 on two gloo ranks: the experts see the rows the all-to-all brings, so a
+    rank's share depends on the routing; summed over the two ranks the bytes alive after
+    forward equal the model's (its per-token terms are averages over the EP group)."""
+    import sys
+    from pathlib import Path
+
+    from small_trainer import small_trainer_args
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+    from harness import launch
+
+    args = small_trainer_args(tmp_path, "--model.name", "qwen3", "--model.flavor", "debugmodel_moe",
+                              "--training.seq_len", "64", "--training.local_batch_size", "2",
+                              "--parallelism.expert_parallel_degree", "2")
+    args = [a for a in args if a not in ("--job.dump_folder", str(tmp_path))]
+    modes = ["none", "op", "op_all"]
+    ranks = launch("test_planner_moe:_gloo_ep_after_forward", 2, config_args=args, dump_folder=str(tmp_path),
+                   modes=modes)
+    from torchtitan.config import ConfigManager
+
+    for key in modes:
+        mode, option, saved = AC[key]
+        cfg = ConfigManager().parse_args(args + ["--activation_checkpoint.mode", mode,
+                                                 "--activation_checkpoint.selective_ac_option", option,
+                                                 "--activation_checkpoint.op_saved_matmuls", saved])
+        plan = dry_run(copy.deepcopy(cfg), 2, H100)
+        role = plan.ranks[0]
+        cpu = rank_workload(cfg, plan.layout, 0, role.stage_layers, True, True, gpu_path=False)
+        predicted = estimate_memory(plan.geometry, cpu, role.states)
+        # the last block's two units (the block's, its experts') and norm+output stay gathered
+        kept = (role.states.params + role.states.optimizer + predicted.activations
+                + cpu.compute_bytes * cpu.tokens * plan.geometry.vocab + sum(role.states.unit_unsharded[-3:]))
+        assert ranks[0][key] + ranks[1][key] == pytest.approx(2 * kept, rel=0.01), key

@@ -658,9 +658,11 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
             ag_pool = max(units) + sorted(units)[-2] if len(units) > 1 else units[0]
         else:
             # gathered: the current unit and the prefetched next one; the last block and the
-            # norm+output unit stay gathered from their forward to their backward
-            ag_pool = max(sum(units[:2]), sum(units[-3:]))
-            ag_at_loss = sum(units[-2:]) if w.last else 0
+            # norm+output unit stay gathered from their forward to their backward. Under EP
+            # an MoE block is two units (the block's and its routed experts').
+            u = 2 if (w.ep > 1 and g.moe) else 1
+            ag_pool = max(sum(units[: 1 + u]), sum(units[-(2 * u + 1):]))
+            ag_at_loss = sum(units[-(u + 1):]) if w.last else 0
         rs_pool = 0 if w.cpu_offload else states.grads  # offloaded gradients live on the host
         # a unit's unsharded gradient (compute dtype) and its reduce-scatter input
         block_grad_tmp = (a + w.reduce_bytes) * states.block_params
