@@ -83,8 +83,8 @@ def _row(i: int | str, c: Candidate) -> str:
     built = {"": "", "ok": "built ok"}.get(c.verified, c.verified[:60])
     return (
         f"  {str(i):>3}  {c.layout.label():70s} {k.tokens_per_s_per_gpu:9,.0f} {100 * k.mfu:5.1f}% "
-        f"{k.step_s:7.2f} {k.compute_s:6.2f} {k.bubble_s:5.2f} {k.tp_s:5.2f} {k.cp_s:5.2f} "
-        f"{k.exposed_dp_s:5.2f} {c.memory.peak_reserved / GIB:6.1f}  {built}"
+        f"{k.step_s:7.2f} {k.compute_s:6.2f} {k.memory_s:5.2f} {k.bubble_s:5.2f} {k.tp_s:5.2f} {k.cp_s:5.2f} "
+        f"{k.ep_s:5.2f} {k.exposed_dp_s:5.2f} {c.memory.peak_reserved / GIB:6.1f}  {built}"
     )
 
 
@@ -133,7 +133,7 @@ def format_search(
         lines.append(f"  refused {n:6d}: {res.examples[key]}")
     lines += [
         "",
-        "    #  layout                                                                  tok/s/GPU   MFU  step s comp s bubble    TP    CP  DP(exp) GiB",
+        "    #  layout                                                                  tok/s/GPU   MFU  step s comp s   mem bubble    TP    CP    EP  DP(exp) GiB",
     ]
     for i, c in enumerate(res.ranked[:top], 1):
         lines.append(_row(i, c))
