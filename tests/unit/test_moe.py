@@ -10,12 +10,10 @@ import torch.nn.functional as F
 
 from torchtitan.config import ConfigError
 from torchtitan.models.common import moe as moe_mod
-from torchtitan.models.common.moe import (
-    MoE,
-    MoEArgs,
+from torchtitan.models.common.moe import MoE, MoEArgs, sequence_aux_loss
+from torchtitan.models.common.moe_balance import (
     build_moe_step_hooks,
     moe_metrics,
-    sequence_aux_loss,
     update_expert_bias,
     validate_moe_config,
 )

@@ -24,5 +24,5 @@ llama3_spec = ModelSpec(
     build_loss_fn=lazy_function("torchtitan.components.loss:build_loss_fn"),
     state_dict_adapter=Llama3StateDictAdapter,
     # Dense: refuses parallelism.expert_parallel_degree > 1 before anything is built.
-    validate_fn=lazy_function("torchtitan.models.common.moe:validate_moe_config"),
+    validate_fn=lazy_function("torchtitan.models.common.moe_balance:validate_moe_config"),
 )

@@ -19,6 +19,6 @@ qwen3_spec = ModelSpec(
     build_loss_fn=lazy_function("torchtitan.components.loss:build_loss_fn"),
     state_dict_adapter=Qwen3StateDictAdapter,
     validate_fn=lazy_function("torchtitan.models.qwen3.args:validate_qwen3"),
-    build_step_hooks_fn=lazy_function("torchtitan.models.common.moe:build_moe_step_hooks"),
-    metrics_fn=lazy_function("torchtitan.models.common.moe:moe_metrics"),
+    build_step_hooks_fn=lazy_function("torchtitan.models.common.moe_balance:build_moe_step_hooks"),
+    metrics_fn=lazy_function("torchtitan.models.common.moe_balance:moe_metrics"),
 )

@@ -155,7 +155,7 @@ def check_weight_tying(job_config: JobConfig, args: Qwen3ModelArgs) -> None:
 def validate_qwen3(job_config: JobConfig, model_args: Qwen3ModelArgs) -> None:
     """``ModelSpec.validate_fn``: the MoE checks (``validate_moe_config``) and the tied
     embedding's; raises ``ConfigError`` before anything is built."""
-    from torchtitan.models.common.moe import validate_moe_config
+    from torchtitan.models.common.moe_balance import validate_moe_config
 
     validate_moe_config(job_config, model_args)
     check_weight_tying(job_config, model_args)
