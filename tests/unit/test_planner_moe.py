@@ -397,3 +397,21 @@ def test_moe_activations_under_ep_match_two_gloo_ranks(tmp_path):
         kept = (role.states.params + role.states.optimizer + predicted.activations
                 + cpu.compute_bytes * cpu.tokens * plan.geometry.vocab + sum(role.states.unit_unsharded[-3:]))
         assert ranks[0][key] + ranks[1][key] == pytest.approx(2 * kept, rel=0.01), key
+
+
+def test_mixed_dense_and_moe_layers():
+    """n_moe_layers of n_layers (dense blocks first): counts, a stage's share, its states."""
+    import dataclasses
+
+    g = Geometry.from_model_args(_args("30B-A3B"))
+    mixed = dataclasses.replace(g, n_layers=10, n_moe_layers=7, hidden=6144)
+    dense_block, moe_block = mixed.block_numel(False), mixed.block_numel(True)
+    assert mixed.layers_params == 3 * dense_block + 7 * moe_block
+    assert [mixed.is_moe_layer(i) for i in range(10)] == [False] * 3 + [True] * 7
+    assert mixed.active_layers_params == mixed.layers_params - 7 * g.routed_params + 7 * g.routed_params * 8 // 128
+    # a stage holding layers 0-4 (3 dense, 2 MoE) vs one holding 5-9 (all MoE)
+    first = analytical_states(mixed, 1, 1, 5, True, False, moe_layers=2)
+    second = analytical_states(mixed, 1, 1, 5, False, True, moe_layers=5)
+    assert first.stage_params == 3 * dense_block + 2 * moe_block + g.vocab * g.dim
+    assert second.stage_params == 5 * moe_block + g.vocab * g.dim + g.dim
+    assert first.block_params == second.block_params == max(dense_block, moe_block)

@@ -197,8 +197,9 @@ def measured_states(
                 buckets += nbytes if ddp else 0
                 opt += 2 * nbytes
         layers = getattr(part, "layers", None)
-        if layers is not None and len(layers) and not block:
-            block = sum(_tp_local_numel(p) for p in next(iter(layers.values())).parameters())
+        if layers is not None:  # the largest block (dense and MoE blocks differ)
+            for layer in layers.values():
+                block = max(block, sum(_tp_local_numel(p) for p in layer.parameters()))
         if getattr(part, "output", None) is not None:
             output = sum(_tp_local_numel(p) for p in part.output.parameters())
     return StateBytes(

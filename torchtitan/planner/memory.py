@@ -239,7 +239,7 @@ class StateBytes:
     optimizer: int
     unit_unsharded: list[int] = field(default_factory=list)  # per FSDP unit, forward order
     stage_params: int = 0  # elements of the rank's stages, TP-local, not FSDP-sharded
-    block_params: int = 0  # elements of one block, TP-local
+    block_params: int = 0  # elements of the largest block, TP-local (EP-local experts)
     output_params: int = 0  # TP-local elements of the output projection (0: not here)
     buckets: int = 0  # DDP's gradient buckets (a second copy of the gradients)
 
@@ -562,7 +562,8 @@ def analytical_states(
         add_unit([((g.dim,), "rep", False), ((g.vocab, g.dim), "vocab", False)], fsdp_degree)
     grads = params if fsdp_degree > 1 else stage * param_bytes
     opt += 4 * n_tensors if fused_step else 0
-    block = sum(math.prod(local(shape, style)) for _, shape, style in g.block_shapes(n_moe > 0 if stage_layers else None))
+    kinds = {i >= stage_layers - n_moe for i in range(stage_layers)} or {g.moe}
+    block = max(sum(math.prod(local(shape, style)) for _, shape, style in g.block_shapes(k)) for k in kinds)
     return StateBytes(
         params=params,
         grads=grads,
