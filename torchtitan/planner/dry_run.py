@@ -199,7 +199,8 @@ def measured_states(
         layers = getattr(part, "layers", None)
         if layers is not None:  # the largest block (dense and MoE blocks differ)
             for layer in layers.values():
-                block = max(block, sum(_tp_local_numel(p) for p in layer.parameters()))
+                if layer is not None:
+                    block = max(block, sum(_tp_local_numel(p) for p in layer.parameters()))
         if getattr(part, "output", None) is not None:
             output = sum(_tp_local_numel(p) for p in part.output.parameters())
     return StateBytes(
