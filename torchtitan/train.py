@@ -120,17 +120,30 @@ def _save_config(cfg: JobConfig, path: str) -> None:
 
 def _log_memory_estimate(cfg: JobConfig, world_size: int) -> None:
     """``memory_estimation.enable``: the planner's dry run of this config for this world size
-    (meta model, fake process group: no device memory), logged before the real build."""
-    from torchtitan.planner.preflight import preflight_report
+    (meta model, fake process group: no device memory), logged before the real build. It runs
+    in a child process: its fake process groups must not share this process's registry."""
+    import subprocess
 
+    config = os.path.join(cfg.job.dump_folder, "config.toml")  # written just before
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
+    cmd = [sys.executable, "-m", "torchtitan.planner.preflight", "--world_size", str(world_size),
+           "--job.config_file", config]
     try:
-        report = preflight_report(cfg, world_size)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
-        # the build below raises the same error, with the usual one-line exit
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        logger.warning(f"memory estimation: the dry run stopped: {type(e).__name__}: {first_line}")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        logger.warning("memory estimation: the dry run took over 15 minutes; skipped")
         return
-    logger.info(f"memory estimation for {world_size} rank(s), before training:\n{report}")
+    if out.returncode != 0:
+        # the build below raises the same error, with the usual one-line exit
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        logger.warning(f"memory estimation: the dry run stopped: {lines[-1] if lines else out.returncode}")
+        return
+    logger.info(f"memory estimation for {world_size} rank(s), before training:\n{out.stdout.rstrip()}")
+
+
+# torchrun's variables: the dry run plans its own world and must not join the launch's.
+_LAUNCH_VARS = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE", "ROLE_NAME"}
 
 
 def __getattr__(name: str) -> Any:

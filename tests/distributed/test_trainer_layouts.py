@@ -57,8 +57,9 @@ def single(tmp_path_factory):
     "name, args",
     [
         ("fsdp2", ["--training.local_batch_size", "2"]),
+        # with the memory estimate first (its dry run runs in a child process)
         ("tp2_loss_parallel", ["--training.local_batch_size", "4", "--parallelism.tensor_parallel_degree", "2",
-                               "--activation_checkpoint.mode", "full"]),
+                               "--activation_checkpoint.mode", "full", "--memory_estimation.enable"]),
         ("cp2_load_balanced", ["--training.local_batch_size", "4", "--parallelism.context_parallel_degree", "2",
                                "--parallelism.data_parallel_shard_degree", "1"]),
     ],

@@ -1,14 +1,18 @@
 """The memory estimate a launch logs before training (``memory_estimation.enable``).
 
-``python -m torchtitan.train`` calls :func:`preflight_report` on rank 0 before the trainer
-is built (and before any process group exists): the planner's dry run of the run's own
-config for the launch's world size, reported per rank role as ``scripts/plan.py`` prints it.
+``python -m torchtitan.train`` runs this module on rank 0 before the trainer is built, as a
+child process (``python -m torchtitan.planner.preflight --world_size N <trainer options>``):
+the planner's dry run of the run's own config for the launch's world size, reported per rank
+role as ``scripts/plan.py`` prints it. A child, because the dry run's fake process groups
+leave names in torch's process-group registry that a real TP mesh built later in the same
+process would collide with.
 The GPU is the one this process sees when its name is in the planner's table (with the
 memory torch reports for it); otherwise the table's H100 is assumed, and the report says so.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 from torchtitan.config import JobConfig
@@ -44,3 +48,25 @@ def preflight_report(cfg: JobConfig, world_size: int, headroom_gib: float = 2.0,
     plan = dry_run(cfg, world_size, gpu, headroom_gib, margin)
     text = format_plan(plan, f"{cfg.model.name} {cfg.model.flavor}", time.perf_counter() - t0)
     return text + (f"\nnote: {note}" if note else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--world_size N`` then the trainer's options; prints the report (exit 2: bad input)."""
+    from torchtitan.config import ConfigError, ConfigManager
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        at = args.index("--world_size")
+        world_size = int(args[at + 1])
+        del args[at : at + 2]
+        cfg = ConfigManager().parse_args(args)
+        print(preflight_report(cfg, world_size))
+    except (ValueError, IndexError, ConfigError, RuntimeError, FileNotFoundError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{type(e).__name__}: {first}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
