@@ -1,6 +1,8 @@
-"""Building blocks shared by model families: rotary embeddings, the attention op, norms."""
+"""Building blocks shared by model families: rotary embeddings, the attention op, norms, the
+SwiGLU feed-forward (the MoE layer is ``models.common.moe``)."""
 
 from torchtitan.models.common.attention import ScaledDotProductAttention, repeat_kv
+from torchtitan.models.common.feed_forward import FeedForward
 from torchtitan.models.common.norms import build_norm
 from torchtitan.models.common.rope import (
     RoPEScalingArgs,
@@ -10,6 +12,7 @@ from torchtitan.models.common.rope import (
 )
 
 __all__ = [
+    "FeedForward",
     "RoPEScalingArgs",
     "ScaledDotProductAttention",
     "apply_rope_scaling",

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchtitan.models.common.feed_forward import FeedForward
+
 __all__ = [
     "FeedForward",
     "GroupedExperts",
@@ -82,24 +84,6 @@ class MoEArgs:
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
-
-
-class FeedForward(nn.Module):
-    """SwiGLU MLP ``w2(silu(w1 x) * w3 x)`` (the shared experts; same names as Llama's)."""
-
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def init_weights(self, init_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=_BASE_INIT_STD)
-        for linear in (self.w2, self.w3):
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
 
 
 # ---- experts ----------------------------------------------------------------------------
