@@ -7,57 +7,30 @@ model family.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from torchtitan.models.model_spec import ModelShape
 
 __all__ = ["Geometry"]
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """The shape of a decoder-only transformer (global, before any sharding), dense or MoE.
+class Geometry(ModelShape):
+    """The shape of a decoder-only transformer (global, before any sharding), dense or MoE:
+    the model-family contract's ``ModelShape`` with what the planner derives from it.
 
-    MoE fields as in ``ModelShape``: ``n_moe_layers`` of the ``n_layers`` blocks have
-    ``num_experts`` routed SwiGLU experts of hidden size ``moe_hidden`` (each token uses
-    ``top_k``) plus shared experts of total hidden size ``shared_hidden`` in place of the
-    dense feed-forward. The planner takes the dense blocks to come first and the MoE blocks
-    last (DeepSeek-V3's first dense layers; every Qwen3-MoE block is MoE).
+    ``n_moe_layers`` of the ``n_layers`` blocks have ``num_experts`` routed SwiGLU experts of
+    hidden size ``moe_hidden`` (each token uses ``top_k``) plus shared experts of total
+    hidden size ``shared_hidden`` in place of the dense feed-forward. The planner takes the
+    dense blocks to come first and the MoE blocks last (DeepSeek-V3's first dense layers;
+    every Qwen3-MoE block is MoE).
     """
-
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    hidden: int  # dense feed-forward hidden size
-    vocab: int
-    tied_embeddings: bool = False
-    qk_norm: bool = False
-    n_moe_layers: int = 0
-    num_experts: int = 0
-    top_k: int = 0
-    moe_hidden: int = 0
-    shared_hidden: int = 0
 
     @classmethod
     def from_model_args(cls, args) -> Geometry:
         """From a family's args, through the model-family contract's ``model_shape()``."""
-        s = args.model_shape()
-        return cls(
-            dim=s.dim,
-            n_layers=s.n_layers,
-            n_heads=s.n_heads,
-            n_kv_heads=s.n_kv_heads,
-            head_dim=s.head_dim,
-            hidden=s.hidden,
-            vocab=s.vocab,
-            tied_embeddings=getattr(s, "tied_embeddings", False),
-            qk_norm=getattr(s, "qk_norm", False),
-            n_moe_layers=getattr(s, "n_moe_layers", 0),
-            num_experts=getattr(s, "num_experts", 0),
-            top_k=getattr(s, "top_k", 0),
-            moe_hidden=getattr(s, "moe_hidden", 0),
-            shared_hidden=getattr(s, "shared_hidden", 0),
-        )
+        shape = args.model_shape()
+        return cls(**{f.name: getattr(shape, f.name) for f in fields(ModelShape)})
 
     @property
     def moe(self) -> bool:
