@@ -15,6 +15,8 @@ divide factor.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -22,8 +24,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from torch.distributed.tensor import Shard
 
 from torchtitan.config import ConfigError
+from torchtitan.distributed.utils import TORCH_DTYPE_MAP
+from torchtitan.tools.logging import logger
 
-__all__ = ["apply_fsdp", "apply_ddp", "RESHARD_POLICIES"]
+__all__ = ["apply_data_parallel", "apply_fsdp", "apply_ddp", "RESHARD_POLICIES"]
 
 RESHARD_POLICIES = ("default", "always", "never")
 
@@ -163,4 +167,53 @@ def apply_ddp(
             "python_reducer_without_compiled_forward" if enable_compiled_autograd else "ddp_optimizer"
         )
     replicate(model, device_mesh=dp_mesh, bucket_cap_mb=100)
+    return model
+
+
+def apply_data_parallel(
+    model: nn.Module,
+    parallel_dims: Any,
+    training: Any,
+    parallelism: Any,
+    compile_model: bool,
+) -> nn.Module:
+    """The data-parallel step of every family's parallelize function: FSDP (or HSDP) over
+    dp_shard x cp (x dp_replicate), the routed experts as their own units under expert
+    parallelism; or DDP when only ``data_parallel_replicate_degree`` > 1. Takes the
+    ``[training]`` and ``[parallelism]`` sections."""
+    pd, t, p = parallel_dims, training, parallelism
+    if pd.fsdp_enabled:
+        replicated = pd.dp_replicate_enabled
+        dp_mesh = pd.get_mesh(("dp_replicate", "dp_shard_cp") if replicated else "dp_shard_cp")
+        experts_mesh, divide = None, None
+        if getattr(pd, "ep", 1) > 1:
+            experts_mesh = pd.get_mesh(("dp_replicate", "dp_shard_mod_ep") if replicated else "dp_shard_mod_ep")
+            # the experts' gradients are averaged over every data rank, not their unit's
+            divide = float(pd.dp_replicate * pd.dp_shard * pd.cp)
+        apply_fsdp(
+            model,
+            dp_mesh,
+            param_dtype=TORCH_DTYPE_MAP[t.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[t.mixed_precision_reduce],
+            pp_enabled=pd.pp_enabled,
+            cpu_offload=t.enable_cpu_offload,
+            reshard_after_forward_policy=p.fsdp_reshard_after_forward,
+            experts_mesh=experts_mesh,
+            ep_gradient_divide_factor=divide,
+        )
+        kind = "HSDP" if replicated else "FSDP"
+        logger.info(f"applied {kind} over mesh {dp_mesh.mesh_dim_names} {tuple(dp_mesh.shape)}")
+    elif pd.dp_replicate_enabled:
+        if pd.tp_enabled or pd.cp_enabled:
+            raise ConfigError(
+                "parallelism.data_parallel_replicate_degree > 1 with tensor or context parallelism "
+                "needs FSDP: set data_parallel_shard_degree > 1 (HSDP) instead of pure DDP"
+            )
+        apply_ddp(
+            model,
+            pd.get_mesh("dp_replicate"),
+            enable_compile=compile_model,
+            enable_compiled_autograd=p.enable_compiled_autograd,
+        )
+        logger.info(f"applied DDP over {pd.dp_replicate} replicas")
     return model

@@ -15,10 +15,10 @@ from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
-from torchtitan.distributed.fsdp import apply_ddp, apply_fsdp
+from torchtitan.distributed.fsdp import apply_data_parallel
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.tensor_parallel import apply_tp
-from torchtitan.distributed.utils import TORCH_DTYPE_MAP, device_type
+from torchtitan.distributed.utils import device_type
 from torchtitan.tools.logging import logger
 
 __all__ = ["parallelize_llama"]
@@ -78,34 +78,5 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
         apply_compile(model, backend)
         logger.info(f"compiled each transformer block with backend {backend!r}")
 
-    t = job_config.training
-    if parallel_dims.fsdp_enabled:
-        if parallel_dims.dp_replicate_enabled:
-            dp_mesh = parallel_dims.get_mesh(("dp_replicate", "dp_shard_cp"))
-        else:
-            dp_mesh = parallel_dims.get_mesh("dp_shard_cp")
-        apply_fsdp(
-            model,
-            dp_mesh,
-            param_dtype=TORCH_DTYPE_MAP[t.mixed_precision_param],
-            reduce_dtype=TORCH_DTYPE_MAP[t.mixed_precision_reduce],
-            pp_enabled=parallel_dims.pp_enabled,
-            cpu_offload=t.enable_cpu_offload,
-            reshard_after_forward_policy=p.fsdp_reshard_after_forward,
-        )
-        kind = "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP"
-        logger.info(f"applied {kind} over mesh {dp_mesh.mesh_dim_names} {tuple(dp_mesh.shape)}")
-    elif parallel_dims.dp_replicate_enabled:
-        if parallel_dims.tp_enabled or parallel_dims.cp_enabled:
-            raise ConfigError(
-                "parallelism.data_parallel_replicate_degree > 1 with tensor or context parallelism "
-                "needs FSDP: set data_parallel_shard_degree > 1 (HSDP) instead of pure DDP"
-            )
-        apply_ddp(
-            model,
-            parallel_dims.get_mesh("dp_replicate"),
-            enable_compile=compile_model,
-            enable_compiled_autograd=p.enable_compiled_autograd,
-        )
-        logger.info(f"applied DDP over {parallel_dims.dp_replicate} replicas")
+    apply_data_parallel(model, parallel_dims, job_config.training, p, compile_model)
     return model
