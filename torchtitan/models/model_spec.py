@@ -11,7 +11,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
 
-__all__ = ["BaseModelArgs", "ModelShape", "ModelSpec", "lazy_function"]
+__all__ = ["BaseModelArgs", "ModelShape", "ModelSpec", "lazy_function", "vocab_size_for"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,20 @@ def lazy_function(target: str) -> Callable[..., Any]:
     call.__module__ = module_name
     call.__doc__ = f"Imports and calls {target}."
     return call
+
+
+def vocab_size_for(flavor_vocab_size: int, tokenizer: Any | None) -> int:
+    """A flavor's vocabulary for a run: ``-1`` (the debug flavors) takes the tokenizer's; a
+    fixed one (a released checkpoint's) is kept, so checkpoints stay loadable, after checking
+    that the tokenizer's ids fit. Raises ValueError naming the option to change."""
+    if flavor_vocab_size == -1:
+        if tokenizer is None:
+            raise ValueError("this model flavor takes vocab_size from the tokenizer: set model.tokenizer_path")
+        return int(tokenizer.vocab_size)
+    if tokenizer is not None and tokenizer.vocab_size > flavor_vocab_size:
+        raise ValueError(
+            f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's vocab_size "
+            f"{flavor_vocab_size}: pick a model.flavor whose vocabulary fits or a matching "
+            "model.tokenizer_path"
+        )
+    return flavor_vocab_size

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from torchtitan.models.common.rope import RoPEScalingArgs
-from torchtitan.models.model_spec import ModelShape
+from torchtitan.models.model_spec import ModelShape, vocab_size_for
 
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
@@ -68,18 +68,7 @@ class TransformerModelArgs:
         vocabulary (128256 for the released checkpoints) keep it, so checkpoints stay
         loadable, and only check that the tokenizer's ids fit.
         """
-        if self.vocab_size == -1:
-            if tokenizer is None:
-                raise ValueError(
-                    "this model flavor takes vocab_size from the tokenizer: set model.tokenizer_path"
-                )
-            self.vocab_size = int(tokenizer.vocab_size)
-        elif tokenizer is not None and tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's vocab_size "
-                f"{self.vocab_size}: pick a model.flavor whose vocabulary fits or a matching "
-                "model.tokenizer_path"
-            )
+        self.vocab_size = vocab_size_for(self.vocab_size, tokenizer)
         self.max_seq_len = job_config.training.seq_len
         self.attn_backend = job_config.model.attention_backend
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from torchtitan.config import ConfigError
 from torchtitan.models.common.moe import MoEArgs
-from torchtitan.models.model_spec import ModelShape
+from torchtitan.models.model_spec import ModelShape, vocab_size_for
 
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
@@ -69,18 +69,7 @@ class Qwen3ModelArgs:
         the tokenizer's ids fit. Tied embeddings are refused with pipeline or tensor
         parallelism (``check_weight_tying``).
         """
-        if self.vocab_size == -1:
-            if tokenizer is None:
-                raise ValueError(
-                    "this model flavor takes vocab_size from the tokenizer: set model.tokenizer_path"
-                )
-            self.vocab_size = int(tokenizer.vocab_size)
-        elif tokenizer is not None and tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's vocab_size "
-                f"{self.vocab_size}: pick a model.flavor whose vocabulary fits or a matching "
-                "model.tokenizer_path"
-            )
+        self.vocab_size = vocab_size_for(self.vocab_size, tokenizer)
         check_weight_tying(job_config, self)
         self.max_seq_len = job_config.training.seq_len
         self.attn_backend = job_config.model.attention_backend
