@@ -147,9 +147,11 @@ def run_plan(plan: Plan, settings: Settings, results: dict[str, Result], verbose
 def preflight(plan: Plan) -> str | None:
     """The trainer's own layout checks, without launching: its one-line refusal, or None."""
     from torchtitan.distributed.layout import validate_layout  # imports torch: only when running
+    from torchtitan.models import check_model_config
 
     try:
         validate_layout(plan.entry.job, plan.layout.world)
+        check_model_config(plan.entry.job)
     except ConfigError as e:
         return str(e)
     return None
