@@ -206,3 +206,14 @@ def test_tp_degree_must_divide_kv_heads_on_a_meta_model() -> None:
         check_tp_divisibility(model, 4)
     assert "parallelism.tensor_parallel_degree 4" in str(e.value)
     assert "2 key/value heads" in str(e.value)
+
+
+def test_async_tp_needs_the_compiled_model_on_cuda():
+    from torchtitan.distributed.tensor_parallel import check_async_tp
+
+    check_async_tp(False, False, "cpu")  # off: nothing to check
+    check_async_tp(True, True, "cuda")
+    with pytest.raises(ConfigError, match="needs compile.enable"):
+        check_async_tp(True, False, "cuda")
+    with pytest.raises(ConfigError, match="needs CUDA GPUs"):
+        check_async_tp(True, True, "cpu")

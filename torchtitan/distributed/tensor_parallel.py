@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
 
 from torchtitan.config import ConfigError
 
-__all__ = ["apply_tp", "check_tp_divisibility"]
+__all__ = ["apply_tp", "check_async_tp", "check_tp_divisibility"]
 
 
 def check_tp_divisibility(model: nn.Module, tp_degree: int) -> None:
@@ -127,3 +127,16 @@ def apply_tp(
         torch._inductor.config._micro_pipeline_tp = True
         enable_symm_mem_for_group(tp_mesh.get_group().group_name)
     return model
+
+
+def check_async_tp(enabled: bool, compile_model: bool, device_type: str) -> None:
+    """``parallelism.enable_async_tensor_parallel`` needs the compiled model on CUDA."""
+    if not enabled:
+        return
+    if not compile_model:
+        raise ConfigError(
+            "parallelism.enable_async_tensor_parallel needs compile.enable = true with "
+            "'model' in compile.components (inductor fuses the overlapped collectives)"
+        )
+    if device_type != "cuda":
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA GPUs")

@@ -11,7 +11,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torchtitan.config import JobConfig
 
-__all__ = ["BaseModelArgs", "ModelShape", "ModelSpec", "lazy_function", "vocab_size_for"]
+__all__ = ["BaseModelArgs", "ModelShape", "ModelSpec", "check_state_shapes", "lazy_function", "vocab_size_for"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +128,24 @@ def vocab_size_for(flavor_vocab_size: int, tokenizer: Any | None) -> int:
             "model.tokenizer_path"
         )
     return flavor_vocab_size
+
+
+def check_state_shapes(model_cls: type[nn.Module], args: Any, state: Any) -> None:
+    """Raise a one-line ValueError unless ``state`` has exactly the names and shapes of
+    ``model_cls(args)`` (built on the meta device: no memory); the adapters' ``check``."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_cls(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            raise ValueError(f"the weights lack {key} (expected shape {shape})")
+        if tuple(state[key].shape) != shape:
+            raise ValueError(
+                f"{key} has shape {tuple(state[key].shape)} but this model needs {shape}: "
+                "is it the right flavor / config?"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ValueError(f"the weights have {extra[0]}, which this model lacks")

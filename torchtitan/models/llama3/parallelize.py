@@ -11,13 +11,13 @@ from __future__ import annotations
 from torch import nn
 
 from torchtitan.components.chunked_loss import apply_chunked_loss
-from torchtitan.config import ConfigError, JobConfig
+from torchtitan.config import JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.fsdp import apply_data_parallel
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.distributed.tensor_parallel import apply_tp
+from torchtitan.distributed.tensor_parallel import apply_tp, check_async_tp
 from torchtitan.distributed.utils import device_type
 from torchtitan.tools.logging import logger
 
@@ -42,14 +42,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
         apply_chunked_loss(model, job_config.training.loss_chunk_size, backend if compile_loss else None)
 
     if parallel_dims.tp_enabled:
-        if p.enable_async_tensor_parallel:
-            if not compile_model:
-                raise ConfigError(
-                    "parallelism.enable_async_tensor_parallel needs compile.enable = true with "
-                    "'model' in compile.components (inductor fuses the overlapped collectives)"
-                )
-            if device_type != "cuda":
-                raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA GPUs")
+        check_async_tp(p.enable_async_tensor_parallel, compile_model, device_type)
         apply_tp(
             model,
             parallel_dims.get_mesh("tp"),

@@ -24,6 +24,7 @@ import torch
 
 from torchtitan.models.common.rope import RoPEScalingArgs
 from torchtitan.models.llama3.args import TransformerModelArgs, ffn_hidden_dim
+from torchtitan.models.model_spec import check_state_shapes
 
 __all__ = [
     "Llama3StateDictAdapter",
@@ -131,20 +132,7 @@ class Llama3StateDictAdapter:
         names and shapes (the model is built on the meta device: no memory)."""
         from torchtitan.models.llama3.model import Transformer
 
-        with torch.device("meta"):
-            model = Transformer(self.args)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for key, shape in expected.items():
-            if key not in state:
-                raise ValueError(f"the weights lack {key} (expected shape {shape})")
-            if tuple(state[key].shape) != shape:
-                raise ValueError(
-                    f"{key} has shape {tuple(state[key].shape)} but this model needs {shape}: "
-                    "is it the right flavor / config?"
-                )
-        extra = sorted(set(state) - set(expected))
-        if extra:
-            raise ValueError(f"the weights have {extra[0]}, which this model lacks")
+        check_state_shapes(Transformer, self.args, state)
 
     # ---- config.json ----------------------------------------------------------------
     def hf_config(

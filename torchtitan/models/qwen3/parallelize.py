@@ -38,7 +38,7 @@ from torchtitan.distributed.expert_parallel import (
 )
 from torchtitan.distributed.fsdp import apply_data_parallel
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.distributed.tensor_parallel import _all_float8, _plan_classes, check_tp_divisibility
+from torchtitan.distributed.tensor_parallel import _all_float8, _plan_classes, check_async_tp, check_tp_divisibility
 from torchtitan.distributed.utils import device_type
 from torchtitan.tools.logging import logger
 
@@ -173,14 +173,7 @@ def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, job_config:
         logger.info(f"applied expert parallelism (degree {ep}) to {len(moes)} MoE layers")
 
     if parallel_dims.tp_enabled:
-        if p.enable_async_tensor_parallel:
-            if not compile_model:
-                raise ConfigError(
-                    "parallelism.enable_async_tensor_parallel needs compile.enable = true with "
-                    "'model' in compile.components (inductor fuses the overlapped collectives)"
-                )
-            if device_type != "cuda":
-                raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA GPUs")
+        check_async_tp(p.enable_async_tensor_parallel, compile_model, device_type)
         apply_qwen3_tp(
             model,
             parallel_dims.get_mesh("tp"),

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from torchtitan.models.model_spec import check_state_shapes
 from torchtitan.models.qwen3.args import Qwen3ModelArgs
 
 __all__ = ["Qwen3StateDictAdapter", "interleaved_to_half_split", "half_split_to_interleaved"]
@@ -200,20 +201,7 @@ class Qwen3StateDictAdapter:
         shapes (the model is built on the meta device: no memory)."""
         from torchtitan.models.qwen3.model import Qwen3Transformer
 
-        with torch.device("meta"):
-            model = Qwen3Transformer(self.args)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        for key, shape in expected.items():
-            if key not in state:
-                raise ValueError(f"the weights lack {key} (expected shape {shape})")
-            if tuple(state[key].shape) != shape:
-                raise ValueError(
-                    f"{key} has shape {tuple(state[key].shape)} but this model needs {shape}: "
-                    "is it the right flavor / config?"
-                )
-        extra = sorted(set(state) - set(expected))
-        if extra:
-            raise ValueError(f"the weights have {extra[0]}, which this model lacks")
+        check_state_shapes(Qwen3Transformer, self.args, state)
 
     # ---- config.json ----------------------------------------------------------------
     def hf_config(
