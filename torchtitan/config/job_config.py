@@ -102,6 +102,23 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _plain_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 and used as a path: lone surrogates (from
+    undecodable bytes on the command line) and NUL would fail later, when the config is saved
+    or a file is opened, far from the option that caused it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+# Upper bounds beyond which a value is a typo, not a plan: no model has a 16M-token context,
+# and a collective timeout beyond 30 days overflows nothing but hides a hang for a month.
+MAX_SEQ_LEN = 2**24
+MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
+
+
 # --- sections ------------------------------------------------------------------------------
 
 
@@ -117,6 +134,11 @@ class Section:
             tp = hints[f.name]
             if not matches_type(value, tp):
                 self._fail(f.name, f"expected {type_name(tp)}")
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, int) and not -(2**63) <= item < 2**63:
+                    self._fail(f.name, "out of range (must fit in a 64-bit integer)")
+                if isinstance(item, str) and not _plain_text(item):
+                    self._fail(f.name, "is not plain text (a NUL character, or undecodable bytes on the command line); use UTF-8")
             choices = f.metadata.get("choices")
             if choices:
                 items = value if isinstance(value, list) else [value]
@@ -139,6 +161,10 @@ class Section:
     def _positive(self, key: str) -> None:
         if not getattr(self, key) > 0:
             self._fail(key, "must be > 0")
+
+    def _at_most(self, key: str, high: float, why: str = "") -> None:
+        if not getattr(self, key) <= high:
+            self._fail(key, f"must be <= {high}{why}")
 
     def _between(self, key: str, low: float, high: float) -> None:
         if not low <= getattr(self, key) <= high:
@@ -412,6 +438,7 @@ class Training(Section):
                 f"({self.local_batch_size})",
             )
         self._at_least("seq_len", 1)
+        self._at_most("seq_len", MAX_SEQ_LEN, " (2**24)")
         self._at_least("device_memory_limit_gib", 0.0)
         if math.isinf(self.device_memory_limit_gib):
             self._fail("device_memory_limit_gib", "must be finite (0 = the whole device)")
@@ -625,6 +652,7 @@ class Validation(Section):
             self._nonempty("dataset_path")
         self._at_least("local_batch_size", 1)
         self._at_least("seq_len", 1)
+        self._at_most("seq_len", MAX_SEQ_LEN, " (2**24)")
         self._at_least("freq", 1)
         if self.steps != -1 and self.steps < 1:
             self._fail("steps", "must be -1 (the whole dataset) or >= 1")
@@ -635,7 +663,12 @@ class ActivationCheckpoint(Section):
     """Activation checkpointing: trade recompute for memory."""
 
     _section: ClassVar[str] = "activation_checkpoint"
-    mode: str = _opt("selective", "none, full or selective", choices=("none", "full", "selective"))
+    mode: str = _opt(
+        "selective",
+        'none, full, selective, or auto (the planner picks per-layer AC, loss chunks and CPU offload '
+        "for the fastest predicted step that fits the device memory; docs/planning.md)",
+        choices=("none", "full", "selective", "auto"),
+    )
     selective_ac_option: str = _opt(
         "2", '"op" (save selected op outputs) or N (checkpoint every N-th block)'
     )
@@ -745,8 +778,9 @@ class Comm(Section):
             self._fail(
                 "mode", "LocalTensor simulation is not built here; use fake_backend (the dry-run planner)"
             )
-        self._positive("init_timeout_seconds")
-        self._positive("train_timeout_seconds")
+        for key in ("init_timeout_seconds", "train_timeout_seconds"):
+            self._positive(key)
+            self._at_most(key, MAX_TIMEOUT_SECONDS, " (30 days)")
         self._at_least("trace_buf_size", 0)
         self._nonempty("save_traces_folder", "save_traces_file_prefix")
         if "/" in self.save_traces_file_prefix or self.save_traces_file_prefix[-1:].isdigit():

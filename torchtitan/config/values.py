@@ -6,6 +6,7 @@ Torch-free, like all of config/.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from torchtitan.config.job_config import JobConfig, list_item, optional_inner, t
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+# Numbers as a person types them: ASCII digits only. Python's int()/float() also take
+# "1_000", "+5", " 5 " and other scripts' digits ("١٢"), which a typo should not reach.
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|-?inf|nan")
 
 
 class _BadValue(Exception):
@@ -60,15 +65,13 @@ def _from_string(text: str, tp: Any) -> Any:
             return word in _TRUE
         raise _BadValue(_expected(tp))
     if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise _BadValue(_expected(tp)) from None
+        if not _INT.fullmatch(text):
+            raise _BadValue(f"{_expected(tp)} (plain decimal digits)")
+        return int(text)
     if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise _BadValue(_expected(tp)) from None
+        if not _FLOAT.fullmatch(text.lower()):
+            raise _BadValue(_expected(tp))
+        return float(text)
     return text
 
 
