@@ -25,8 +25,14 @@ from torchtitan.tools.logging import init_logger, logger
 
 
 def _fail(message: str) -> None:
-    print(f"torchtitan: error: {message}", file=sys.stderr)
+    print(f"torchtitan: error: {_one_line(message)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line: a newline or other control character inside a value the
+    user gave (a quoted TOML key, a command-line argument) is shown escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,13 +54,21 @@ def main(argv: list[str] | None = None) -> None:
 def _train(cfg: JobConfig) -> None:
     from torchtitan.components.checkpoint import CheckpointError
     from torchtitan.components.fault_tolerance import EXIT_NON_FINITE, NonFiniteError, Preempted
+    from torchtitan.components.data import DataConfigError, EmptyShardError
     from torchtitan.trainer import Trainer
 
+    try:
+        check_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        _fail(str(e))
     if int(os.environ.get("RANK", 0)) == 0:
-        os.makedirs(cfg.job.dump_folder, exist_ok=True)
-        dump_toml(cfg, os.path.join(cfg.job.dump_folder, "config.toml"))
-        if cfg.job.save_config_file is not None:
-            _save_config(cfg, os.path.join(cfg.job.dump_folder, cfg.job.save_config_file))
+        try:
+            os.makedirs(cfg.job.dump_folder, exist_ok=True)
+            dump_toml(cfg, os.path.join(cfg.job.dump_folder, "config.toml"))
+            if cfg.job.save_config_file is not None:
+                _save_config(cfg, os.path.join(cfg.job.dump_folder, cfg.job.save_config_file))
+        except OSError as e:
+            _fail(f"job.dump_folder = {cfg.job.dump_folder!r}: cannot write there ({e})")
         if cfg.job.print_config:
             logger.info("job config:\n" + format_config(cfg))
         if cfg.memory_estimation.enable:
@@ -79,8 +93,9 @@ def _train(cfg: JobConfig) -> None:
     except NonFiniteError as e:  # agreed by every rank; the last good state is saved
         clean = True
         error, exit_code = str(e), EXIT_NON_FINITE
-    except (CheckpointError, FileNotFoundError) as e:
-        # A bad checkpoint, a failed save, or a data file gone mid-run: one line, exit 2.
+    except (CheckpointError, FileNotFoundError, DataConfigError, EmptyShardError) as e:
+        # A bad checkpoint, a failed save, a data file gone mid-run, or data that yields no
+        # usable sample (found only when the first batch is read): one line, exit 2.
         if os.environ.get("TORCHTITAN_TRACEBACK"):
             raise
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -93,6 +108,75 @@ def _train(cfg: JobConfig) -> None:
         print(f"torchtitan: error: {error}", file=sys.stderr)
     if exit_code:
         sys.exit(exit_code)
+
+
+def check_start(cfg: JobConfig, world_size: int) -> None:
+    """Everything about ``cfg`` that can be checked before building, in the order a launch
+    meets it: output folders, ``experimental.custom_import``, ``compile.backend``, the layout
+    for ``world_size`` ranks and the model family's own rules. Raises ConfigError (one line)
+    before any file is written or any process group waits; the fuzz tests call it as the
+    "would start" verdict."""
+    from torchtitan.distributed.layout import validate_layout
+    from torchtitan.models import check_model_config
+
+    _check_output_folders(cfg)
+    if cfg.experimental.custom_import:
+        _import_custom(cfg.experimental.custom_import)
+    if cfg.compile.enable:
+        _check_compile_backend(cfg.compile.backend)
+    validate_layout(cfg, world_size)
+    check_model_config(cfg)
+
+
+def _output_folders(cfg: JobConfig) -> list[tuple[str, str]]:
+    """(option, folder) of every folder this run may write, all inside job.dump_folder."""
+    dump = cfg.job.dump_folder
+    wanted = [
+        ("job.dump_folder", dump, True),
+        ("metrics.save_tb_folder", cfg.metrics.save_tb_folder, cfg.metrics.enable_tensorboard),
+        ("metrics.save_jsonl_folder", cfg.metrics.save_jsonl_folder, cfg.metrics.enable_jsonl),
+        ("checkpoint.folder", cfg.checkpoint.folder, cfg.checkpoint.enable),
+        ("profiling.save_traces_folder", cfg.profiling.save_traces_folder, cfg.profiling.enable_profiling),
+        ("profiling.save_memory_snapshot_folder", cfg.profiling.save_memory_snapshot_folder,
+         cfg.profiling.enable_memory_snapshot),
+        ("comm.save_traces_folder", cfg.comm.save_traces_folder, cfg.comm.trace_buf_size > 0),
+        ("job.save_config_file", os.path.dirname(cfg.job.save_config_file or ""), cfg.job.save_config_file),
+    ]
+    return [(option, os.path.join(dump, folder)) for option, folder, on in wanted if on]
+
+
+def _check_output_folders(cfg: JobConfig) -> None:
+    """Each output folder is a folder or can be made one: no file sits at it or above it,
+    and the nearest existing folder is writable."""
+    for option, folder in _output_folders(cfg):
+        path = os.path.abspath(folder)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise ConfigError(f"{option}: {folder} cannot be a folder: {path} is a file; choose another path")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option}: cannot write under {path} (permission denied); choose another path")
+
+
+def _import_custom(name: str) -> None:
+    """``experimental.custom_import``: import it now, so a missing module is one line."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise ConfigError(f"experimental.custom_import = {name!r}: cannot import it ({e}); is it on PYTHONPATH?") from None
+
+
+def _check_compile_backend(backend: str) -> None:
+    """``compile.backend`` must name a torch.compile backend (looked up, not compiled)."""
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+
+    try:
+        lookup_backend(backend)
+    except Exception:  # InvalidBackend, or a registered entry point that fails to load
+        known = ", ".join(list_backends())
+        raise ConfigError(f"compile.backend = {backend!r}: not a torch.compile backend; known: {known}") from None
 
 
 def _plan(argv: list[str]) -> None:
