@@ -45,6 +45,7 @@ def validate_layout(cfg: JobConfig, world_size: int) -> LayoutCheck:
         p.context_parallel_rotate_method,
         tp=p.tensor_parallel_degree,
     )
+    _check_sequence_split(cfg)
     if cfg.checkpoint.create_seed_checkpoint and world_size != 1:
         raise ConfigError(
             "checkpoint.create_seed_checkpoint writes the seed from one process: run it "
@@ -60,3 +61,22 @@ def validate_layout(cfg: JobConfig, world_size: int) -> LayoutCheck:
             f"{t.local_batch_size * dp_degree}"
         )
     return LayoutCheck(pd, global_batch, global_batch // (t.local_batch_size * dp_degree))
+
+
+def _check_sequence_split(cfg: JobConfig) -> None:
+    """Sequence parallelism (on with TP) shards each sequence over the tp ranks, so every rank
+    must get the same number of tokens: checked here, where all ranks agree, instead of one
+    rank failing inside a collective while the others wait for it."""
+    p = cfg.parallelism
+    tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
+    if tp <= 1 or cp > 1:  # with CP, validate_cp checks seq_len against cp x tp
+        return
+    runs = [("training.seq_len", cfg.training.seq_len)]
+    if cfg.validation.enable:
+        runs.append(("validation.seq_len", cfg.validation.seq_len))
+    for option, seq_len in runs:
+        if seq_len % tp:
+            raise ConfigError(
+                f"{option} {seq_len} must be divisible by parallelism.tensor_parallel_degree ({tp}): "
+                f"sequence parallelism splits each sequence over the tp ranks; use a multiple of {tp}"
+            )
