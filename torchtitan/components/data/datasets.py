@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan.components.data.sources import (
+    DataConfigError,
     JsonLinesFiles,
     LineFiles,
     TextFiles,
@@ -51,10 +52,6 @@ _EXTENSIONS = {
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _GLOB_CHARS = set("*?[")
-
-
-class DataConfigError(ValueError):
-    """The data options (training.dataset*) are inconsistent or name something unusable."""
 
 
 class DataFileNotFoundError(FileNotFoundError):
@@ -175,18 +172,57 @@ def _load_format(fmt: str, path: str) -> Any:
     if _looks_like_hub_id(path):
         return load_hub(path)
     files = resolve_files(path, fmt)
+    local = [f for f in files if not _is_remote(f)]
+    if local and len(local) == len(files) and all(Path(f).stat().st_size == 0 for f in local):
+        what = files[0] if len(files) == 1 else f"all {len(files)} files of {path}"
+        raise DataConfigError(f"training.dataset_path: {what} is empty; give a file with data")
     if fmt == "text":  # read by our own reader, so undecodable lines are skipped, not fatal
         return TextFiles(files)
     datasets = _hf()
     try:
         return datasets.load_dataset(fmt, data_files=files, split="train", streaming=_is_remote(path))
-    except datasets.exceptions.DatasetGenerationError as e:
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, EOFError, StopIteration) as e:
+        reason = _first_line(e.__cause__ or e)
         # Arrow rejects some JSON that Python reads (lone surrogates such as "\ud800"); read
         # JSON Lines ourselves then, so such records are skipped and counted, not fatal.
-        if fmt != "json" or not all(f.endswith((".jsonl", ".jsonl.gz")) for f in files):
-            raise DataConfigError(f"training.dataset_path: cannot read {path} as {fmt}: {e.__cause__ or e}") from e
-        logger.warning(f"datasets cannot read {path} ({e.__cause__ or e}); reading it line by line instead")
-        return JsonLinesFiles(files)
+        if fmt == "json" and all(f.endswith((".jsonl", ".jsonl.gz")) for f in files) and not isinstance(
+            e, (OSError, EOFError)
+        ):
+            logger.warning(f"datasets cannot read {path} ({reason}); reading it line by line instead")
+            return JsonLinesFiles(files)
+        culprit = _unreadable_file(local, fmt) or path
+        raise DataConfigError(f"training.dataset_path: cannot read {culprit} as {fmt}: {reason}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unreadable_file(files: list[str], fmt: str) -> str | None:
+    """The first of ``files`` that does not parse as ``fmt`` (to name it in the error), or
+    None; read only after loading failed, so a good run never pays for it."""
+    import gzip
+    import json
+
+    for name in files:
+        try:
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                pq.read_metadata(name)
+                continue
+            opener = gzip.open if name.endswith(".gz") else open
+            with opener(name, "rb") as f:
+                if name.endswith((".jsonl", ".jsonl.gz")):
+                    for line in f:
+                        if line.strip():
+                            json.loads(line)
+                else:
+                    json.loads(f.read())
+        except (ValueError, OSError, EOFError):  # pyarrow's errors are ValueError / OSError
+            return name
+    return None
 
 
 def load_json(path: str) -> Any:
@@ -268,6 +304,22 @@ def _first_record(records: Any, label: str) -> Any:
     raise DataConfigError(f"training.dataset: {label} has no records")
 
 
+def _check_first_line(records: LineFiles, label: str) -> None:
+    """Line files hold at least one line, and JSON Lines start with an object (a file that
+    is not JSON Lines at all would otherwise be skipped line by line, to an empty stream)."""
+    reader = records.shard_reader(0, 1)
+    first_file = None
+    for n, record in enumerate(reader):
+        if not isinstance(records, JsonLinesFiles) or isinstance(record, Mapping):
+            return  # (a few bad lines among good ones are skipped and counted while packing)
+        first_file = first_file or records.files[reader.file_index]
+        if n == 99:
+            break
+    if first_file is not None:
+        raise DataConfigError(f"training.dataset_path: {first_file} is not JSON Lines (its lines are not JSON objects)")
+    raise DataConfigError(f"training.dataset: {label} has no records")
+
+
 def load_dataset_records(dataset: str, dataset_path: str | None, text_field: str = "text") -> LoadedDataset:
     """Load ``dataset`` and check, on its first record, that its text can be found."""
     spec = get_dataset_spec(dataset)
@@ -291,6 +343,8 @@ def load_dataset_records(dataset: str, dataset_path: str | None, text_field: str
     columns = _columns(records)
     if _is_sized(records) and len(records) == 0:
         raise DataConfigError(f"training.dataset: {label} has no records")
+    if isinstance(records, LineFiles):
+        _check_first_line(records, label)
     if columns is None:
         first = _first_record(records, label)
         if not isinstance(first, Mapping):

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "DataConfigError",
     "DataFileChangedError",
     "IndexedShardReader",
     "IterableShardReader",
@@ -44,6 +45,11 @@ __all__ = [
     "is_hf_iterable",
     "make_shard_reader",
 ]
+
+
+class DataConfigError(ValueError):
+    """The data options (training.dataset*) are inconsistent or name something unusable
+    (a file that cannot be read as its format, with the file named)."""
 
 
 class DataFileChangedError(FileNotFoundError):
@@ -260,6 +266,8 @@ class LinesShardReader(ShardReader):
                             yield self.source.parse_line(raw)
             except FileNotFoundError:
                 raise DataFileChangedError(f"training.dataset_path: data file {path} no longer exists") from None
+            except (EOFError, OSError) as e:  # a truncated or corrupt compressed file
+                raise DataConfigError(f"training.dataset_path: cannot read {path}: {e}") from None
             # An open file reads to its end even when deleted or truncated meanwhile: only
             # its size now, against what was read, shows that the data changed under us.
             self._size(path, at_least=max(size, self.offset))
