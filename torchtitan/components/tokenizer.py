@@ -131,6 +131,8 @@ def _read_bpe_ranks(path: Path) -> dict[bytes, int]:
                 raise TokenizerError(
                     f"{path}:{lineno}: expected 'base64_token rank' (tiktoken BPE format), got {line[:60]!r}"
                 ) from None
+    if not ranks:
+        raise TokenizerError(f"{path}: the vocabulary is empty (no 'base64_token rank' lines)")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: BPE ranks must be the integers 0..{len(ranks) - 1}, each once")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
@@ -223,16 +225,30 @@ class HuggingFaceTokenizer(Tokenizer):
         # Do not split special-token text out of documents: encode it as plain text.
         self._model.encode_special_tokens = True
         vocab = self._model.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise TokenizerError(f"{self.path}: the vocabulary is empty; is this the model's tokenizer.json?")
         self._vocab_size = max(vocab.values()) + 1
-        self.bos_id = self._find_special(vocab, "bos_token", _BOS_CANDIDATES)
-        self.eos_id = self._find_special(vocab, "eos_token", _EOS_CANDIDATES)
+        config = self._read_config()
+        self.bos_id = self._find_special(vocab, config, "bos_token", _BOS_CANDIDATES)
+        self.eos_id = self._find_special(vocab, config, "eos_token", _EOS_CANDIDATES)
 
-    def _find_special(self, vocab: dict[str, int], key: str, candidates: tuple[str, ...]) -> int:
+    def _read_config(self) -> dict:
+        """The ``tokenizer_config.json`` beside the file ({} when there is none)."""
         config_path = self.path.parent / "tokenizer_config.json"
-        if config_path.is_file():
-            name = _configured_token(json.loads(config_path.read_text()), key)
-            if name is not None and name in vocab:
-                return vocab[name]
+        if not config_path.is_file():
+            return {}
+        try:
+            config = json.loads(config_path.read_bytes())
+        except ValueError as e:  # also not UTF-8
+            raise TokenizerError(f"{config_path}: not valid JSON ({e}); fix or remove it") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path}: expected a JSON object, got {type(config).__name__}; fix or remove it")
+        return config
+
+    def _find_special(self, vocab: dict[str, int], config: dict, key: str, candidates: tuple[str, ...]) -> int:
+        name = _configured_token(config, key)
+        if name is not None and name in vocab:
+            return vocab[name]
         for name in candidates:
             if name in vocab:
                 return vocab[name]
