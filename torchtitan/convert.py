@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -148,7 +149,26 @@ def meta_to_dcp_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         state = meta_to_dcp(args.meta_dir, args.output)
+    except pickle.UnpicklingError as e:
+        # torch.load(weights_only=True) refused a pickle that would run code or build objects
+        # other than tensors: a doctored file, never a real Meta shard.
+        why = next((line.strip().rstrip(".") for line in str(e).splitlines() if "unsupported" in line.lower()), "")
+        _meta_fail(f"{args.meta_dir}: a consolidated.*.pth file holds more than tensors and was refused "
+                   f"(torch.load weights_only=True){': ' + why if why else ''}; a real Meta shard holds only tensors")
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
-        sys.exit(f"convert_meta_to_dcp: error: {e}")
+        _meta_fail(_first_line(e))
+    except (RuntimeError, EOFError) as e:  # a truncated or non-PyTorch .pth
+        _meta_fail(f"{args.meta_dir}: cannot load a consolidated.*.pth file: {_first_line(e)}")
     n = sum(v.numel() for v in state.values())
     print(f"wrote {len(state)} tensors ({n:,} parameters) to {args.output}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _meta_fail(message: str) -> None:
+    """Bad input to the Meta conversion: one line on stderr, exit code 2 (as the trainer)."""
+    print(f"convert_meta_to_dcp: error: {message}", file=sys.stderr)
+    sys.exit(2)
