@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.config import LRScheduler as LRSchedulerConfig
+from torchtitan.tools.logging import logger
 
 
 def lr_factor(step: int, *, total_steps: int, s: LRSchedulerConfig) -> float:
@@ -80,4 +81,12 @@ def build_lr_schedulers(
     optimizers: OptimizersContainer, total_steps: int, settings: LRSchedulerConfig
 ) -> LRSchedulersContainer:
     """The ``[lr_scheduler]`` schedule over ``total_steps`` optimizer steps."""
+    if settings.warmup_steps >= total_steps > 1:
+        # Legal (warmup is cut to the run), but the lr then peaks on the last step and never
+        # decays: almost always a warmup sized for a longer run; say so instead of silence.
+        logger.warning(
+            f"lr_scheduler.warmup_steps = {settings.warmup_steps} >= training.steps = {total_steps}: the "
+            "learning rate only warms up (it reaches optimizer.lr on the last step and never decays); "
+            "lower warmup_steps for this run"
+        )
     return LRSchedulersContainer(optimizers, total_steps, settings)

@@ -42,6 +42,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from torchtitan.config import ConfigError
+from torchtitan.tools.logging import logger
 
 __all__ = ["apply_ac", "AC_MODES", "op_sac_save_list"]
 
@@ -140,6 +141,12 @@ def apply_ac(
         return model
     op_level = mode == "selective" and str(selective_ac_option) == "op"
     every = 1 if mode == "full" or op_level else _every_n(selective_ac_option)
+    blocks = len(model.layers)
+    if every > blocks:
+        logger.warning(
+            f"activation_checkpoint.selective_ac_option = {selective_ac_option!r}: checkpointing every "
+            f"{every}th block of {blocks} checkpoints none of them (as mode = \"none\"); use a value <= {blocks}"
+        )
     for i, (name, block) in enumerate(list(model.layers.named_children())):
         # The layer's index in the whole model: a pipeline stage keeps the global names.
         layer = int(name) if name.isdigit() else i
