@@ -125,7 +125,12 @@ def check_start(cfg: JobConfig, world_size: int) -> None:
     if cfg.compile.enable:
         _check_compile_backend(cfg.compile.backend)
     validate_layout(cfg, world_size)
-    check_model_config(cfg)
+    try:
+        check_model_config(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the registry's "unknown model.name / model.flavor"
+        raise ConfigError(str(e)) from None
 
 
 def _output_folders(cfg: JobConfig) -> list[tuple[str, str]]:
