@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch.distributed.tensor import DTensor
 
+from torchtitan.components.checkpoint.folder import check_dump_subfolders
 from torchtitan.components.checkpoint_policy import PolicyCheckpointManager as CheckpointManager
 from torchtitan.components.chunked_loss import labels_for_loss
 from torchtitan.components.data import build_dataloader
@@ -58,6 +59,7 @@ class Trainer:
             expected_world = int(os.environ.get("WORLD_SIZE", "1"))
         layout = validate_layout(cfg, expected_world)
         check_model_config(cfg)
+        check_dump_subfolders(cfg)
 
         # Process group, device, mesh.
         world_size = dist_utils.init_distributed(
@@ -313,6 +315,7 @@ class Trainer:
         except NonFiniteError:
             self._save_last_good_state()
             raise
+        self.checkpointer.finish()  # raises if the last save failed, even with fail_on_save_error off
         gc.enable()
         if self.rank == 0 or not self.job_config.metrics.rank_0_only:
             logger.info(f"training done: {self.metrics.summary()}")

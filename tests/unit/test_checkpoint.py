@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -132,15 +133,16 @@ def test_only_marked_directories_count_and_prune_keeps_newest(tmp_path):
         (tmp / ".metadata").write_bytes(b"m" * step)
         ckpt_folder.finalize(str(tmp), str(tmp_path / f"step-{step}"), step, ["model"])
     (tmp_path / "step-9.tmp-ab").mkdir()  # an interrupted save
-    (tmp_path / "step-8").mkdir()  # a directory nobody marked complete
+    (tmp_path / "step-8").mkdir()  # a directory nobody marked complete: not ours, kept
     (tmp_path / "notes").mkdir()  # not ours: left alone
     found = list_checkpoints(str(tmp_path))
     assert sorted(found) == [1, 2, 3] and found[2].contents == ("model",)
     marker = json.loads((tmp_path / "step-3" / MARKER).read_text())
     assert marker["step"] == 3 and marker["files"] == {".metadata": 3}
+    assert marker["format"] == 2 and marker["crc32"] == {".metadata": zlib.crc32(b"mmm")}
     removed = ckpt_folder.prune(str(tmp_path), keep_latest_k=2)
-    assert sorted(os.listdir(tmp_path)) == ["notes", "step-2", "step-3"]
-    assert len(removed) == 3
+    assert sorted(os.listdir(tmp_path)) == ["notes", "step-2", "step-3", "step-8"]
+    assert len(removed) == 2
 
 
 def test_verify_files_reports_truncation_and_missing_files(tmp_path):
@@ -239,11 +241,12 @@ def test_incomplete_directories_are_ignored_then_cleaned(tmp_path, pg):
     shutil.copytree(folder / "step-1", folder / "step-5.tmp-0badc0de")
     shutil.copytree(folder / "step-1", folder / "step-6")
     (folder / "step-6" / MARKER).unlink()
+    (folder / "step-6" / ".metadata").unlink()  # no marker, no .metadata: not a checkpoint
     b = Run(tmp_path, seed=1)
     assert b.manager.load() and b.counter.value == 1  # latest complete = step 1
     b.step()
     b.manager.save(2)
-    assert sorted(os.listdir(folder)) == ["step-1", "step-2"]
+    assert sorted(os.listdir(folder)) == ["step-1", "step-2", "step-6"]  # step-6 is not ours: kept
 
 
 @pytest.mark.parametrize("fail", [True, False])
@@ -252,18 +255,18 @@ def test_save_errors_name_the_path(tmp_path, pg, monkeypatch, caplog, fail):
     run.step()
 
     def broken_save(*args, **kwargs):
-        raise OSError("No space left on device")
+        raise PermissionError("Permission denied")
 
     monkeypatch.setattr(ckpt_manager.dcp, "save", broken_save)
     if fail:
         with pytest.raises(
-            CheckpointError, match=r"saving checkpoint step 1 to .*step-1\.tmp-\w+ failed: OSError: No space"
+            CheckpointError, match=r"saving checkpoint step 1 to .*step-1\.tmp-\w+ failed: PermissionError: Permission denied"
         ):
             run.manager.save(1)
     else:
         with caplog.at_level(logging.ERROR):
             run.manager.save(1)  # logged, training goes on
-        assert any("step-1.tmp" in r.getMessage() and "No space" in r.getMessage() for r in caplog.records)
+        assert any("step-1.tmp" in r.getMessage() and "Permission denied" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
     assert list_checkpoints(str(tmp_path / "checkpoint")) == {}
     run.step()
@@ -302,8 +305,14 @@ def test_load_errors_are_one_line(tmp_path, pg):
     data.write_bytes(content[: len(content) // 2])
     truncated = error(Run(tmp_path))
     assert "is corrupt" in truncated and data.name in truncated
-    # same size, garbage bytes: DCP's reader fails, reported in one line
+    # same size, garbage bytes: the CRC-32 in the marker catches it
     data.write_bytes(b"\0" * len(content))
+    garbage = error(Run(tmp_path))
+    assert garbage.startswith(f"checkpoint {path} is corrupt: {data.name} does not match the checksum")
+    # a format-1 marker (sizes only) has no checksums: DCP's reader fails, in one line
+    marker = json.loads((path / MARKER).read_text())
+    del marker["crc32"]
+    (path / MARKER).write_text(json.dumps({**marker, "format": 1}))
     garbage = error(Run(tmp_path))
     assert garbage.startswith(f"cannot load checkpoint {path}") and "corrupt" in garbage
     meta = path / ".metadata"

@@ -9,12 +9,17 @@ A checkpoint folder holds one DCP directory per saved step::
 
 Every rank writes into ``step-N.tmp-<nonce>``. Once DCP's save returned (its last phase
 gathers every rank's write results before rank 0 writes ``.metadata``), rank 0 writes the
-``COMPLETE`` marker (JSON: step, which states the checkpoint holds, the size of every file)
-and renames the directory to ``step-N``. A rename within one file system is atomic, so a
-process killed at any point leaves either a complete ``step-N`` or a ``.tmp`` directory that
-loading ignores and the next successful save removes.
+``COMPLETE`` marker (JSON: step, which states the checkpoint holds, the size and CRC-32 of
+every file) and renames the directory to ``step-N``. A rename within one file system is
+atomic, so a process killed at any point leaves either a complete ``step-N`` or a ``.tmp``
+directory that loading ignores and the next save removes.
 
-Nothing here talks to other ranks: the manager calls these functions on rank 0 only.
+Only what this module wrote and marked is ever deleted by retention: a ``step-N`` without a
+readable marker (TorchTitan's own checkpoints have none; or a damaged one) is reported and
+left alone (``scan``).
+
+Nothing here talks to other ranks: the manager calls these functions on rank 0 (and
+``verify_checksums`` on each rank for its share of the files).
 """
 
 from __future__ import annotations
@@ -23,26 +28,37 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "MARKER",
     "CheckpointError",
     "CheckpointInfo",
+    "Scan",
     "step_dir",
     "tmp_dir",
     "read_marker",
+    "scan",
     "list_checkpoints",
     "finalize",
+    "crc32_file",
     "verify_files",
+    "checksum_share",
+    "verify_checksums",
     "prune",
+    "remove_leftovers",
+    "DUMP_SUBFOLDERS",
+    "check_dump_subfolders",
 ]
 
 MARKER = "COMPLETE"
-_FORMAT_VERSION = 1
+# 1: sizes only; 2: sizes and a CRC-32 per file ("crc32"). Both load.
+_FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_TMP_RE = re.compile(r"^step-\d+\.tmp(-[0-9a-f]+)?$")
+_TMP_RE = re.compile(r"^step-\d+\.tmp(-([0-9a-f]+))?$")
+_CHUNK = 16 << 20  # bytes per read when checksumming a file
 
 
 class CheckpointError(ValueError):
@@ -51,11 +67,27 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A complete checkpoint: its step, directory and the states it holds."""
+    """A loadable checkpoint: its step, directory, the states it holds and its marker
+    (None: a DCP checkpoint without one, e.g. written by TorchTitan: loadable, unverified)."""
 
     step: int
     path: str
     contents: tuple[str, ...]
+    marker: dict[str, Any] | None = None
+
+
+@dataclass
+class Scan:
+    """A checkpoint folder: ``complete`` (our marker), ``unmarked`` (a ``.metadata`` but no
+    marker) and ``skipped`` (path -> why it is neither: never loaded, never deleted)."""
+
+    complete: dict[int, CheckpointInfo] = field(default_factory=dict)
+    unmarked: dict[int, CheckpointInfo] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def loadable(self) -> dict[int, CheckpointInfo]:
+        """Every loadable step; a step both marked and unmarked cannot happen (one dir)."""
+        return {**self.unmarked, **self.complete}
 
 
 def step_dir(folder: str, step: int) -> str:
@@ -66,33 +98,81 @@ def tmp_dir(folder: str, step: int, nonce: str) -> str:
     return os.path.join(folder, f"step-{step}.tmp-{nonce}")
 
 
+def _read_marker(path: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(marker, None), (None, None) when there is none, or (None, why it is unreadable)."""
+    file = os.path.join(path, MARKER)
+    if not os.path.lexists(file):
+        return None, None
+    try:
+        with open(file) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"{type(e).__name__}: {str(e)[:100]}"
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        return None, "not a JSON object with a step"
+    if not isinstance(marker.get("files", {}), dict) or not isinstance(marker.get("crc32", {}), dict):
+        return None, "its file list is not a JSON object"
+    return marker, None
+
+
 def read_marker(path: str) -> dict[str, Any] | None:
     """The completion marker of checkpoint directory ``path``, or None when it has none
     (or an unreadable one: a marker is written whole and renamed, so that means damage)."""
-    try:
-        with open(os.path.join(path, MARKER)) as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and "step" in marker else None
+    return _read_marker(path)[0]
+
+
+def scan(folder: str) -> Scan:
+    """Classify every ``step-N`` directory of ``folder`` (an empty Scan when it is missing)."""
+    result = Scan()
+    if not os.path.isdir(folder):
+        return result
+    for name in sorted(os.listdir(folder)):
+        match = _STEP_RE.match(name)
+        path = os.path.join(folder, name)
+        if not match or not os.path.isdir(path):
+            continue
+        step = int(match.group(1))
+        marker, problem = _read_marker(path)
+        if marker is not None:
+            result.complete[step] = CheckpointInfo(step, path, tuple(marker.get("contents", ())), marker)
+        elif problem is not None:
+            result.skipped[path] = f"its {MARKER} marker is unreadable ({problem})"
+        elif os.path.isfile(os.path.join(path, ".metadata")):
+            result.unmarked[step] = CheckpointInfo(step, path, ())
+        else:
+            result.skipped[path] = f"it has neither a {MARKER} marker nor DCP .metadata"
+    return result
 
 
 def list_checkpoints(folder: str) -> dict[int, CheckpointInfo]:
-    """The complete checkpoints in ``folder`` by step (empty when the folder is missing)."""
-    found: dict[int, CheckpointInfo] = {}
-    if not os.path.isdir(folder):
-        return found
-    for name in os.listdir(folder):
-        match = _STEP_RE.match(name)
-        if not match:
-            continue
-        path = os.path.join(folder, name)
-        marker = read_marker(path)
-        if marker is None:
-            continue
-        step = int(match.group(1))
-        found[step] = CheckpointInfo(step, path, tuple(marker.get("contents", ())))
-    return found
+    """The complete (marked) checkpoints in ``folder`` by step."""
+    return scan(folder).complete
+
+
+# Options documented as "inside job.dump_folder".
+DUMP_SUBFOLDERS = (
+    "checkpoint.folder",
+    "profiling.save_traces_folder",
+    "profiling.save_memory_snapshot_folder",
+    "metrics.save_tb_folder",
+    "metrics.save_jsonl_folder",
+    "comm.save_traces_folder",
+)
+
+
+def check_dump_subfolders(job_config: Any) -> None:
+    """Refuse a folder option that would leave ``job.dump_folder`` (an absolute path or a
+    ``..``): what their help promises, and what keeps two runs' dump folders apart."""
+    from torchtitan.config import ConfigError
+
+    for option in DUMP_SUBFOLDERS:
+        section, name = option.split(".")
+        value = getattr(getattr(job_config, section), name)
+        if os.path.isabs(value) or ".." in re.split(r"[\\/]", value):
+            raise ConfigError(
+                f"{option} = {value!r}: must be a relative folder inside job.dump_folder (no '..'); "
+                "to write elsewhere, set job.dump_folder"
+            )
 
 
 def _fsync_dir(path: str) -> None:
@@ -108,8 +188,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def finalize(tmp: str, final: str, step: int, contents: list[str]) -> None:
-    """Mark the fully written ``tmp`` complete, then rename it to ``final`` atomically."""
+def crc32_file(path: str) -> int:
+    """CRC-32 (zlib) of a file, read in large chunks."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+def finalize(
+    tmp: str, final: str, step: int, contents: list[str], checksums: dict[str, int] | None = None
+) -> None:
+    """Mark the fully written ``tmp`` complete, then rename it to ``final`` atomically.
+    ``checksums``: CRC-32s computed while the files were written; any file missing from
+    it (``.metadata``, or every file of a writer that did not compute them) is read here."""
     files = {
         name: os.path.getsize(os.path.join(tmp, name))
         for name in sorted(os.listdir(tmp))
@@ -117,7 +212,15 @@ def finalize(tmp: str, final: str, step: int, contents: list[str]) -> None:
     }
     if ".metadata" not in files:
         raise CheckpointError(f"{tmp} has no .metadata: DCP did not finish writing it")
-    marker = {"format": _FORMAT_VERSION, "step": step, "contents": sorted(contents), "files": files}
+    checksums = checksums or {}
+    crcs = {name: checksums[name] if name in checksums else crc32_file(os.path.join(tmp, name)) for name in files}
+    marker = {
+        "format": _FORMAT_VERSION,
+        "step": step,
+        "contents": sorted(contents),
+        "files": files,
+        "crc32": crcs,
+    }
     part = os.path.join(tmp, MARKER + ".part")
     with open(part, "w") as f:
         json.dump(marker, f, indent=1)
@@ -145,21 +248,57 @@ def verify_files(path: str, marker: dict[str, Any]) -> None:
             )
 
 
-def prune(folder: str, keep_latest_k: int) -> list[str]:
-    """Remove leftovers of interrupted saves and, when ``keep_latest_k > 0``, all but the
-    ``keep_latest_k`` newest complete checkpoints; return the removed paths."""
-    if not os.path.isdir(folder):
-        return []
+def checksum_share(marker: dict[str, Any], rank: int, world_size: int) -> list[str]:
+    """The files whose checksums ``rank`` verifies: those written by saving rank ``k``
+    (``__k_*.distcp``) go to rank ``k % world_size``, so on a resume in the same layout each
+    rank reads the files it is about to load (the page cache then serves DCP's read)."""
+    share = []
+    for name in sorted(marker.get("crc32", {})):
+        match = re.match(r"^__(\d+)_", name)
+        owner = int(match.group(1)) if match else 0
+        if owner % world_size == rank:
+            share.append(name)
+    return share
+
+
+def verify_checksums(path: str, marker: dict[str, Any], names: list[str]) -> None:
+    """Check the CRC-32 the marker recorded for each of ``names`` (a format-1 marker has
+    none: nothing to check)."""
+    crcs = marker.get("crc32", {})
+    for name in names:
+        if name not in crcs:
+            continue
+        actual = crc32_file(os.path.join(path, name))
+        if actual != crcs[name]:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} does not match the checksum recorded when "
+                "it was saved (changed on disk since)"
+            )
+
+
+def remove_leftovers(folder: str, keep: str | None = None) -> list[str]:
+    """Remove ``step-N.tmp-<nonce>`` directories (interrupted or failed saves), except
+    this run's ``keep`` nonce while its save is in flight; return the removed paths."""
     removed = []
-    complete = list_checkpoints(folder)
+    if not os.path.isdir(folder):
+        return removed
     for name in os.listdir(folder):
+        match = _TMP_RE.match(name)
         path = os.path.join(folder, name)
-        match = _STEP_RE.match(name)
-        leftover = _TMP_RE.match(name) or (match and int(match.group(1)) not in complete)
-        if leftover and os.path.isdir(path):
+        if match and (keep is None or match.group(2) != keep) and os.path.isdir(path):
             _remove(path)
             removed.append(path)
+    return removed
+
+
+def prune(folder: str, keep_latest_k: int) -> list[str]:
+    """Remove leftovers of interrupted saves and, when ``keep_latest_k > 0``, all but the
+    ``keep_latest_k`` newest complete checkpoints; return the removed paths. Only
+    directories with our marker count and are deleted: unmarked or damaged ``step-N``
+    directories are left alone (``scan`` reports them)."""
+    removed = remove_leftovers(folder)
     if keep_latest_k > 0:
+        complete = scan(folder).complete
         for step in sorted(complete)[:-keep_latest_k]:
             _remove(complete[step].path)
             removed.append(complete[step].path)
@@ -167,10 +306,20 @@ def prune(folder: str, keep_latest_k: int) -> list[str]:
 
 
 def _remove(path: str) -> None:
-    """Delete a checkpoint directory, its marker first: a deletion cut short leaves an
-    incomplete directory, never a 'complete' one with files missing."""
-    try:
-        os.remove(os.path.join(path, MARKER))
-    except OSError:
-        pass
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a checkpoint directory. A marked ``step-N`` is first renamed (atomically) to
+    ``step-N.tmp-dead``: a deletion cut short then leaves a leftover that is never loaded
+    and is removed later, never a ``step-N`` with files missing."""
+    doomed = path
+    if _STEP_RE.match(os.path.basename(path)):
+        doomed = path + ".tmp-dead"
+        try:
+            if os.path.lexists(doomed):
+                shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(path, doomed)
+        except OSError:
+            doomed = path
+            try:
+                os.remove(os.path.join(path, MARKER))
+            except OSError:
+                pass
+    shutil.rmtree(doomed, ignore_errors=True)

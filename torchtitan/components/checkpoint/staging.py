@@ -26,9 +26,9 @@ import time
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.tensor import DTensor
 
+from torchtitan.components.checkpoint.checksum import ChecksumWriter
 from torchtitan.tools.logging import logger
 
 __all__ = ["HostArena", "StateStager", "StagedWriter"]
@@ -237,9 +237,10 @@ def _carve(value: Any, arena: HostArena) -> Any:
     return None
 
 
-class StagedWriter(FileSystemWriter):
-    """A FileSystemWriter for state that ``StateStager`` already copied: DCP's own staging
-    step (``async_save`` asks the writer to stage) passes it through untouched."""
+class StagedWriter(ChecksumWriter):
+    """A (checksumming) FileSystemWriter for state that ``StateStager`` already copied:
+    DCP's own staging step (``async_save`` asks the writer to stage) passes it through
+    untouched."""
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
         return state_dict

@@ -9,6 +9,9 @@ Loading runs no code from the checkpoint. DCP itself unpickles ``.metadata`` wit
 with ``torch.load(weights_only=False)``, so a crafted file would run whatever it names.
 ``SafeFileSystemReader`` and ``SafeLoadPlanner`` read the same files with an allowlist of
 DCP's own record types and with ``weights_only=True``; every load goes through them.
+``.metadata`` also names the file each entry is read from: a name that leaves the
+checkpoint folder (absolute, ``..``, a symlink out) is refused, so a crafted file cannot
+make a load read another run's weights.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from torchtitan.components.checkpoint.checksum import ChecksumWriter
 from torchtitan.components.checkpoint.folder import CheckpointError, finalize
 
 __all__ = [
     "MODEL",
     "SafeFileSystemReader",
     "SafeLoadPlanner",
+    "UnsafeCheckpoint",
+    "check_storage_paths",
     "describe_error",
     "read_metadata",
     "flatten",
@@ -97,15 +103,48 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
+class UnsafeCheckpoint(CheckpointError):
+    """A checkpoint that no fallback should touch: its ``.metadata`` reads outside the folder."""
+
+
+def check_storage_paths(metadata: Metadata, path: str) -> None:
+    """Refuse a ``.metadata`` whose entries are read from outside checkpoint ``path``."""
+    storage = metadata.storage_data
+    if not isinstance(storage, dict):
+        raise UnsafeCheckpoint(f"checkpoint {path} refused: its .metadata has no file table")
+    root = os.path.realpath(path)
+    checked: set[str] = set()
+    for info in storage.values():
+        name = getattr(info, "relative_path", None)
+        if name in checked:
+            continue
+        text = os.fspath(name) if isinstance(name, (str, os.PathLike)) else None
+        inside = (
+            isinstance(text, str)
+            and text not in ("", ".")
+            and not os.path.isabs(text)
+            and ".." not in re.split(r"[\\/]", text)
+            and os.path.dirname(os.path.realpath(os.path.join(root, text))) == root
+        )
+        if not inside:
+            raise UnsafeCheckpoint(
+                f"checkpoint {path} refused: its .metadata reads {name!r}, which is not a file of "
+                "the checkpoint folder (a crafted or damaged .metadata)"
+            )
+        checked.add(name)
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, with ``.metadata`` read by ``_MetadataUnpickler``. (No ``rank``
-    argument: DCP then never falls back to per-rank metadata, which these checkpoints lack.)"""
+    """DCP's file reader, with ``.metadata`` read by ``_MetadataUnpickler`` and its file
+    names checked to stay in the folder. (No ``rank`` argument: DCP then never falls back
+    to per-rank metadata, which these checkpoints lack.)"""
 
     def read_metadata(self) -> Metadata:
         with self.fs.create_stream(self.fs.concat_path(self.path, ".metadata"), "rb") as f:
             metadata = _MetadataUnpickler(f).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+        check_storage_paths(metadata, os.fspath(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -145,6 +184,8 @@ def read_metadata(path: str) -> Metadata:
         )
     try:
         return SafeFileSystemReader(path).read_metadata()
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt: cannot read .metadata ({describe_error(e)})"
@@ -248,5 +289,6 @@ def write_model_state(state: Mapping[str, torch.Tensor], path: str, step: int = 
     tmp = f"{path}.tmp-{secrets.token_hex(4)}"
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({MODEL: dict(state)}, checkpoint_id=tmp, no_dist=True)
-    finalize(tmp, path, step, [MODEL])
+        writer = ChecksumWriter(tmp)
+        dcp.save({MODEL: dict(state)}, checkpoint_id=tmp, storage_writer=writer, no_dist=True)
+    finalize(tmp, path, step, [MODEL], writer.checksums)
