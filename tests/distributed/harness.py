@@ -12,6 +12,11 @@ session (like a spawned one: it has imported only the torch modules in ``_PRELOA
 not touched CUDA), so a rank does not spend seconds importing torch. Each rank then takes
 the launching process's current environment, working directory and ``sys.path``, as a
 spawned one would.
+
+Several layouts share a launch, so a crash must still be pinned on its layout: rank-side
+drivers run each one inside ``layout_scope(name)``, and ``launch_layouts`` turns a crash
+into that layout's entry of ``crashes`` and relaunches the others, so pytest reports the
+failure on the faulty layout's test (``check_no_crash``) and still judges the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import contextlib
 import queue as queue_module
+import re
 import socket
 import sys
 import tempfile
@@ -29,13 +36,75 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["launch", "RankFailure"]
+__all__ = ["launch", "launch_layouts", "layout_scope", "check_no_crash", "LayoutCrashed", "RankFailure"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class RankFailure(RuntimeError):
     """A rank raised, died or timed out; the message carries its traceback."""
+
+
+class LayoutCrashed(RuntimeError):
+    """A layout raised (not a numeric mismatch); the message names it and carries the traceback."""
+
+
+_CRASH = re.compile(r"LayoutCrashed: layout '([^']+)' crashed")
+
+
+@contextlib.contextmanager
+def layout_scope(name: str):
+    """Rank side: tag any exception escaping the block with the layout's name."""
+    try:
+        yield
+    except Exception as e:
+        raise LayoutCrashed(f"layout {name!r} crashed") from e
+
+
+def _entry_name(entry: Any) -> str | None:
+    if isinstance(entry, dict):
+        return entry.get("name")
+    if isinstance(entry, (tuple, list)) and entry and isinstance(entry[0], str):
+        return entry[0]
+    return None
+
+
+def _without(kwargs: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """``kwargs`` with the layout ``name`` dropped from whichever list (or dict) holds it,
+    or, for a check run under a keyword's own name, without that keyword."""
+    if name in kwargs:
+        return {k: v for k, v in kwargs.items() if k != name}
+    for key, value in kwargs.items():
+        if isinstance(value, list) and any(_entry_name(v) == name for v in value):
+            return {**kwargs, key: [v for v in value if _entry_name(v) != name]}
+        if isinstance(value, dict) and name in value:
+            return {**kwargs, key: {k: v for k, v in value.items() if k != name}}
+    return None
+
+
+def launch_layouts(
+    target: str, world_size: int, timeout: float = 300.0, **kwargs: Any
+) -> tuple[list[Any], dict[str, str]]:
+    """``launch``, but a layout that crashes (inside ``layout_scope``) is dropped and the
+    launch rerun without it. Returns the per-rank results and ``{layout: traceback}``.
+    Costs a relaunch per crashed layout, i.e. nothing while the code is healthy."""
+    crashes: dict[str, str] = {}
+    while True:
+        try:
+            return launch(target, world_size, timeout, **kwargs), crashes
+        except RankFailure as e:
+            found = _CRASH.search(str(e))
+            rest = _without(kwargs, found.group(1)) if found else None
+            if rest is None or found.group(1) in crashes:
+                raise
+            crashes[found.group(1)] = str(e)
+            kwargs = rest
+
+
+def check_no_crash(crashes: dict[str, str], name: str) -> None:
+    """Test side: fail this layout's test with its own traceback if it crashed."""
+    if name in crashes:
+        raise LayoutCrashed(f"layout {name!r} crashed in its launch:\n{crashes[name][-4000:]}")
 
 
 def _free_port() -> int:
