@@ -3,7 +3,8 @@
 Each layout trains the small Llama of llama_parity.py for a few steps with the sequence split
 over the ``cp`` ranks (inputs, labels and rotary rows sharded by ``cp_context``; attention run
 as ring attention), FSDP over dp_shard × cp, and is compared on rank 0 with one process that
-sees the whole global batch. Also checks, on the live mesh, that the CP context leaves each
+sees the whole global batch (per-step loss and gradient norm, first-step gradients, final
+parameters; the project's loss against a hand-written one). Also checks, on the live mesh, that the CP context leaves each
 rank exactly the tokens ``shard_sequence`` predicts.
 """
 
@@ -24,6 +25,7 @@ from llama_parity import (
     batches,
     compare,
     device,
+    full_grads,
     full_params,
     initial_state,
     load_full_state,
@@ -31,6 +33,7 @@ from llama_parity import (
     train_reference,
 )
 
+from harness import layout_scope
 from torchtitan.components.chunked_loss import labels_for_loss
 from torchtitan.config import JobConfig
 from torchtitan.distributed import utils as dist_utils
@@ -92,7 +95,7 @@ def train_cp(layout: CPLayout, state: dict[str, torch.Tensor]) -> dict[str, Any]
     cp_mesh = pd.get_mesh("cp")
     dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
     rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
-    losses, norms = [], []
+    losses, norms, grads = [], [], None
     for inputs, labels in batches():
         inputs, labels = inputs[rows].clone(), labels[rows].clone()
         opt.zero_grad()
@@ -104,6 +107,7 @@ def train_cp(layout: CPLayout, state: dict[str, torch.Tensor]) -> dict[str, Any]
             else:
                 loss = loss_fn(model(inputs), labels)
             loss.backward()
+        grads = full_grads(model) if grads is None else grads
         norms.append(dist_utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True).item())
         opt.step()
         loss = loss.detach()
@@ -115,6 +119,7 @@ def train_cp(layout: CPLayout, state: dict[str, torch.Tensor]) -> dict[str, Any]
         "losses": losses,
         "norms": norms,
         "params": full_params(model),
+        "grads": grads,
         "backward_ops": None,
         "logits_dtype": "float32",
         "dynamo_graphs": 0,
@@ -156,11 +161,12 @@ def main(layouts: list[dict[str, Any]], shard_checks: list[tuple[int, bool]]) ->
     report: dict[str, Any] = {"layouts": {}, "shards": {}}
     for spec in layouts:
         layout = CPLayout(**spec)
-        result = train_cp(layout, state)
-        if rank == 0:
-            report["layouts"][layout.name] = compare(result, reference)
-            report["layouts"][layout.name]["table_restored"] = result["table_restored"]
-        dist.barrier()
+        with layout_scope(layout.name):
+            result = train_cp(layout, state)
+            if rank == 0:
+                report["layouts"][layout.name] = compare(result, reference)
+                report["layouts"][layout.name]["table_restored"] = result["table_restored"]
+            dist.barrier()
     for cp, lb in shard_checks:
         report["shards"][f"cp{cp}_lb{lb}"] = shard_check(cp, lb)
     return report

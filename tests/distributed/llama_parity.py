@@ -6,6 +6,13 @@ parallelized model for a few AdamW steps with gradient clipping (each data-paral
 on its slice of the global batch), and gathers the final parameters with ``full_tensor()``.
 Rank 0 also trains the unsharded reference and reports relative errors; the pytest side
 decides pass/fail, so a failure prints the numbers.
+
+The parallel side uses the project's loss (``torchtitan.components.loss``); the reference
+writes cross-entropy out by hand, so a wrong project loss is a mismatch here rather than the
+same mistake on both sides. Besides the per-step loss and gradient norm and the final
+parameters, every parameter's gradient after the first backward is compared: a fault that
+leaves the loss and norm inside tolerance (a norm weight reduced over too few ranks) shows
+there at once.
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchtitan.config import JobConfig
+from harness import layout_scope
+from torchtitan.components.loss import cross_entropy_loss as loss_fn  # the code under test
+from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.models.llama3 import Transformer, llama3_configs
@@ -89,8 +97,14 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
-def loss_fn(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
+def reference_loss(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy written out: fp32 log-softmax, the label's entry, mean over
+    the tokens whose label is not -100. Independent of the project's loss on purpose."""
+    logp = torch.log_softmax(pred.flatten(0, 1).float(), dim=-1)
+    y = labels.flatten()
+    valid = y != -100
+    picked = logp.gather(1, y.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return -(picked * valid).sum() / valid.sum()
 
 
 def clean_name(name: str) -> str:
@@ -117,6 +131,26 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
         clean_name(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
         for n, p in model.named_parameters()
     }
+
+
+def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient (gathered from DTensors: a collective, all ranks call)."""
+    return {
+        clean_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().float().cpu().clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+
+
+def fsdp_reduce_dtypes(model: nn.Module) -> list[str]:
+    """The gradient reduce dtype of every FSDP unit's mixed-precision policy. On 2 ranks a
+    bf16 reduce-scatter adds one rounding of a two-term sum, invisible to bf16 parity bounds;
+    the policy itself is what can be checked."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sorted(
+        {str(m._get_fsdp_state()._mp_policy.reduce_dtype) for m in model.modules() if isinstance(m, FSDPModule)}
+    )
 
 
 class _CountOps(TorchDispatchMode):
@@ -161,16 +195,17 @@ def train_reference(state: dict[str, torch.Tensor], mixed_precision: str) -> dic
         if mixed_precision == "bfloat16"
         else contextlib.nullcontext()
     )
-    losses, norms = [], []
+    losses, norms, grads = [], [], None
     for inputs, labels in batches():
         opt.zero_grad()
         with amp:
-            loss = loss_fn(model(inputs), labels)
+            loss = reference_loss(model(inputs), labels)
         loss.backward()
+        grads = full_grads(model) if grads is None else grads
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
         opt.step()
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "params": full_params(model)}
+    return {"losses": losses, "norms": norms, "params": full_params(model), "grads": grads}
 
 
 def build_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> tuple[nn.Module, ParallelDims]:
@@ -210,7 +245,7 @@ def train_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
     amp = dist_utils.maybe_enable_amp(pd.fsdp_enabled, layout.mixed_precision, device().type)
     dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
     rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
-    losses, norms, backward_ops = [], [], None
+    losses, norms, backward_ops, grads = [], [], None, None
     logits_dtype = None
     for step, (inputs, labels) in enumerate(batches()):
         opt.zero_grad()
@@ -225,6 +260,8 @@ def train_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
                 backward_ops = dict(counter.counts)
             else:
                 loss.backward()
+        if step == 0:
+            grads = full_grads(model)
         norms.append(dist_utils.clip_grad_norm_(model.parameters(), MAX_NORM, foreach=True).item())
         opt.step()
         if isinstance(loss, DTensor):
@@ -234,6 +271,8 @@ def train_parallel(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
         "losses": losses,
         "norms": norms,
         "params": full_params(model),
+        "grads": grads,
+        "fsdp_reduce_dtypes": fsdp_reduce_dtypes(model),
         "backward_ops": backward_ops,
         "logits_dtype": str(logits_dtype),
         "dynamo_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before,
@@ -244,8 +283,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
+def grad_rel_err(result: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Worst norm-wise relative error of the first step's per-parameter gradients (inf when a
+    parameter's gradient is missing on one side)."""
+    mine, ref = result["grads"], reference["grads"]
+    if set(mine) != set(ref):
+        return math.inf
+    return max(_rel(mine[k], ref[k]) for k in ref)
+
+
 def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """Worst relative errors: per-step loss, per-step grad norm, final parameters (norm-wise)."""
+    """Worst relative errors: per-step loss, per-step grad norm, first-step gradients and
+    final parameters (norm-wise per tensor)."""
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
     norm_err = max(abs(a - b) / abs(b) for a, b in zip(result["norms"], reference["norms"]))
     missing = set(reference["params"]) ^ set(result["params"])
@@ -255,12 +304,14 @@ def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
         "loss_rel_err": loss_err,
         "grad_norm_rel_err": norm_err,
         "param_rel_err": param_err,
+        "grad_rel_err": grad_rel_err(result, reference),
         "param_names_differ": sorted(missing),
         "losses": result["losses"],
         "ref_losses": reference["losses"],
         "backward_ops": result["backward_ops"],
         "logits_dtype": result["logits_dtype"],
         "dynamo_graphs": result["dynamo_graphs"],
+        "fsdp_reduce_dtypes": result.get("fsdp_reduce_dtypes", []),
     }
 
 
@@ -273,25 +324,26 @@ def run_layouts(layouts: list[dict[str, Any]]) -> dict[str, Any]:
     for spec in layouts:
         layout = Layout(**spec)
         started = time.perf_counter()
-        try:
-            result = train_parallel(layout, state)
-        except ValueError as e:  # a rejected layout (ConfigError) is a result, on every rank
-            report[layout.name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        if rank == 0:
-            mp = layout.mixed_precision
-            if mp not in references:
-                references[mp] = train_reference(state, mp)
-            report[layout.name] = compare(result, references[mp])
-            if mp != "float32":
-                if "float32" not in references:
-                    references["float32"] = train_reference(state, "float32")
-                vs_fp32 = compare(result, references["float32"])
-                report[layout.name]["vs_fp32"] = {
-                    k: vs_fp32[k] for k in ("loss_rel_err", "param_rel_err", "grad_norm_rel_err")
-                }
-            report[layout.name]["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
-        dist.barrier()
+        with layout_scope(layout.name):
+            try:
+                result = train_parallel(layout, state)
+            except ConfigError as e:  # a rejected layout is a result, on every rank
+                report[layout.name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            if rank == 0:
+                mp = layout.mixed_precision
+                if mp not in references:
+                    references[mp] = train_reference(state, mp)
+                report[layout.name] = compare(result, references[mp])
+                if mp != "float32":
+                    if "float32" not in references:
+                        references["float32"] = train_reference(state, "float32")
+                    vs_fp32 = compare(result, references["float32"])
+                    report[layout.name]["vs_fp32"] = {
+                        k: vs_fp32[k] for k in ("loss_rel_err", "param_rel_err", "grad_norm_rel_err")
+                    }
+                report[layout.name]["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
+            dist.barrier()
     return report
 
 

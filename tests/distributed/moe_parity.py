@@ -47,11 +47,53 @@ def _clean(name: str) -> str:
 MOE_OVERRIDES = {"num_shared_experts": 1}
 
 
-def run_layouts(layouts: list[tuple[str, list[str]]], reshard: dict | None = None) -> dict[str, dict[str, Any]]:
+def ep_round_trip() -> dict[str, Any]:
+    """``ExpertDispatcher`` over every rank (one expert each) with stand-in experts that scale
+    expert ``e``'s rows by ``e + 1``: combine(dispatch(x)) must give each row back to its
+    sender, scaled, and the backward the same scale. Rank r sends ``c[(d - r) % ep]`` rows
+    to rank d: every rank sends and receives the same total but no split is its mirror, so a
+    combine that reuses the dispatch's split sizes moves the right number of wrong rows."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan.distributed.expert_parallel import ExpertDispatcher
+
+    ep, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (ep,), mesh_dim_names=("ep",))
+    dispatcher = ExpertDispatcher(mesh, num_experts=ep)
+    counts = torch.tensor([(d - rank) % ep + 1 for d in range(ep)])
+    expert_of_row = torch.repeat_interleave(torch.arange(ep), counts)
+    x = (rank * 100 + torch.arange(int(counts.sum()), dtype=torch.float32)).unsqueeze(1).repeat(1, 3)
+    x.requires_grad_(True)
+    rows, local_counts = dispatcher.dispatch(None, (x, counts))
+    out = dispatcher.combine(None, (rows, local_counts), rows * (rank + 1))
+    scale = (expert_of_row + 1).float().unsqueeze(1)
+    ok_shape = tuple(out.shape) == tuple(x.shape)
+    out.sum().backward()
+    return {
+        "shape_ok": ok_shape,
+        "value_err": (out.detach() - x.detach() * scale).abs().max().item() if ok_shape else float("inf"),
+        "grad_err": (x.grad - scale.expand_as(x)).abs().max().item(),
+        "received": local_counts.tolist(),
+    }
+
+
+def run_layouts(
+    layouts: list[tuple[str, list[str]]], reshard: dict | None = None, round_trip: bool = False
+) -> dict[str, dict[str, Any]]:
     """Train each ``(name, extra_args)`` layout; return name -> {losses, grad_norms,
     params, biases} (arrays by value: a rank exits before the launcher reads them).
     ``reshard``: also run :func:`reshard_across_ep` with these arguments (result under
-    "reshard"), in the same launch."""
+    "reshard"), in the same launch; ``round_trip``: :func:`ep_round_trip` first (under
+    "round_trip"; its error as text if it raised, so the layouts still run)."""
+    import traceback
+
+    round_trip_result: dict[str, Any] = {}
+    if round_trip:
+        try:
+            round_trip_result = ep_round_trip()
+        except Exception:
+            round_trip_result = {"error": traceback.format_exc()}
     import dataclasses
 
     from small_trainer import small_trainer_args
@@ -65,10 +107,12 @@ def run_layouts(layouts: list[tuple[str, list[str]]], reshard: dict | None = Non
     flavor = qwen3_configs["debugmodel_moe"]
     flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
 
+    from harness import layout_scope
+
     out: dict[str, dict[str, Any]] = {}
     for name, extra in layouts:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as dump:
+        with layout_scope(name), tempfile.TemporaryDirectory() as dump:
             cfg = ConfigManager().parse_args(small_trainer_args(dump, *COMMON, *extra))
             trainer = Trainer(cfg)
             grad_norms: list[float] = []
@@ -98,9 +142,12 @@ def run_layouts(layouts: list[tuple[str, list[str]]], reshard: dict | None = Non
             trainer.metrics.close()
             del trainer
             gc.collect()
+    if round_trip:
+        out["round_trip"] = round_trip_result
     if reshard is not None:
         t0 = time.perf_counter()
-        out["reshard"] = reshard_across_ep(**reshard)
+        with layout_scope("reshard"):
+            out["reshard"] = reshard_across_ep(**reshard)
         out["reshard"]["seconds"] = time.perf_counter() - t0
     return out
 

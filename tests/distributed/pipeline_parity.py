@@ -5,7 +5,9 @@ Every rank builds the same initial weights (seeded, no communication) and loads 
 its stages; the stages are built by the real ``pipeline_llama`` with ``parallelize_llama``.
 After a few AdamW steps with clipping, every rank gathers its stages' full parameters and
 rank 0 merges all ranks' into one state dict, compares it (and the per-step losses and
-gradient norms) with the reference, and reports relative errors; the pytest side judges.
+gradient norms, and every parameter's gradient after the first step) with the reference,
+and reports relative errors; the pytest side judges. The stages use the project's loss, the
+reference llama_parity's hand-written cross-entropy.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from torchtitan.config import JobConfig
+from harness import layout_scope
+from torchtitan.components.loss import cross_entropy_loss as loss_fn  # the code under test
+from torchtitan.config import ConfigError, JobConfig
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
@@ -29,7 +32,15 @@ from torchtitan.models.llama3 import Transformer, llama3_configs
 from torchtitan.models.llama3.parallelize import parallelize_llama
 from torchtitan.models.llama3.pipeline import pipeline_llama
 
-from llama_parity import _rel, clean_name, full_params, load_full_state  # shared parity helpers
+from llama_parity import (  # shared parity helpers
+    _rel,
+    clean_name,
+    full_grads,
+    full_params,
+    grad_rel_err,
+    load_full_state,
+    reference_loss,
+)
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -66,10 +77,6 @@ class Layout:
     loss_chunk_size: int = 0  # > 0: the last stage computes the loss itself, in chunks
 
 
-def loss_fn(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))
-
-
 def initial_state() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = Transformer(ARGS)
@@ -88,15 +95,16 @@ def train_reference(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     model = Transformer(ARGS)
     model.load_state_dict(state)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, eps=EPS)
-    losses, norms = [], []
+    losses, norms, grads = [], [], None
     for inputs, labels in batches():
         opt.zero_grad()
-        loss = loss_fn(model(inputs), labels)
+        loss = reference_loss(model(inputs), labels)
         loss.backward()
+        grads = full_grads(model) if grads is None else grads
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
         opt.step()
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "params": full_params(model)}
+    return {"losses": losses, "norms": norms, "params": full_params(model), "grads": grads}
 
 
 def _job_config(layout: Layout) -> JobConfig:
@@ -158,32 +166,35 @@ def train_pipeline(layout: Layout, state: dict[str, torch.Tensor]) -> dict[str, 
     pp_mesh = pd.get_mesh("pp")
     dp_rank, dp_size = pd.dp_rank_and_size(pd.world_mesh)
     rows = slice(dp_rank * GLOBAL_BATCH // dp_size, (dp_rank + 1) * GLOBAL_BATCH // dp_size)
-    losses, norms = [], []
+    losses, norms, grads = [], [], None
     for inputs, labels in batches():
         opt.zero_grad()
         with train_context():
             loss = pipeline_step(schedule, inputs[rows], labels[rows], has_first, has_last, labels_to_stages=chunked)
         loss = share_last_stage_loss(loss, pp_mesh)
+        if grads is None:
+            grads = _merged([full_grads(part) for part in parts])
         norms.append(dist_utils.clip_grad_norm_(params, MAX_NORM, foreach=True, pp_mesh=pp_mesh).item())
         opt.step()
         losses.append(dist_utils.dist_mean(loss, pd.get_mesh("dp_cp")))
-    mine: dict[str, torch.Tensor] = {}
-    for part in parts:
-        mine.update(full_params(part))
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    merged: dict[str, torch.Tensor] = {}
-    for d in gathered:
-        merged.update(d)
     return {
         "losses": losses,
         "norms": norms,
-        "params": merged,
+        "params": _merged([full_params(part) for part in parts]),
+        "grads": grads,
         "stage_fqns": [sorted({clean_name(n).rsplit(".weight", 1)[0] for n, _ in part.named_parameters()})
                        for part in parts],
         "reshard_after_forward": [f for part in parts for f in _reshard_flags(part)],
         "schedule_class": type(schedule).__name__,
     }
+
+
+def _merged(per_part: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every rank's stages' tensors in one dict (all ranks call: an all-gather)."""
+    mine = {k: v for d in per_part for k, v in d.items()}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {k: v for d in gathered for k, v in d.items()}
 
 
 def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -192,11 +203,13 @@ def compare(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]
         "loss_rel_err": max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"])),
         "grad_norm_rel_err": max(abs(a - b) / abs(b) for a, b in zip(result["norms"], reference["norms"])),
         "param_rel_err": max((_rel(result["params"][k], reference["params"][k]) for k in common), default=math.inf),
+        "grad_rel_err": grad_rel_err(result, reference),
         "param_names_differ": sorted(set(reference["params"]) ^ set(result["params"])),
         "losses": result["losses"],
         "ref_losses": reference["losses"],
         "schedule_class": result["schedule_class"],
         "reshard_after_forward": result["reshard_after_forward"],
+        "stage_fqns": result["stage_fqns"],
     }
 
 
@@ -208,16 +221,17 @@ def run_layouts(layouts: list[dict[str, Any]]) -> dict[str, Any]:
     for spec in layouts:
         layout = Layout(**spec)
         started = time.perf_counter()
-        try:
-            result = train_pipeline(layout, state)
-        except ValueError as e:  # a rejected layout (ConfigError) is a result, on every rank
-            report[layout.name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        if reference is not None:
-            report[layout.name] = compare(result, reference)
-            report[layout.name]["losses_exact"] = result["losses"]
-            report[layout.name]["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
-        dist.barrier()
+        with layout_scope(layout.name):
+            try:
+                result = train_pipeline(layout, state)
+            except ConfigError as e:  # a rejected layout is a result, on every rank
+                report[layout.name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            if reference is not None:
+                report[layout.name] = compare(result, reference)
+                report[layout.name]["losses_exact"] = result["losses"]
+                report[layout.name]["seconds"] = round(time.perf_counter() - started, 2)  # watches suite time
+            dist.barrier()
     return report
 
 
@@ -232,19 +246,16 @@ def run_trainers(configs: dict[str, list[str]], steps: int, reference: str) -> d
     out: dict[str, Any] = {}
     params: dict[str, dict[str, torch.Tensor]] = {}
     for name, overrides in configs.items():
-        cfg = ConfigManager().parse_args([*overrides, "--training.steps", str(steps)])
-        trainer = Trainer(cfg)
-        try:
-            losses = trainer.train()
-            mine: dict[str, torch.Tensor] = {}
-            for part in trainer.model_parts:
-                mine.update(full_params(part))
-        finally:
-            trainer.checkpointer.close()
-            trainer.metrics.close()
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-        params[name] = {k: v for d in gathered for k, v in d.items()}
+        with layout_scope(name):
+            cfg = ConfigManager().parse_args([*overrides, "--training.steps", str(steps)])
+            trainer = Trainer(cfg)
+            try:
+                losses = trainer.train()
+                mine = [full_params(part) for part in trainer.model_parts]
+            finally:
+                trainer.checkpointer.close()
+                trainer.metrics.close()
+            params[name] = _merged(mine)
         out[name] = {
             "losses": losses,
             "n_parts": len(trainer.model_parts),

@@ -3,7 +3,8 @@
 CP 4, FSDP 2 × CP 2, HSDP 2 × CP 2 (CP 2 with two replicas) and CP 2 × TP 2 (FSDP over cp,
 loss parallel), head-tail load balancing on and off, both rotate methods, with selective (op)
 and full activation checkpointing, and FSDP 2 × CP 2 with the chunked loss: losses, gradient norms
-and parameters after 5 fp32 AdamW steps must match within 1e-5 relative. The launch also
+and parameters after 5 fp32 AdamW steps, and every gradient of the first step, must match
+within 1e-5 relative. The launch also
 checks that the CP context leaves each rank exactly the tokens and rotary rows
 ``shard_sequence`` predicts, and that gathering them back restores the sequence.
 """
@@ -16,7 +17,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import launch  # noqa: E402 (after the path insert)
+from harness import check_no_crash, launch_layouts  # noqa: E402 (after the path insert)
 
 TOL = 1e-5
 
@@ -35,16 +36,23 @@ SHARD_CHECKS = [(4, True), (4, False), (2, True)]
 
 
 @pytest.fixture(scope="module")
-def report() -> list[dict]:
-    return launch("cp_parity:main", 4, timeout=240, layouts=LAYOUTS, shard_checks=SHARD_CHECKS)
+def launched() -> tuple[list[dict], dict[str, str]]:
+    return launch_layouts("cp_parity:main", 4, timeout=240, layouts=LAYOUTS, shard_checks=SHARD_CHECKS)
+
+
+@pytest.fixture(scope="module")
+def report(launched) -> list[dict]:
+    return launched[0]
 
 
 @pytest.mark.parametrize("name", [spec["name"] for spec in LAYOUTS])
-def test_matches_single_process(report: list[dict], name: str) -> None:
-    r = report[0]["layouts"][name]
+def test_matches_single_process(launched, name: str) -> None:
+    check_no_crash(launched[1], name)
+    r = launched[0][0]["layouts"][name]
     assert r["param_names_differ"] == []
     assert r["loss_rel_err"] < TOL, (r["losses"], r["ref_losses"])
     assert r["grad_norm_rel_err"] < TOL, r
+    assert r["grad_rel_err"] < TOL, r
     assert r["param_rel_err"] < TOL, r
     assert r["table_restored"]
 

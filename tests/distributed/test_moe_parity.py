@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import launch
+from harness import check_no_crash, launch, launch_layouts
 
 pytestmark = pytest.mark.slow
 
@@ -108,19 +108,25 @@ RESHARD_LOAD = [
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = {}
-    two = launch("moe_parity:run_layouts", 2, layouts=list(TWO_RANKS.items()))
-    out.update({name: _merge(two, name) for name in TWO_RANKS})
+    two, crashes = launch_layouts("moe_parity:run_layouts", 2, layouts=list(TWO_RANKS.items()))
+    out.update({name: _merge(two, name) for name in TWO_RANKS if name not in crashes})
     reshard = dict(
         workdir=str(tmp_path_factory.mktemp("ep_reshard")), save_args=RESHARD_SAVE, load_layouts=RESHARD_LOAD
     )
-    four = launch("moe_parity:run_layouts", 4, layouts=list(FOUR_RANKS.items()), reshard=reshard)
-    out.update({name: _merge(four, name) for name in FOUR_RANKS})
-    out["reshard"] = four[0]["reshard"]
+    four, four_crashes = launch_layouts(
+        "moe_parity:run_layouts", 4, layouts=list(FOUR_RANKS.items()), reshard=reshard, round_trip=True
+    )
+    crashes.update(four_crashes)
+    out.update({name: _merge(four, name) for name in FOUR_RANKS if name not in crashes})
+    out["reshard"] = four[0].get("reshard")
+    out["round_trip"] = [r["round_trip"] for r in four]
+    out["crashes"] = crashes
     return out
 
 
 def test_checkpoint_reshards_across_ep_degrees(results):
     """Parameters, expert biases and optimizer state, bit for bit."""
+    check_no_crash(results["crashes"], "reshard")
     got = results["reshard"]
     print(f"reshard: {got['seconds']:.1f} s")
     saved = got["saved"]
@@ -138,8 +144,19 @@ def test_checkpoint_reshards_across_ep_degrees(results):
                     assert loaded[kind][k] == v, (name, kind, k)
 
 
+def test_ep_dispatch_combine_round_trip(results):
+    """EP 4, uneven splits that no rank mirrors: every row comes back to its sender, scaled
+    by its expert, in forward and backward (moe_parity.ep_round_trip)."""
+    for rank, got in enumerate(results["round_trip"]):
+        if "error" in got:
+            raise RuntimeError(f"rank {rank}:\n{got['error']}")
+        assert got["shape_ok"], (rank, got)
+        assert got["value_err"] == 0 and got["grad_err"] == 0, (rank, got)
+
+
 @pytest.mark.parametrize("name", [*TWO_RANKS, *FOUR_RANKS])
 def test_layout_matches_one_process(reference, results, name):
+    check_no_crash(results["crashes"], name)
     got = results[name]
     assert len(got["losses"]) == len(reference["losses"]) == 3
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], reference["losses"]))

@@ -4,8 +4,10 @@ One launch per world size (2, 4 and 8 ranks) runs every layout of that size
 (pipeline_parity.py): an 8-layer debug Llama (dim 64, 4 / 2 heads, vocab 128) split into
 stages by the real ``pipeline_llama``, trained 3 AdamW steps with clipping active, fp32,
 compared with one process on the whole global batch: per-step loss, per-step gradient norm
-(ours across stages vs torch's on the whole model) and every final parameter. Tolerance
-1e-5 relative; measured errors are ~1e-7 to ~1e-6.
+(ours across stages vs torch's on the whole model), every parameter's gradient after the
+first step and every final parameter. The stages use the project's loss, the reference a
+hand-written cross-entropy. Tolerance 1e-5 relative; measured errors are ~1e-7 to ~1e-6.
+A layout that crashes fails its own test (harness.launch_layouts).
 
 The 2-rank launch also drives the real Trainer (PP 1F1B, PP Interleaved1F1B with explicit
 split points, and TP 2 as the reference, all from the debug TOML), so the train.py
@@ -17,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harness import launch
+from harness import check_no_crash, launch_layouts
 from small_trainer import small_trainer_args
 
 from torchtitan.config import PIPELINE_SCHEDULES
@@ -112,14 +114,15 @@ def _trainer_configs(dump: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     dump = str(tmp_path_factory.mktemp("pp_trainer"))
-    return launch(
+    results, crashes = launch_layouts(
         "pipeline_parity:main",
         2,
         timeout=500,
         layouts=TWO_RANK_LAYOUTS,
         trainers=_trainer_configs(dump),
         trainer_reference="tp2",
-    )[0]
+    )
+    return {**results[0], "crashes": crashes}
 
 
 def _cp_trainer_configs(dump: str) -> dict[str, list[str]]:
@@ -142,60 +145,89 @@ def _cp_trainer_configs(dump: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory) -> dict:
     dump = str(tmp_path_factory.mktemp("pp_cp_trainer"))
-    return launch(
+    results, crashes = launch_layouts(
         "pipeline_parity:main",
         4,
         timeout=600,
         layouts=FOUR_RANK_LAYOUTS,
         trainers=_cp_trainer_configs(dump),
         trainer_reference="cp4",
-    )[0]
+    )
+    return {**results[0], "crashes": crashes}
 
 
 @pytest.fixture(scope="module")
 def eight_ranks() -> dict:
-    return launch("pipeline_parity:main", 8, timeout=500, layouts=EIGHT_RANK_LAYOUTS)[0]
+    results, crashes = launch_layouts("pipeline_parity:main", 8, timeout=500, layouts=EIGHT_RANK_LAYOUTS)
+    return {**results[0], "crashes": crashes}
+
+
+def _layout(results: dict, name: str) -> dict:
+    check_no_crash(results["crashes"], name)
+    return results["layouts"][name]
+
+
+def _trainer(results: dict, name: str) -> dict:
+    check_no_crash(results["crashes"], name)
+    return results["trainers"][name]
 
 
 def _assert_matches(report: dict, tol: float = FP32_TOL) -> None:
     assert "error" not in report, report.get("error")
     assert not report["param_names_differ"], report["param_names_differ"]
-    summary = {k: report[k] for k in ("loss_rel_err", "grad_norm_rel_err", "param_rel_err")}
+    summary = {k: report[k] for k in ("loss_rel_err", "grad_norm_rel_err", "grad_rel_err", "param_rel_err")}
     assert report["loss_rel_err"] < tol, summary
     assert report["grad_norm_rel_err"] < tol, summary
+    assert report["grad_rel_err"] < tol, summary
     assert report["param_rel_err"] < tol, summary
 
 
 @pytest.mark.parametrize("schedule", ALL_SCHEDULES)
 def test_every_schedule_on_two_ranks_matches_single_process(two_ranks: dict, schedule: str) -> None:
-    report = two_ranks["layouts"][f"pp2_{schedule}"]
+    report = _layout(two_ranks, f"pp2_{schedule}")
     _assert_matches(report)
     assert report["schedule_class"] == f"Schedule{schedule}"
 
 
+V_STYLE = {"ZBVZeroBubble", "DualPipeV"}  # rank r holds stages r and 2 pp - 1 - r
+
+
+@pytest.mark.parametrize("schedule", ALL_SCHEDULES)
+def test_rank_zero_holds_the_stages_its_schedule_expects(two_ranks: dict, schedule: str) -> None:
+    """Rank 0 of PP 2: stage 0 (the embeddings) always; a looped schedule adds stage 2 (no
+    embeddings, no output), a V schedule stage 3 (the output)."""
+    parts = _layout(two_ranks, f"pp2_{schedule}")["stage_fqns"]
+    assert "tok_embeddings" in parts[0] and "output" not in parts[0], parts[0]
+    if len(parts) == 1:
+        assert schedule in ("GPipe", "1F1B"), schedule
+    else:
+        assert len(parts) == 2 and "tok_embeddings" not in parts[1], parts
+        assert ("output" in parts[1]) == (schedule in V_STYLE), (schedule, parts[1])
+
+
 @pytest.mark.parametrize("schedule", ALL_SCHEDULES)
 def test_every_schedule_on_four_ranks_matches_single_process(four_ranks: dict, schedule: str) -> None:
-    _assert_matches(four_ranks["layouts"][f"pp4_{schedule}"])
+    _assert_matches(_layout(four_ranks, f"pp4_{schedule}"))
 
 
 @pytest.mark.parametrize("name", ["pp2_1f1b_split_uneven", "pp2_interleaved_layers_per_stage"])
 def test_explicit_splits_match_single_process(two_ranks: dict, name: str) -> None:
-    _assert_matches(two_ranks["layouts"][name])
+    _assert_matches(_layout(two_ranks, name))
 
 
 def test_custom_csv_schedule_reproduces_1f1b(two_ranks: dict) -> None:
-    csv_report = two_ranks["layouts"]["pp2_csv_1f1b"]
+    csv_report = _layout(two_ranks, "pp2_csv_1f1b")
     _assert_matches(csv_report)
     assert csv_report["schedule_class"] == "_PipelineScheduleRuntime"
     # Same microbatch order and accumulation order as torch's 1F1B: the same losses.
-    assert csv_report["losses_exact"] == pytest.approx(two_ranks["layouts"]["pp2_1F1B"]["losses_exact"], rel=1e-7)
+    assert csv_report["losses_exact"] == pytest.approx(_layout(two_ranks, "pp2_1F1B")["losses_exact"], rel=1e-7)
 
 
 @pytest.mark.parametrize(
     "schedule", ["1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
 )
 def test_pp_with_fsdp_matches_and_keeps_parameters_gathered(four_ranks: dict, schedule: str) -> None:
-    report = four_ranks["layouts"][f"pp2_fsdp2_{schedule}"]
+    report = _layout(four_ranks, f"pp2_fsdp2_{schedule}")
     _assert_matches(report)
     # Default policy under PP: no FSDP unit reshards after forward.
     flags = report["reshard_after_forward"]
@@ -203,14 +235,14 @@ def test_pp_with_fsdp_matches_and_keeps_parameters_gathered(four_ranks: dict, sc
 
 
 def test_reshard_always_is_honoured_for_1f1b(four_ranks: dict) -> None:
-    report = four_ranks["layouts"]["pp2_fsdp2_1F1B_reshard_always"]
+    report = _layout(four_ranks, "pp2_fsdp2_1F1B_reshard_always")
     _assert_matches(report)
     flags = report["reshard_after_forward"]
     assert flags and all(flags), flags  # an empty list would mean no FSDP unit was found
 
 
 def test_reshard_always_is_refused_for_zero_bubble(four_ranks: dict) -> None:
-    error = four_ranks["layouts"]["pp2_fsdp2_ZBV_reshard_always"].get("error", "")
+    error = _layout(four_ranks, "pp2_fsdp2_ZBV_reshard_always").get("error", "")
     assert error.startswith("ConfigError"), error
     assert "fsdp_reshard_after_forward" in error and "ZBVZeroBubble" in error and "\n" not in error
 
@@ -220,7 +252,7 @@ def test_trainer_with_pp_and_cp_matches_cp_alone(four_ranks: dict, name: str) ->
     """Context parallel inside the pipeline: the whole pipelined step runs in the CP context
     (inputs, labels and every stage's rotary table sharded along the sequence; SDPA as ring
     attention), stages pass sequence shards; same losses and parameters as CP 4."""
-    ref, run = four_ranks["trainers"]["cp4"], four_ranks["trainers"][name]
+    ref, run = _trainer(four_ranks, "cp4"), _trainer(four_ranks, name)
     assert len(run["losses"]) == len(ref["losses"]) == 3
     assert run["losses"] == pytest.approx(ref["losses"], rel=FP32_TOL)
     assert not run["param_names_differ"], run["param_names_differ"]
@@ -231,27 +263,27 @@ def test_trainer_with_pp_and_cp_matches_cp_alone(four_ranks: dict, name: str) ->
 def test_chunked_loss_under_pp_and_fsdp_matches(four_ranks: dict, name: str) -> None:
     """The last stage computes the loss in chunks from the labels keyword the schedule hands
     it per microbatch: same losses, gradient norms and parameters as one process."""
-    _assert_matches(four_ranks["layouts"][name])
+    _assert_matches(_layout(four_ranks, name))
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B", "ZBVZeroBubble"])
 def test_pp_with_tp_matches(four_ranks: dict, schedule: str) -> None:
-    _assert_matches(four_ranks["layouts"][f"pp2_tp2_{schedule}"])
+    _assert_matches(_layout(four_ranks, f"pp2_tp2_{schedule}"))
 
 
 @pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
 def test_pp_fsdp_tp_3d_matches(eight_ranks: dict, schedule: str) -> None:
-    _assert_matches(eight_ranks["layouts"][f"pp2_fsdp2_tp2_{schedule}"])
+    _assert_matches(_layout(eight_ranks, f"pp2_fsdp2_tp2_{schedule}"))
 
 
 def test_bad_microbatch_count_is_one_line_error(two_ranks: dict) -> None:
-    error = two_ranks["layouts"]["pp2_1f1b_too_few_microbatches"].get("error", "")
+    error = _layout(two_ranks, "pp2_1f1b_too_few_microbatches").get("error", "")
     assert error.startswith("ConfigError"), error
     assert "1F1B" in error and "microbatch" in error and "\n" not in error
 
 
 def test_stage_count_must_fit_schedule(two_ranks: dict) -> None:
-    error = two_ranks["layouts"]["pp2_gpipe_wrong_stage_count"].get("error", "")
+    error = _layout(two_ranks, "pp2_gpipe_wrong_stage_count").get("error", "")
     assert error.startswith("ConfigError"), error
     assert "pipeline_parallel_split_points" in error and "\n" not in error
 
@@ -265,7 +297,7 @@ def test_trainer_with_pp_matches_trainer_without(two_ranks: dict, name: str) -> 
     init from the seeded full model), sees the same global batch, reports the same loss on
     every step, and ends with the same parameters as TP 2 (itself tested against one
     process in test_llama_parity.py)."""
-    ref, run = two_ranks["trainers"]["tp2"], two_ranks["trainers"][name]
+    ref, run = _trainer(two_ranks, "tp2"), _trainer(two_ranks, name)
     assert len(run["losses"]) == len(ref["losses"]) == 3
     assert run["losses"] == pytest.approx(ref["losses"], rel=FP32_TOL)
     assert run["losses"][-1] < run["losses"][0]
@@ -274,7 +306,7 @@ def test_trainer_with_pp_matches_trainer_without(two_ranks: dict, name: str) -> 
 
 
 def test_trainer_model_parts_are_this_ranks_stages(two_ranks: dict) -> None:
-    trainers = two_ranks["trainers"]
+    trainers = {name: _trainer(two_ranks, name) for name in ("tp2", "pp2_1f1b", "pp2_interleaved_split")}
     assert trainers["tp2"]["n_parts"] == 1
     assert trainers["pp2_1f1b"]["n_parts"] == 1
     # Rank 0 of Interleaved1F1B holds stages 0 and 2: embeddings first, norm/output on neither.
@@ -289,7 +321,7 @@ def test_checkpoint_of_two_stages_per_rank_has_the_plain_model_keys_and_resumes_
     per parameter of the whole model, under the plain model's names, so that any layout can
     load it: TP 2 resumes from its step 2 and finishes step 3 where the uninterrupted TP 2
     run did (the data loader position travels too)."""
-    trainers = two_ranks["trainers"]
+    trainers = {name: _trainer(two_ranks, name) for name in ("pp2_interleaved_ckpt", "tp2_resumed_from_pp", "tp2")}
     saved = trainers["pp2_interleaved_ckpt"]["checkpoint_keys"]
     assert sorted(saved) == [2, 3], saved.keys()
     plain = {f"model.{name}" for name in trainers["tp2"]["param_names"]}
