@@ -1,0 +1,313 @@
+"""Plant realistic faults one at a time and check that the tests meant to catch each do.
+
+    python scripts/mutation_check.py                 # every mutation (~30-60 min on 2 cores)
+    python scripts/mutation_check.py --only NAME     # one (repeatable)
+    python scripts/mutation_check.py --list
+
+For each mutation: copy the committed tree (``git archive HEAD``; ``--worktree`` copies
+the working tree instead, uncommitted edits included) to a temporary folder, replace one exact snippet of library code there (the real tree is never
+touched; a snippet that is no longer found is an error, so the list stays honest as the code
+changes), run only the tests listed for it with the copy first on ``PYTHONPATH`` and as the
+working directory, and read pytest's JUnit report:
+
+- caught: some listed test failed on an ``AssertionError`` (a parity mismatch, a
+  structural check);
+- crash only: tests failed or errored, but none on an assertion (the fault made the code
+  raise; a real regression of that kind would be noticed, but not diagnosed);
+- missed: every listed test passed.
+
+Exits non-zero if any mutation was missed or crashed only. Not part of the default suite:
+it reruns multi-rank launches once per mutation. docs/testing.md records its last result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA = "tests/distributed/test_llama_parity.py"
+PIPE = "tests/distributed/test_pipeline.py"
+CP = "tests/distributed/test_context_parallel.py"
+MOE = "tests/distributed/test_moe_parity.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    what: str
+
+
+MUTATIONS = [
+    Mutation(
+        "fsdp_reduce_dtype_from_param",
+        "torchtitan/distributed/fsdp.py",
+        "reduce_dtype=TORCH_DTYPE_MAP[t.mixed_precision_reduce],",
+        "reduce_dtype=TORCH_DTYPE_MAP[t.mixed_precision_param],",
+        (f"{LLAMA}::test_bf16_mixed_precision",),
+        "FSDP reduces gradients in the parameter dtype (bf16) instead of the configured fp32",
+    ),
+    Mutation(
+        "loss_mean_per_sequence",
+        "torchtitan/components/loss.py",
+        "return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1))",
+        'return F.cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1), reduction="sum") / labels.shape[0]',
+        ("tests/unit/test_loss.py", f"{LLAMA}::test_two_rank_layout_matches_single_process"),
+        "the loss summed per sequence and averaged over sequences instead of over tokens",
+    ),
+    Mutation(
+        "ffn_norm_without_sequence_parallel",
+        "torchtitan/distributed/tensor_parallel.py",
+        '            "ffn_norm": SequenceParallel(),\n',
+        "",
+        (f"{LLAMA}::test_two_rank_layout_matches_single_process",),
+        "TP plan leaves the FFN norm out of sequence parallel (its weight gradient not reduced over tp)",
+    ),
+    Mutation(
+        "cp_rotary_table_not_sharded",
+        "torchtitan/distributed/context_parallel.py",
+        "buffers = [inputs, labels, *freqs]\n            seq_dims = [1, 1] + [0] * len(freqs)",
+        "buffers = [inputs, labels]\n            seq_dims = [1, 1]",
+        (f"{CP}::test_matches_single_process",),
+        "the rotary table is not sharded with the sequence under CP",
+    ),
+    Mutation(
+        "cp_labels_sharded_on_batch_dim",
+        "torchtitan/distributed/context_parallel.py",
+        "seq_dims = [1, 1] + [0] * len(freqs)",
+        "seq_dims = [1, 0] + [0] * len(freqs)",
+        (f"{CP}::test_matches_single_process",),
+        "CP labels not reordered / sharded like the inputs (sharded along the batch)",
+    ),
+    Mutation(
+        "grad_accumulation_not_divided",
+        "torchtitan/trainer.py",
+        "loss = self.loss_fn(pred, labels) / self.grad_accumulation_steps",
+        "loss = self.loss_fn(pred, labels)",
+        ("tests/unit/test_trainer.py::test_gradient_accumulation_matches_one_big_batch",),
+        "the loss is not divided by the gradient-accumulation steps",
+    ),
+    Mutation(
+        "pp_loss_not_divided_by_microbatches",
+        "torchtitan/distributed/pipeline.py",
+        "return loss_fn(pred, labels) / n_microbatches",
+        "return loss_fn(pred, labels)",
+        (f"{PIPE}::test_every_schedule_on_two_ranks_matches_single_process",),
+        "the pipeline's microbatch loss is not divided by the number of microbatches",
+    ),
+    Mutation(
+        "v_schedule_stage_placement",
+        "torchtitan/distributed/pipeline.py",
+        "return (pp_rank, 2 * pp - 1 - pp_rank)",
+        "return (pp_rank, pp_rank + pp)",
+        (
+            "tests/unit/test_pipeline_split.py",
+            f"{PIPE}::test_rank_zero_holds_the_stages_its_schedule_expects",
+            f"{PIPE}::test_every_schedule_on_two_ranks_matches_single_process",
+        ),
+        "V schedules (ZBV, DualPipeV) get the looped stage placement",
+    ),
+    Mutation(
+        "grad_norm_allreduce_skipped",
+        "torchtitan/distributed/utils.py",
+        "            assert mesh is not None\n            dist.all_reduce(part, op=op, group=mesh.get_group(dim))",
+        "            assert mesh is not None",
+        (f"{LLAMA}::test_two_rank_layout_matches_single_process",),
+        "clip_grad_norm_ skips the all-reduce of the sharded gradients' partial norms",
+    ),
+    Mutation(
+        "checkpoint_without_dataloader",
+        "torchtitan/trainer.py",
+        '                "dataloader": self.dataloader,\n',
+        "",
+        ("tests/unit/test_checkpoint.py::test_trainer_resume_is_bit_exact_in_every_async_mode",),
+        "the data loader's position is not saved in checkpoints",
+    ),
+    Mutation(
+        "checkpoint_without_lr_scheduler",
+        "torchtitan/trainer.py",
+        '                "lr_scheduler": self.lr_schedulers,\n',
+        "",
+        ("tests/unit/test_checkpoint.py::test_trainer_resume_is_bit_exact_in_every_async_mode",),
+        "the lr scheduler's state is not saved in checkpoints",
+    ),
+    Mutation(
+        "overlapping_dp_shards",
+        "torchtitan/components/data/loader.py",
+        "owned = tuple(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))",
+        "owned = tuple(range(per_rank))",
+        (
+            "tests/unit/test_data.py::test_dp_ranks_get_disjoint_data_covering_everything",
+            "tests/distributed/test_trainer_layouts.py::test_two_rank_layout_matches_one_process",
+        ),
+        "every data-parallel rank reads the first shards (the rank offset dropped)",
+    ),
+    Mutation(
+        "moe_topk_weights_not_renormalised",
+        "torchtitan/models/common/moe.py",
+        "top_weights = top_weights / (top_weights.sum(dim=-1, keepdim=True) + 1e-20)",
+        "top_weights = top_weights",
+        ("tests/unit/test_moe.py",),
+        "the router's top-k weights are not renormalised with route_norm",
+    ),
+    Mutation(
+        "expert_bias_update_skipped",
+        "torchtitan/models/common/moe_balance.py",
+        "                update_expert_bias(moe, load)\n",
+        "",
+        ("tests/unit/test_moe.py",),
+        "the step hook no longer updates the expert bias",
+    ),
+    Mutation(
+        "ep_combine_uses_dispatch_splits",
+        "torchtitan/distributed/expert_parallel.py",
+        "return all_to_all_single_autograd(out[inverse], input_splits, output_splits, self.group)",
+        "return all_to_all_single_autograd(out[inverse], output_splits, input_splits, self.group)",
+        (f"{MOE}::test_ep_dispatch_combine_round_trip",),
+        "the EP combine all-to-all uses the dispatch's split sizes",
+    ),
+]
+
+
+def copy_tree(dest: Path, worktree: bool) -> None:
+    """HEAD's files, or the working tree as it is (tracked and untracked, not ignored)."""
+    if not worktree:
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def plant(tree: Path, m: Mutation) -> None:
+    path = tree / m.file
+    text = path.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise SystemExit(f"{m.name}: the snippet occurs {count} times in {m.file} (expected once); update it")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def _env(tree: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+def check_imports_copy(tree: Path) -> None:
+    """The project is installed editable from the real tree: the copy must win."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import torchtitan; print(torchtitan.__file__)"],
+        cwd=tree, env=_env(tree), check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    if not out.startswith(str(tree)):
+        raise SystemExit(f"the copy imports torchtitan from {out}, not from {tree}")
+
+
+def classify(junit: Path) -> tuple[str, list[str]]:
+    """('caught' | 'crash only' | 'missed' | 'no tests', the failing tests with their types)."""
+    if not junit.exists():
+        return "crash only", ["pytest wrote no report"]
+    failing, assertion, ran = [], False, 0
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        ran += 1
+        for tag in ("failure", "error"):
+            for node in case.findall(tag):
+                kind = node.get("type") or ""
+                message = (node.get("message") or "").splitlines()[0][:100] if node.get("message") else ""
+                failing.append(f"{case.get('name')}: {tag} {kind} {message}".rstrip())
+                assertion |= tag == "failure" and kind.endswith("AssertionError")
+    if ran == 0:
+        return "no tests", []
+    if assertion:
+        return "caught", failing
+    return ("crash only" if failing else "missed"), failing
+
+
+def run_one(m: Mutation | None, tests: tuple[str, ...], args: argparse.Namespace) -> tuple[str, list[str], float]:
+    """Plant ``m`` (None: nothing, the baseline) in a fresh copy and run ``tests`` there."""
+    tree = Path(tempfile.mkdtemp(prefix=f"mut-{m.name if m else 'baseline'}-"))
+    started = time.monotonic()
+    try:
+        copy_tree(tree, args.worktree)
+        if m is not None:
+            plant(tree, m)
+        check_imports_copy(tree)
+        junit = tree / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests]
+        # its own session, so that a timeout ends the ranks too (they are not its children)
+        proc = subprocess.Popen(cmd, cwd=tree, env=_env(tree), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "crash only", [f"timed out after {args.timeout:.0f}s"], time.monotonic() - started
+        verdict, failing = classify(junit)
+        return verdict, failing, time.monotonic() - started
+    finally:
+        if not args.keep:
+            shutil.rmtree(tree, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", help="run only this mutation (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their tests")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per mutation's test run")
+    parser.add_argument("--keep", action="store_true", help="keep the mutated copies (/tmp/mut-*)")
+    parser.add_argument("--worktree", action="store_true", help="copy the working tree, not HEAD")
+    parser.add_argument("--baseline", action="store_true", help="first run every listed test unmutated")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    if args.only and len(chosen) != len(set(args.only)):
+        parser.error(f"unknown mutation in {args.only}; see --list")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.what}\n    {m.file}\n    " + "\n    ".join(m.tests))
+        return 0
+    rows = []
+    if args.baseline:
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        verdict, failing, seconds = run_one(None, tests, args)
+        print(f"{'baseline (nothing planted)':40s} {'passes' if verdict == 'missed' else 'FAILS'} {seconds:6.0f} s")
+        for line in failing:
+            print(f"    {line}", flush=True)
+        if verdict != "missed":
+            return 2
+    for m in chosen:
+        verdict, failing, seconds = run_one(m, m.tests, args)
+        rows.append((m.name, verdict, seconds, failing))
+        print(f"{m.name:40s} {verdict:11s} {seconds:6.0f} s", flush=True)
+        for line in failing[:4]:
+            print(f"    {line}", flush=True)
+    print("\n| mutation | result | seconds | first failing test |\n|---|---|---|---|")
+    for name, verdict, seconds, failing in rows:
+        first = failing[0].split(":")[0] if failing else ""
+        print(f"| {name} | {verdict} | {seconds:.0f} | {first} |")
+    return 0 if all(v == "caught" for _, v, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
