@@ -57,11 +57,13 @@ def _train(cfg: JobConfig) -> None:
     from torchtitan.components.data import DataConfigError, EmptyShardError
     from torchtitan.trainer import Trainer
 
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", 0))
     try:
-        check_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as e:
-        _fail(str(e))
-    if int(os.environ.get("RANK", 0)) == 0:
+        check_start(cfg, world_size)
+        cfg, auto_choice = _resolve_memory_policy(cfg, world_size, rank)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e).splitlines()[0])
+    if rank == 0:
         try:
             os.makedirs(cfg.job.dump_folder, exist_ok=True)
             dump_toml(cfg, os.path.join(cfg.job.dump_folder, "config.toml"))
@@ -72,7 +74,7 @@ def _train(cfg: JobConfig) -> None:
         if cfg.job.print_config:
             logger.info("job config:\n" + format_config(cfg))
         if cfg.memory_estimation.enable:
-            _log_memory_estimate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+            _log_memory_estimate(cfg, world_size)
     try:
         trainer = Trainer(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -86,6 +88,10 @@ def _train(cfg: JobConfig) -> None:
     try:
         trainer.train()
         clean = True
+        if auto_choice is not None and rank == 0:
+            from torchtitan.planner.memory_policy import log_prediction_gap
+
+            log_prediction_gap(auto_choice, trainer.metrics)
     except Preempted as e:  # every rank stopped at the same step, after its checkpoint
         clean = True
         exit_code = e.exit_code
@@ -108,6 +114,16 @@ def _train(cfg: JobConfig) -> None:
         print(f"torchtitan: error: {error}", file=sys.stderr)
     if exit_code:
         sys.exit(exit_code)
+
+
+def _resolve_memory_policy(cfg: JobConfig, world_size: int, rank: int):
+    """``activation_checkpoint.mode = auto``: the planner's policy for this card, written into
+    the config before it is dumped (docs/planning.md); other modes pass through."""
+    if cfg.activation_checkpoint.mode != "auto":
+        return cfg, None
+    from torchtitan.planner.memory_policy import resolve_for_launch
+
+    return resolve_for_launch(cfg, world_size, rank)
 
 
 def check_start(cfg: JobConfig, world_size: int) -> None:

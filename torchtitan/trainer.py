@@ -33,6 +33,7 @@ from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.distributed.context_parallel import cp_context
+from torchtitan.distributed.fsdp import uses_fsdp
 from torchtitan.distributed.layout import validate_layout
 from torchtitan.distributed.materialize import materialize
 from torchtitan.distributed.pipeline import pipeline_step, share_last_stage_loss
@@ -127,7 +128,7 @@ class Trainer:
             compile_loss=cfg.compile.enable and "loss" in cfg.compile.components, backend=cfg.compile.backend
         )
         self.train_context = dist_utils.get_train_context(pd.loss_parallel_enabled, p.enable_compiled_autograd)
-        self.amp_context = dist_utils.maybe_enable_amp(pd.fsdp_enabled, t.mixed_precision_param, dev)
+        self.amp_context = dist_utils.maybe_enable_amp(uses_fsdp(pd, t), t.mixed_precision_param, dev)
         self.metrics = build_metrics_processor(
             cfg, rank=self.rank, device=self.device, flops_per_token=self.flops_per_token
         )

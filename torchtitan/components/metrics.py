@@ -255,16 +255,20 @@ class MetricsProcessor:
         )
         return metrics
 
+    def mean_tokens_per_s(self) -> float:
+        """Tokens/s per device over the logged windows after the first (warm-up) one; over
+        the whole run when there is no such window."""
+        if self.tps_history:
+            return sum(self.tps_history) / len(self.tps_history)
+        return self.total_tokens / max(time.perf_counter() - self.start, 1e-9)
+
     def summary(self) -> str:
         """One line for the end of the run: steps, tokens, wall time, mean tokens/s, MFU and
         peak memory (throughput per device, over the logged windows after the first, warm-up
         one; over the whole run when there is no such window)."""
         wall = max(time.perf_counter() - self.start, 1e-9)
         steps = self.last_step - self.first_step + 1 if self.first_step is not None else 0
-        if self.tps_history:
-            mean = sum(self.tps_history) / len(self.tps_history)
-        else:
-            mean = self.total_tokens / wall
+        mean = self.mean_tokens_per_s()
         mfu = f"{100 * self.flops_per_token * mean / self.peak_flops:.2f}%" if self.peak_flops else "n/a"
         gib, pct = self.peak_reserved
         memory = f"{gib:.2f}GiB ({pct:.1f}%)" if gib > 0 else "n/a"

@@ -129,6 +129,11 @@ def apply_ac(
     later_layers: str = "full",
 ) -> nn.Module:
     """Wrap the blocks of ``model.layers`` in place according to ``mode``; returns ``model``."""
+    if mode == "auto":
+        raise ConfigError(
+            'activation_checkpoint.mode = "auto" is resolved by the launch (python -m torchtitan.train) '
+            "before the build; a trainer built directly needs torchtitan.planner.memory_policy.resolve_auto"
+        )
     if mode not in AC_MODES:
         raise ConfigError(f"activation_checkpoint.mode {mode!r} is not one of {AC_MODES}")
     if op_saved_matmuls not in OP_SAVED_MATMULS:

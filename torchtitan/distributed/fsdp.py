@@ -11,6 +11,10 @@ weights ``apply_ep`` made DTensors sharded over ``ep``) are their own FSDP unit 
 ranks EP leaves (``dp_shard_mod_ep``, with ``dp_replicate`` under HSDP); the block's unit
 then takes the rest. See ``torchtitan/distributed/expert_parallel.py`` for the gradient
 divide factor.
+
+``training.enable_cpu_offload`` keeps parameters, gradients and optimizer state on the host,
+which only FSDP knows how to do (it copies each unit to the device for its forward and
+backward): with one data rank the model is still wrapped, over a mesh of one rank.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torchtitan.config import ConfigError
 from torchtitan.distributed.utils import TORCH_DTYPE_MAP
 from torchtitan.tools.logging import logger
 
-__all__ = ["apply_data_parallel", "apply_fsdp", "apply_ddp", "RESHARD_POLICIES"]
+__all__ = ["apply_data_parallel", "apply_fsdp", "apply_ddp", "uses_fsdp", "RESHARD_POLICIES"]
 
 RESHARD_POLICIES = ("default", "always", "never")
 
@@ -76,7 +80,8 @@ def apply_fsdp(
         "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
     }
     if cpu_offload:
-        config["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory makes the copies asynchronous; only a CUDA build can pin
+        config["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")
 
     tok_embeddings = getattr(model, "tok_embeddings", None)
     output = getattr(model, "output", None)
@@ -170,6 +175,12 @@ def apply_ddp(
     return model
 
 
+def uses_fsdp(parallel_dims: Any, training: Any) -> bool:
+    """Whether ``apply_data_parallel`` wraps the model in FSDP: data ranks to shard over, or
+    CPU offload (module doc). FSDP then casts to the compute dtype, not autocast."""
+    return parallel_dims.fsdp_enabled or training.enable_cpu_offload
+
+
 def apply_data_parallel(
     model: nn.Module,
     parallel_dims: Any,
@@ -182,7 +193,7 @@ def apply_data_parallel(
     parallelism; or DDP when only ``data_parallel_replicate_degree`` > 1. Takes the
     ``[training]`` and ``[parallelism]`` sections."""
     pd, t, p = parallel_dims, training, parallelism
-    if pd.fsdp_enabled:
+    if uses_fsdp(pd, t):
         replicated = pd.dp_replicate_enabled
         dp_mesh = pd.get_mesh(("dp_replicate", "dp_shard_cp") if replicated else "dp_shard_cp")
         experts_mesh, divide = None, None

@@ -285,13 +285,18 @@ def clip_grad_norm_(
         op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
         for dim in shard_dims:
             assert mesh is not None
+            # FSDP CPU offload keeps gradients on the host; NCCL reduces device tensors only
+            part = part.to(mesh.device_type)
             dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+        part = part.to(out_device)
         total = torch.maximum(total, part) if is_inf else total + part
 
     if pp_mesh is not None and pp_mesh.size() > 1:
+        total = total.to(pp_mesh.device_type)
         dist.all_reduce(
             total, op=dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM, group=pp_mesh.get_group()
         )
+        total = total.to(out_device)
     total_norm = total if is_inf else total.pow(1.0 / norm_type)
 
     if error_if_nonfinite and not torch.isfinite(total_norm):

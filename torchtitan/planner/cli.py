@@ -184,7 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
     from torchtitan.planner import report
     from torchtitan.planner.dry_run import dry_run
+    from torchtitan.planner.memory_policy import resolve_auto
 
+    try:  # activation_checkpoint.mode = auto: plan the policy the launch would choose
+        cfg, choice = resolve_auto(cfg, opts.world_size, gpu)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e).splitlines()[0])
+    if choice is not None:
+        print(choice.line())
     name = f"{cfg.model.name} {cfg.model.flavor}"
     if not opts.search:
         t0 = time.perf_counter()

@@ -24,6 +24,10 @@ The model, per GPU and step (all assumptions in ``hardware.py`` and docs/plannin
   step, clipping and autocast casts of the experts a token does not use (the dense
   efficiencies already contain this work for the active parameters), and the permutation
   and combination of the routed copies (``_routing_bytes``). 0 for dense models.
+- FSDP CPU offload (``host_s``): every gather copies the rank's fp32 shards host -> device and
+  every reduce-scatter its gradient shards back, over the host link (overlapped with compute
+  like FSDP traffic); the optimizer steps on the host (28 bytes a parameter at the host
+  optimizer rate), not overlapped. Both rates are assumptions (hardware.py).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class StepCost:
     step_s: float
     tokens_per_s_per_gpu: float
     mfu: float  # model FLOPs / peak bf16
+    host_s: float = 0.0  # FSDP CPU offload: host<->device copies (overlapped) + host optimizer
 
 
 def _params_no_embedding(g: Geometry) -> int:
@@ -237,6 +242,7 @@ def step_cost(
     later_attention: bool = False,
     autocast: bool = False,
     clip: bool = True,
+    cpu_offload: bool = False,
 ) -> StepCost:
     """The cost of one step of ``lay`` (see the module docstring). ``chunked_loss``: the
     loss chunks recompute their output projection in backward, one more forward of it."""
@@ -327,8 +333,15 @@ def step_cost(
     if g.moe:
         nbytes += _routing_bytes(g, lay, compiled, autocast, op_layers) * tokens_fwd * forwards
     memory_s = nbytes / (gpu.hbm_tbps * 1e12 * gpu.hbm_efficiency)
-    exposed = max(0.0, dp_s - compute)
-    step = compute + memory_s + bubble + tp_s + cp_s + pp_s + ep_s + exposed
+    copies_s = host_s = 0.0
+    if cpu_offload:
+        shard = (rest + routed) / max(fsdp_n, 1)  # fp32 elements this rank keeps on the host
+        regathers = 0.0 if (lay.pp > 1 or reshard == "never") else 1.0
+        passes = 1 if lay.pp > 1 else lay.grad_accum
+        copies_s = shard * 4 * (2 + regathers) * passes / (gpu.host_link_gbps * 1e9)
+        host_s = shard * 28 / (gpu.host_optimizer_gbps * 1e9)
+    exposed = max(0.0, dp_s + copies_s - compute)
+    step = compute + memory_s + bubble + tp_s + cp_s + pp_s + ep_s + exposed + host_s
     tokens_per_gpu = lay.global_batch * lay.seq / step / lay.world_size
     return StepCost(
         compute_s=compute,
@@ -343,6 +356,7 @@ def step_cost(
         step_s=step,
         tokens_per_s_per_gpu=tokens_per_gpu,
         mfu=flops_tok * tokens_per_gpu / gpu.peak_flops(),
+        host_s=copies_s + host_s,
     )
 
 
@@ -363,6 +377,8 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
         chunked_loss=cfg.training.chunked_loss,
         later_attention=cfg.activation_checkpoint.later_layers == "attention",
-        autocast=cfg.training.mixed_precision_param == "bfloat16" and lay.dp_shard * lay.cp == 1,
+        autocast=cfg.training.mixed_precision_param == "bfloat16" and lay.dp_shard * lay.cp == 1
+        and not cfg.training.enable_cpu_offload,
         clip=cfg.training.max_norm > 0,
+        cpu_offload=cfg.training.enable_cpu_offload,
     )

@@ -196,7 +196,8 @@ def rank_workload(
 
     t, p = cfg.training, cfg.parallelism
     bf16 = t.mixed_precision_param == "bfloat16"
-    fsdp = layout.dp_shard > 1 or layout.cp > 1
+    # CPU offload needs FSDP: on one data rank the trainer shards over a mesh of one
+    fsdp = layout.dp_shard > 1 or layout.cp > 1 or (t.enable_cpu_offload and layout.dp_replicate == 1)
     autocast = bf16 and not fsdp
     compile_on = cfg.compile.enable
     n_mb = layout.n_microbatches

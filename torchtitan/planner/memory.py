@@ -359,6 +359,7 @@ def analytical_states(
     ddp: bool = False,
     ep: int = 1,
     moe_layers: int | None = None,
+    cpu_offload: bool = False,
 ) -> StateBytes:
     """State bytes of rank 0 of a layout, from the shapes alone (what FSDP2 and DTensor
     allocate: TP shards of ceil(dim / tp) rows or columns, FSDP shards of ceil(rows / F)
@@ -368,7 +369,9 @@ def analytical_states(
     under FSDP with ``ep`` > 1 they are a unit of their own over the ``fsdp_degree / ep``
     remaining data ranks, sharded on the expert dim when each rank gets at least one
     expert, else on dim 1 (``apply_fsdp``); with ``ep`` 1 they are in the block's unit.
-    ``moe_layers``: MoE blocks among ``stage_layers`` (None: the model's share)."""
+    ``moe_layers``: MoE blocks among ``stage_layers`` (None: the model's share).
+    ``cpu_offload``: FSDP wraps the model even on one data rank (the trainer's offload path)."""
+    fsdp = fsdp_degree > 1 or (cpu_offload and not ddp)
     n_moe = g.moe_share(stage_layers) if moe_layers is None else moe_layers
 
     def local(shape: tuple[int, ...], style: str) -> tuple[int, ...]:
@@ -391,7 +394,7 @@ def analytical_states(
             numel = math.prod(loc)
             stage += numel
             n_tensors += 1
-            if fsdp_degree > 1:
+            if fsdp:
                 dim = 1 if (style == "ep" and ep > 1 and loc[0] < degree) else 0
                 rest = numel // loc[dim] if loc[dim] else 0
                 rows = math.ceil(loc[dim] / degree)
@@ -419,7 +422,7 @@ def analytical_states(
             add_unit(entries, fsdp_degree)
     if last and not tied:
         add_unit([((g.dim,), "rep", False), ((g.vocab, g.dim), "vocab", False)], fsdp_degree)
-    grads = params if fsdp_degree > 1 else stage * param_bytes
+    grads = params if fsdp else stage * param_bytes
     opt += 4 * n_tensors if fused_step else 0
     kinds = {i >= stage_layers - n_moe for i in range(stage_layers)} or {g.moe}
     block = max(sum(math.prod(local(shape, style)) for _, shape, style in g.block_shapes(k)) for k in kinds)
@@ -427,7 +430,7 @@ def analytical_states(
         params=params,
         grads=grads,
         optimizer=opt,
-        unit_unsharded=units if fsdp_degree > 1 else [],
+        unit_unsharded=units if fsdp else [],
         stage_params=stage,
         block_params=block,
         output_params=math.ceil(g.vocab / tp) * g.dim if last else 0,

@@ -12,6 +12,7 @@ memory torch reports for it); otherwise the table's H100 is assumed, and the rep
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -29,10 +30,12 @@ def launch_gpu() -> tuple[GpuSpec, str]:
 
     if not torch.cuda.is_available():
         return GPUS[DEFAULT_GPU], f"no CUDA device here: planned for the table's {DEFAULT_GPU}"
-    name = torch.cuda.get_device_name()
+    # this rank's card (the trainer has not picked its device yet: current_device() is 0)
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    name = torch.cuda.get_device_name(index)
     for key, spec in GPUS.items():
         if key in name.upper():
-            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            total = torch.cuda.get_device_properties(index).total_memory
             return spec.with_overrides(memory_gib=total / GIB), ""
     return GPUS[DEFAULT_GPU], f"{name} is not in the planner's table: planned for its {DEFAULT_GPU}"
 

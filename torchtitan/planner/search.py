@@ -83,7 +83,22 @@ def _reason(err: Exception) -> str:
     return " ".join(words[:8])
 
 
-def _tiny_model(cfg: JobConfig, tokenizer_vocab: int):
+def model_geometry(cfg: JobConfig, tokenizer_vocab: int = 0) -> Geometry:
+    """The shape of ``cfg``'s model; a flavor that takes its vocabulary from the tokenizer
+    gets ``tokenizer_vocab``, read from ``model.tokenizer_path`` when 0."""
+    from torchtitan.models import get_model_args
+
+    args = get_model_args(cfg.model.name, cfg.model.flavor)
+    if args.vocab_size <= 0:
+        if not tokenizer_vocab:
+            from torchtitan.components.tokenizer import build_tokenizer
+
+            tokenizer_vocab = int(build_tokenizer(cfg.model.tokenizer_path).vocab_size)
+        args.vocab_size = tokenizer_vocab
+    return Geometry.from_model_args(args)
+
+
+def tiny_model(cfg: JobConfig, tokenizer_vocab: int):
     """A one-layer meta model of the flavor, for the real TP divisibility check."""
     from torchtitan.models import get_model_args, get_model_spec
 
@@ -95,7 +110,7 @@ def _tiny_model(cfg: JobConfig, tokenizer_vocab: int):
         return get_model_spec(cfg.model.name).model_cls(args)
 
 
-def check_legal(cfg: JobConfig, lay: Layout, tiny_model) -> tuple[JobConfig, object]:
+def check_legal(cfg: JobConfig, lay: Layout, tiny) -> tuple[JobConfig, object]:
     """Run the trainer's checks on ``lay``; return the candidate config and its stage layout
     (None without PP). Raises the error the trainer would raise."""
     from torchtitan.components.data.loader import ShardLayout
@@ -115,7 +130,7 @@ def check_legal(cfg: JobConfig, lay: Layout, tiny_model) -> tuple[JobConfig, obj
         local_batch_size=t.local_batch_size, global_batch_size=check.global_batch,
     )
     if pd.tp_enabled:
-        check_tp_divisibility(tiny_model, pd.tp)
+        check_tp_divisibility(tiny, pd.tp)
     if "float8" in cand.model.converters:
         from torchtitan.components.float8 import build_model_converters
 
@@ -172,6 +187,7 @@ def evaluate(
             ddp=fsdp_degree == 1 and lay.dp_replicate > 1,
             ep=lay.ep,
             moe_layers=sum(moe_layers),
+            cpu_offload=t.enable_cpu_offload,
         )
         workload = rank_workload(cfg, lay, pp_rank, layers, first, last, stage_moe_layers=moe_layers)
         mem = estimate_memory(g, workload, states)
@@ -247,22 +263,13 @@ def search(
     config's own layout), so every candidate trains the same number of samples per step.
     ``tokenizer_vocab`` is read from ``model.tokenizer_path`` when the flavor needs it and 0.
     """
-    from torchtitan.models import get_model_args
-
-    args = get_model_args(cfg.model.name, cfg.model.flavor)
-    if args.vocab_size <= 0:  # the flavor takes its vocabulary from the tokenizer
-        if not tokenizer_vocab:
-            from torchtitan.components.tokenizer import build_tokenizer
-
-            tokenizer_vocab = int(build_tokenizer(cfg.model.tokenizer_path).vocab_size)
-        args.vocab_size = tokenizer_vocab
-    g = Geometry.from_model_args(args)
+    g = model_geometry(cfg, tokenizer_vocab)
     if "float8" in cfg.model.converters:  # every candidate runs on the planned GPU
         from torchtitan.components.float8 import _import_torchao, check_float8_device
 
         _import_torchao()
         check_float8_device(cfg.float8.emulate, "cuda", gpu.capability)
-    tiny = _tiny_model(cfg, tokenizer_vocab)
+    tiny = tiny_model(cfg, g.vocab)
     result = SearchResult(ranked=[], considered=0)
     try:
         configured = Layout.from_config(cfg, world_size)

@@ -1,0 +1,199 @@
+"""``activation_checkpoint.mode = "auto"``: the chooser, its end-of-run check, and the CPU
+offload path it falls back on.
+
+The chooser is checked against a brute-force scoring of every policy with the planner's own
+``evaluate`` (not against numbers written down): it must pick the fastest predicted policy
+that fits, never one that does not, offload only when nothing else fits, the same one every
+time, and refuse with one line when nothing fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+
+import pytest
+import torch
+
+from small_trainer import small_trainer_args, small_trainer_config
+from torchtitan.config import ConfigError, ConfigManager
+from torchtitan.planner.hardware import GIB, GPUS
+from torchtitan.planner.layout import Layout
+from torchtitan.planner.memory_policy import (
+    HEADROOM_GIB,
+    MARGIN,
+    Policy,
+    candidate_policies,
+    choose,
+    prediction_gap,
+    resolve_auto,
+)
+from torchtitan.planner.search import check_legal, evaluate, model_geometry, tiny_model
+
+H100 = GPUS["H100"].with_overrides(memory_gib=79.1)
+
+
+def _cfg(flavor: str, batch: int, seq: int, *extra: str):
+    return ConfigManager().parse_args([
+        "--model.flavor", flavor, "--training.local_batch_size", str(batch), "--training.seq_len", str(seq),
+        "--compile.enable", "--activation_checkpoint.mode", "auto", *extra,
+    ])
+
+
+def _score_all(cfg, gpu):
+    """Every candidate policy scored independently of ``choose``: (policy, tps, peak, fits)."""
+    g = model_geometry(cfg)
+    tiny = tiny_model(cfg, g.vocab)
+    out = []
+    for policy in candidate_policies(g.n_layers):
+        pcfg = policy.apply(cfg)
+        lay = Layout.from_config(pcfg, 1)
+        stages = check_legal(pcfg, lay, tiny)[1]
+        c = evaluate(pcfg, lay, stages, g, gpu, HEADROOM_GIB, MARGIN)
+        out.append((policy, c.cost.tokens_per_s_per_gpu, c.memory.peak_reserved, c.fits))
+    return out
+
+
+@pytest.mark.parametrize("seq", [8192, 131072])
+def test_auto_picks_the_fastest_fitting_policy_and_offloads_only_when_nothing_else_fits(seq):
+    cfg = _cfg("3B", 2 if seq == 8192 else 1, seq)
+    scored = _score_all(cfg, H100)
+    choice = choose(cfg, 1, H100)
+    budget = (H100.memory_gib - HEADROOM_GIB) * GIB * (1 - MARGIN)
+    assert choice.candidate.fits and choice.predicted_peak <= budget
+    fitting = [s for s in scored if s[3]]
+    on_device = [s for s in fitting if not s[0].cpu_offload]
+    pool = on_device or fitting  # offload only when no on-device policy fits
+    assert choice.predicted_tps == pytest.approx(max(s[1] for s in pool), rel=1e-12)
+    assert choice.policy.cpu_offload == (not on_device)
+    # the policies predicted faster than the choice are exactly those that do not fit
+    faster = [s for s in scored if s[1] > choice.predicted_tps * (1 + 1e-12) and not s[0].cpu_offload]
+    assert faster and not any(s[3] for s in faster)
+    assert all(s[2] > budget for s in faster)
+    if seq == 8192:  # trains on the device, with per-layer AC between all and attention-only
+        assert not choice.policy.cpu_offload
+    else:  # 131k tokens on one 80 GB card: nothing fits without offload
+        assert choice.policy.cpu_offload and choice.predicted_tps > 0
+    assert choose(cfg, 1, H100).policy == choice.policy  # deterministic
+
+
+def test_more_memory_never_chooses_a_slower_policy():
+    cfg = _cfg("1B", 4, 8192)
+    rates = [choose(cfg, 1, GPUS["H100"].with_overrides(memory_gib=m)).predicted_tps for m in (30.0, 50.0, 79.1, 139.8)]
+    assert rates == sorted(rates) and rates[0] < rates[-1]
+
+
+def test_resolve_auto_writes_a_repeatable_config_and_respects_the_memory_limit():
+    cfg = _cfg("3B", 2, 8192, "--training.device_memory_limit_gib", "40")
+    out, choice = resolve_auto(cfg, 1, GPUS["H200"])
+    assert choice is not None and choice.gpu.memory_gib == 40.0  # capped, not the H200's 139.8
+    assert out.activation_checkpoint.mode != "auto" and cfg.activation_checkpoint.mode == "auto"
+    out.validate()
+    # the written-out options reproduce the choice: the chooser's config parses back to itself
+    again = ConfigManager().parse_args(["--model.flavor", "3B", *_ac_overrides(out)])
+    for f in dataclasses.fields(out.activation_checkpoint):
+        assert getattr(again.activation_checkpoint, f.name) == getattr(out.activation_checkpoint, f.name), f.name
+    assert resolve_auto(out, 1, GPUS["H200"]) == (out, None)  # other modes pass through
+    assert "auto chose" in choice.line() and "40.0 GiB" in choice.line()
+
+
+def _ac_overrides(cfg) -> list[str]:
+    ac, t = cfg.activation_checkpoint, cfg.training
+    return [
+        "--activation_checkpoint.mode", ac.mode, "--activation_checkpoint.selective_ac_option", ac.selective_ac_option,
+        "--activation_checkpoint.op_saved_matmuls", ac.op_saved_matmuls,
+        "--activation_checkpoint.op_ac_layers", str(ac.op_ac_layers), "--activation_checkpoint.later_layers", ac.later_layers,
+        "--training.loss_chunk_size", str(t.loss_chunk_size), *(["--training.enable_cpu_offload"] if t.enable_cpu_offload else []),
+    ]
+
+
+def test_every_candidate_is_a_valid_config_the_planner_reads_back():
+    cfg = _cfg("debugmodel", 2, 256)
+    policies = candidate_policies(model_geometry(cfg).n_layers)
+    assert len(set(policies)) == len(policies) and Policy("none") == policies[0]
+    for policy in policies:
+        pcfg = policy.apply(cfg)
+        pcfg.validate()
+        assert Layout.from_config(pcfg, 1) == policy.layout(Layout.from_config(pcfg, 1)), policy
+
+
+def test_nothing_fits_is_one_line_naming_the_option():
+    with pytest.raises(ConfigError) as e:
+        choose(_cfg("8B", 8, 8192), 1, GPUS["H100"].with_overrides(memory_gib=8.0))
+    text = str(e.value)
+    assert "\n" not in text and "activation_checkpoint.mode = auto" in text and "local_batch_size" in text
+
+
+def test_prediction_gap_flags_memory_beyond_the_margin():
+    choice = choose(_cfg("1B", 4, 8192), 1, H100)
+    line, over = prediction_gap(choice, choice.predicted_tps * 0.9, choice.predicted_peak * 1.02)
+    assert not over and "-10.0%" in line and "+2.0%" in line
+    line, over = prediction_gap(choice, choice.predicted_tps, choice.predicted_peak * 1.2)
+    assert over and "exceeded" in line
+    line, over = prediction_gap(choice, choice.predicted_tps, 0)
+    assert not over and "no device memory" in line
+
+
+def test_offload_costs_host_time_and_frees_device_memory():
+    cfg = _cfg("3B", 1, 8192)
+    g = model_geometry(cfg)
+    tiny = tiny_model(cfg, g.vocab)
+    res = {}
+    for o in (False, True):
+        pcfg = Policy("full", cpu_offload=o).apply(cfg)
+        lay = Layout.from_config(pcfg, 1)
+        res[o] = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny)[1], g, H100, HEADROOM_GIB, MARGIN)
+    assert res[True].cost.host_s > 0 == res[False].cost.host_s
+    assert res[True].cost.tokens_per_s_per_gpu < res[False].cost.tokens_per_s_per_gpu
+    assert res[True].memory.host > 0 and res[True].memory.peak_reserved < res[False].memory.peak_reserved
+
+
+def test_cpu_offload_on_one_rank_trains_like_no_offload(tmp_path):
+    """One data rank with ``training.enable_cpu_offload``: the model is FSDP-wrapped over a
+    mesh of one (the offload path needs FSDP) and trains exactly as without offload."""
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan.trainer import Trainer
+
+    def run(folder, *extra):
+        cfg = small_trainer_config(tmp_path / folder, "--training.seq_len", "64", "--training.steps", "2",
+                                   "--training.max_norm", "1.0", "--activation_checkpoint.mode", "none", *extra)
+        trainer = Trainer(cfg)
+        try:
+            losses = trainer.train()
+            params = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                      for k, v in trainer.model_parts[0].named_parameters()}
+        finally:
+            trainer.close()
+        return losses, params
+
+    base_losses, base = run("a")
+    off_losses, off = run("b", "--training.enable_cpu_offload")
+    assert off_losses == base_losses
+    assert base.keys() == off.keys()
+    for k in base:
+        torch.testing.assert_close(off[k], base[k], rtol=0, atol=0, msg=k)
+
+
+def test_launch_resolves_auto_dumps_the_choice_and_reports_the_gap(tmp_path):
+    """``python -m torchtitan.train`` with mode auto (in process): the dumped config holds the
+    chosen policy, the choice is logged before training and the gap after it."""
+    from torchtitan import train as entry
+    from torchtitan.tools.logging import logger
+
+    args = small_trainer_args(tmp_path, "--training.seq_len", "64", "--training.steps", "2",
+                              "--activation_checkpoint.mode", "auto", "--metrics.log_freq", "1")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)  # the entry point sets its own handler and stops propagation
+    try:
+        entry.main(args)
+    finally:
+        logger.removeHandler(handler)
+    text = "\n".join(records)
+    assert "activation_checkpoint.mode = auto chose: no AC" in text, text
+    assert "auto memory policy (no AC): predicted" in text and "no device memory measured" in text
+    dumped = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert dumped["activation_checkpoint"]["mode"] == "none"

@@ -1,0 +1,244 @@
+"""``activation_checkpoint.mode = "auto"``: spend the device's spare memory on speed.
+
+Before the trainer is built, every rank runs the same pure function of the config and the
+GPU: the planner's memory model (every pipeline rank, the worst kept) and cost model score
+each memory policy for the run's own layout, and the fastest predicted policy that fits
+the budget wins. A policy is, per layer, one of
+
+- no AC; per-op AC saving every matmul (``op_all``), every other one (``op``) or only
+  attention's output (``op_attn``); full AC; full AC on every N-th block (``selective N``);
+- per-op AC on the first layers and full or attention-only op AC on the later ones
+  (``op_ac_layers`` + ``later_layers``), for each split point;
+
+times the loss chunk size (none, 4096, 1024 tokens) and, only when nothing else fits, FSDP
+CPU offload of parameters, gradients and optimizer state. The budget is the planner's:
+(device memory - ``HEADROOM_GIB``) x (1 - ``MARGIN``), the device memory being
+``training.device_memory_limit_gib`` when set, else the card's. Ties (the cost model does
+not tell two chunk sizes apart) go to the policy listed first: fewer chunks, no offload.
+
+The choice is written into the config (the dumped ``config.toml`` repeats the run exactly)
+and logged in one line; ``prediction_gap`` compares it with what the run measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+from torchtitan.config import ConfigError, JobConfig
+from torchtitan.planner.hardware import GIB, GpuSpec
+from torchtitan.planner.layout import Layout
+from torchtitan.planner.memory import OP_AC_SAVED_MATMULS
+from torchtitan.planner.search import Candidate, check_legal, evaluate, model_geometry, tiny_model
+from torchtitan.tools.logging import logger
+
+__all__ = ["HEADROOM_GIB", "MARGIN", "Policy", "Choice", "candidate_policies", "choose", "resolve_auto",
+           "resolve_for_launch", "prediction_gap", "log_prediction_gap"]
+
+HEADROOM_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
+MARGIN = 0.05  # the memory model's stated accuracy (docs/planning.md)
+LOSS_CHUNKS = (0, 4096, 1024)
+_OP_NAMES = {"op_all": "op AC saving every matmul", "op": "op AC saving every other matmul",
+             "op_attn": "op AC saving attention only"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How one run spends memory: AC per layer, loss chunks, CPU offload."""
+
+    ac: str  # "none", "full", one of OP_AC_SAVED_MATMULS, or N (full AC on every N-th block)
+    op_layers: int = -1  # with an op option: op AC on layers 0..op_layers-1 only; -1 = all
+    later: str = "full"  # the later layers' AC: "full" or "attention"
+    loss_chunk: int = 0
+    cpu_offload: bool = False
+
+    def apply(self, cfg: JobConfig) -> JobConfig:
+        """A copy of ``cfg`` running this policy (only the sections it changes are copied)."""
+        out = copy.copy(cfg)
+        out.training = t = copy.copy(cfg.training)
+        out.activation_checkpoint = ac = copy.copy(cfg.activation_checkpoint)
+        t.loss_chunk_size, t.enable_cpu_offload = self.loss_chunk, self.cpu_offload
+        ac.op_ac_layers, ac.later_layers, ac.op_saved_matmuls = -1, "full", "every_other"
+        if self.ac in ("none", "full"):
+            ac.mode, ac.selective_ac_option = self.ac, "op"
+        elif self.ac in OP_AC_SAVED_MATMULS:
+            ac.mode, ac.selective_ac_option = "selective", "op"
+            ac.op_saved_matmuls = OP_AC_SAVED_MATMULS[self.ac]
+            ac.op_ac_layers, ac.later_layers = self.op_layers, self.later
+        else:
+            ac.mode, ac.selective_ac_option = "selective", self.ac
+        return out
+
+    def layout(self, lay: Layout) -> Layout:
+        mode = self.ac if self.ac in ("none", "full") else "selective"
+        return dataclasses.replace(lay, ac_mode=mode, ac_option="op" if mode != "selective" else self.ac)
+
+    def label(self) -> str:
+        if self.ac in ("none", "full"):
+            text = "no AC" if self.ac == "none" else "full AC"
+        elif self.ac in _OP_NAMES:
+            text = _OP_NAMES[self.ac]
+            if self.op_layers >= 0:
+                later = "full AC" if self.later == "full" else "op AC saving attention only"
+                text += f" on layers 0-{self.op_layers - 1}, {later} on the others"
+        else:
+            text = f"full AC on every {self.ac}. block"
+        if self.loss_chunk:
+            text += f", loss chunks of {self.loss_chunk}"
+        if self.cpu_offload:
+            text += ", FSDP CPU offload"
+        return text
+
+
+def candidate_policies(n_layers: int) -> list[Policy]:
+    """Every policy ``choose`` scores, in tie-break order (see the module docstring)."""
+    ac: list[Policy] = [Policy("none"), Policy("op_all"), Policy("op"), Policy("op_attn"), Policy("full")]
+    ac += [Policy(str(n)) for n in (2, 3, 4) if n <= n_layers]
+    for op in ("op_all", "op", "op_attn"):
+        for later in ("full", "attention"):
+            if op == "op_attn" and later == "attention":
+                continue  # the same as op_attn everywhere
+            ac += [Policy(op, k, later) for k in range(1, n_layers)]
+    out = [dataclasses.replace(p, loss_chunk=c) for c in LOSS_CHUNKS for p in ac]
+    return out + [dataclasses.replace(p, cpu_offload=True) for p in out]
+
+
+@dataclass
+class Choice:
+    """The winning policy with its prediction, and how many were scored and fit."""
+
+    policy: Policy
+    candidate: Candidate
+    budget_bytes: float
+    scored: int
+    fitting: int
+    gpu: GpuSpec
+
+    @property
+    def predicted_tps(self) -> float:
+        return self.candidate.cost.tokens_per_s_per_gpu
+
+    @property
+    def predicted_peak(self) -> int:
+        return self.candidate.memory.peak_reserved
+
+    def line(self) -> str:
+        """The one log line: what was chosen and what it is predicted to do."""
+        return (
+            f"activation_checkpoint.mode = auto chose: {self.policy.label()} "
+            f"(predicted {self.predicted_tps:,.0f} tokens/s per GPU, peak {self.predicted_peak / GIB:.1f} GiB "
+            f"of a {self.budget_bytes / GIB:.1f} GiB budget on {self.gpu.name} with "
+            f"{self.gpu.memory_gib:.1f} GiB; {self.fitting} of {self.scored} policies fit)"
+        )
+
+
+def _budget(gpu: GpuSpec, headroom_gib: float, margin: float) -> float:
+    return (gpu.memory_gib - headroom_gib) * GIB * (1 - margin)
+
+
+def choose(
+    cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float = HEADROOM_GIB, margin: float = MARGIN
+) -> Choice:
+    """The fastest predicted policy for ``cfg``'s layout that fits (see the module doc).
+    Raises ConfigError (one line) when the layout is illegal or no policy fits."""
+    policies = candidate_policies(model_geometry(cfg).n_layers)
+    base = policies[0].apply(cfg)
+    lay = Layout.from_config(base, world_size)
+    g = model_geometry(cfg)
+    tiny = tiny_model(cfg, g.vocab)
+    legal = {}  # offload on/off: the checks that differ between the two are the trainer's own
+    best: tuple[Policy, Candidate] | None = None
+    smallest: Candidate | None = None
+    fitting = 0
+    scored = 0
+    for policy in policies:
+        if policy.cpu_offload and best is not None and not best[0].cpu_offload:
+            break  # offload only when nothing else fits
+        scored += 1
+        pcfg, play = policy.apply(cfg), policy.layout(lay)
+        if policy.cpu_offload not in legal:
+            try:
+                legal[policy.cpu_offload] = check_legal(pcfg, play, tiny)[1]
+            except (ConfigError, ValueError) as e:
+                if not policy.cpu_offload:
+                    raise
+                legal[True] = e
+        stages = legal[policy.cpu_offload]
+        if isinstance(stages, Exception):
+            continue
+        cand = evaluate(pcfg, play, stages, g, gpu, headroom_gib, margin)
+        if smallest is None or cand.memory.peak_reserved < smallest.memory.peak_reserved:
+            smallest = cand
+        if not cand.fits:
+            continue
+        fitting += 1
+        if best is None or cand.cost.tokens_per_s_per_gpu > best[1].cost.tokens_per_s_per_gpu:
+            best = (policy, cand)
+    budget = _budget(gpu, headroom_gib, margin)
+    if best is None:
+        need = smallest.memory.peak_reserved / GIB if smallest is not None else float("nan")
+        raise ConfigError(
+            f"activation_checkpoint.mode = auto: no memory policy fits {gpu.memory_gib:.1f} GiB "
+            f"(budget {budget / GIB:.1f} GiB; the smallest of {scored} policies needs ~{need:.1f} GiB): lower "
+            "training.local_batch_size or training.seq_len, or spread the model over more GPUs "
+            "(scripts/plan.py --search ranks layouts)"
+        )
+    return Choice(best[0], best[1], budget, scored, fitting, gpu)
+
+
+def resolve_auto(cfg: JobConfig, world_size: int, gpu: GpuSpec) -> tuple[JobConfig, Choice | None]:
+    """``cfg`` with ``mode = "auto"`` replaced by the chosen policy (the same config when
+    another mode is set), and the choice. ``gpu`` is the launch's card; its memory is
+    capped by ``training.device_memory_limit_gib`` when that is set."""
+    if cfg.activation_checkpoint.mode != "auto":
+        return cfg, None
+    limit = cfg.training.device_memory_limit_gib
+    if limit > 0:
+        gpu = gpu.with_overrides(memory_gib=min(limit, gpu.memory_gib))
+    choice = choose(cfg, world_size, gpu)
+    return choice.policy.apply(cfg), choice
+
+
+def prediction_gap(choice: Choice, measured_tps: float, measured_peak_bytes: float) -> tuple[str, bool]:
+    """The end-of-run line comparing the choice's prediction with the measured mean
+    tokens/s and reserved peak, and whether memory exceeded the prediction by more than
+    the margin (the model was wrong in the direction that can run out of memory)."""
+    tps_gap = measured_tps / choice.predicted_tps - 1 if choice.predicted_tps > 0 else 0.0
+    line = (
+        f"auto memory policy ({choice.policy.label()}): predicted {choice.predicted_tps:,.0f} tokens/s "
+        f"and {choice.predicted_peak / GIB:.1f} GiB, measured {measured_tps:,.0f} tokens/s ({tps_gap:+.1%})"
+    )
+    if measured_peak_bytes <= 0:  # no device allocator was asked (a CPU run)
+        return line + " (no device memory measured)", False
+    mem_gap = measured_peak_bytes / choice.predicted_peak - 1
+    over = mem_gap > MARGIN
+    line += f" and {measured_peak_bytes / GIB:.1f} GiB ({mem_gap:+.1%})"
+    if over:
+        line += f": memory exceeded the prediction by more than the {MARGIN:.0%} margin"
+    return line, over
+
+
+def resolve_for_launch(cfg: JobConfig, world_size: int, rank: int = 0) -> tuple[JobConfig, Choice | None]:
+    """``resolve_auto`` for the card this process runs on (the planner's table entry for it,
+    an H100 where there is none, e.g. on a CPU: the log line says so); rank 0 logs the choice."""
+    if cfg.activation_checkpoint.mode != "auto":
+        return cfg, None
+    from torchtitan.planner.preflight import launch_gpu
+
+    gpu, note = launch_gpu()
+    out, choice = resolve_auto(cfg, world_size, gpu)
+    if rank == 0 and choice is not None:
+        logger.info(choice.line() + (f"; note: {note}" if note else ""))
+    return out, choice
+
+
+def log_prediction_gap(choice: Choice, metrics) -> bool:
+    """Log ``prediction_gap`` for a finished run's ``MetricsProcessor``; a warning when the
+    memory exceeded the prediction by more than the margin. Returns that verdict."""
+    gib, _ = metrics.peak_reserved
+    if metrics.device.type != "cuda":  # the host's memory is not what the model predicts
+        gib = 0.0
+    line, over = prediction_gap(choice, metrics.mean_tokens_per_s(), gib * GIB)
+    (logger.warning if over else logger.info)(line)
+    return over
