@@ -209,7 +209,7 @@ def check_template(template: Mapping[str, Any], metadata: Metadata, path: str) -
     stored = metadata.state_dict_metadata
     present = sorted({key.split(".", 1)[0] for key in stored})
     for group in template:
-        if group not in present:
+        if group not in stored and not any(key.startswith(group + ".") for key in stored):
             return (
                 f"checkpoint {path} holds no {group} state (only {', '.join(present)}); add "
                 f"{group} to checkpoint.exclude_from_loading or load a full checkpoint"
