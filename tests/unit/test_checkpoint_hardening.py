@@ -35,14 +35,29 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from small_trainer import small_trainer_args, small_trainer_config
-from test_checkpoint import Run, _equal, pg  # noqa: F401  (pg is a fixture)
+from test_checkpoint import Run, _equal
 from torchtitan.components.checkpoint import MARKER, CheckpointError, list_checkpoints
+from torchtitan.components.checkpoint import folder as ckpt_folder
 from torchtitan.components.checkpoint import manager as ckpt_manager
 from torchtitan.components.checkpoint.folder import check_dump_subfolders, crc32_file
 from torchtitan.components.checkpoint.storage import read_metadata
 from torchtitan.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def pg():
+    """A 1-rank process group, as the trainer always has."""
+    import torch.distributed as dist
+
+    from torchtitan.distributed.utils import init_single_process_group
+
+    created = not dist.is_initialized()
+    init_single_process_group("cpu")
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _save_steps(run: Run, steps: int) -> dict[int, dict[str, torch.Tensor]]:
@@ -110,6 +125,14 @@ def test_checksums_are_those_of_the_written_files(tmp_path, pg, mode):
     assert marker["format"] == 2 and sorted(marker["crc32"]) == sorted(marker["files"])
     assert any(name.endswith(".distcp") for name in marker["crc32"])
     assert marker["crc32"] == {name: crc32_file(str(path / name)) for name in marker["files"]}
+
+
+def test_parallel_file_checksum_equals_zlib(tmp_path, monkeypatch):
+    """Verification checksums pieces of a large file in parallel and combines them."""
+    monkeypatch.setattr(ckpt_folder, "_CHUNK", 1 << 16)
+    data = os.urandom((5 << 16) + 777)
+    (tmp_path / "f").write_bytes(data)
+    assert crc32_file(str(tmp_path / "f"), threads=3) == zlib.crc32(data) == crc32_file(str(tmp_path / "f"))
 
 
 def test_same_size_corruption_is_caught_and_an_older_checkpoint_loads(tmp_path, pg, caplog):
