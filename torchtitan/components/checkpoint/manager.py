@@ -393,8 +393,8 @@ class CheckpointManager:
             if self.rank == 0:
                 logger.info(f"loaded the model from Hugging Face folder {path} in {time.perf_counter() - started:.2f}s")
             return True
-        problems = []
-        for path, groups, _, marker in candidates:
+        first = None
+        for i, (path, groups, _, marker) in enumerate(candidates):
             if not groups:
                 logger.info(f"checkpoint {path}: every state is in checkpoint.exclude_from_loading")
                 return False
@@ -403,10 +403,10 @@ class CheckpointManager:
                 return True
             if len(candidates) == 1:
                 raise CheckpointError(problem)
-            problems.append(problem)
-            if self.rank == 0:
+            first = first or problem
+            if i + 1 < len(candidates) and self.rank == 0:
                 logger.warning(f"{problem}; trying the next older checkpoint")
-        raise CheckpointError(f"{problems[0]}; and no older checkpoint of {self.folder} loads either")
+        raise CheckpointError(f"{first}; and no older checkpoint of {self.folder} loads either")
 
     def _try_load(self, path: str, groups: tuple[str, ...], marker: dict[str, Any] | None) -> str | None:
         """Load ``groups`` from ``path``: None when done, else why the checkpoint is corrupt
