@@ -197,3 +197,22 @@ def test_launch_resolves_auto_dumps_the_choice_and_reports_the_gap(tmp_path):
     assert "auto memory policy (no AC): predicted" in text and "no device memory measured" in text
     dumped = tomllib.loads((tmp_path / "config.toml").read_text())
     assert dumped["activation_checkpoint"]["mode"] == "none"
+
+
+@pytest.mark.parametrize("layout", [
+    ("--parallelism.tensor_parallel_degree", "2"),
+    ("--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "4"),
+    ("--parallelism.context_parallel_degree", "2"),
+])
+def test_every_layout_gets_a_choice_its_own_checks_accept(layout):
+    """8 ranks: the chosen policy passes the trainer's checks for that layout (loss chunks,
+    refused under TP's loss parallel, are never chosen there)."""
+    from torchtitan.distributed.layout import validate_layout
+
+    cfg = _cfg("8B", 1, 32768, *layout)
+    out, choice = resolve_auto(cfg, 8, GPUS["H100"])
+    out.validate()
+    validate_layout(out, 8)
+    assert choice.candidate.fits
+    if "--parallelism.tensor_parallel_degree" in layout:
+        assert choice.policy.loss_chunk == 0

@@ -147,7 +147,7 @@ def choose(
     lay = Layout.from_config(base, world_size)
     g = model_geometry(cfg)
     tiny = tiny_model(cfg, g.vocab)
-    legal = {}  # offload on/off: the checks that differ between the two are the trainer's own
+    legal: dict = {}  # (loss chunk, offload) -> stage layout, or the trainer's refusal
     best: tuple[Policy, Candidate] | None = None
     smallest: Candidate | None = None
     fitting = 0
@@ -157,14 +157,15 @@ def choose(
             break  # offload only when nothing else fits
         scored += 1
         pcfg, play = policy.apply(cfg), policy.layout(lay)
-        if policy.cpu_offload not in legal:
+        key = (policy.loss_chunk, policy.cpu_offload)  # what the trainer's checks can refuse
+        if key not in legal:
             try:
-                legal[policy.cpu_offload] = check_legal(pcfg, play, tiny)[1]
+                legal[key] = check_legal(pcfg, play, tiny)[1]
             except (ConfigError, ValueError) as e:
-                if not policy.cpu_offload:
-                    raise
-                legal[True] = e
-        stages = legal[policy.cpu_offload]
+                if key == (0, False):
+                    raise  # the configured layout itself is refused: the build would say so
+                legal[key] = e  # e.g. loss chunks under TP (loss parallel)
+        stages = legal[key]
         if isinstance(stages, Exception):
             continue
         cand = evaluate(pcfg, play, stages, g, gpu, headroom_gib, margin)
