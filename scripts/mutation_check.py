@@ -233,10 +233,14 @@ def classify(junit: Path) -> tuple[str, list[str]]:
         ran += 1
         for tag in ("failure", "error"):
             for node in case.findall(tag):
-                kind = node.get("type") or ""
-                message = (node.get("message") or "").splitlines()[0][:100] if node.get("message") else ""
-                failing.append(f"{case.get('name')}: {tag} {kind} {message}".rstrip())
-                assertion |= tag == "failure" and kind.endswith("AssertionError")
+                message = (node.get("message") or "").strip()
+                first = message.splitlines()[0][:120] if message else ""
+                failing.append(f"{case.get('name')}: {tag}: {first}")
+                # pytest writes the exception into the message ("AssertionError: ...",
+                # "assert x < y", "harness.LayoutCrashed: ..."); an error is a setup crash
+                assertion |= tag == "failure" and (
+                    first.startswith(("assert ", "AssertionError")) or "AssertionError" in (node.get("type") or "")
+                )
     if ran == 0:
         return "no tests", []
     if assertion:
