@@ -102,7 +102,7 @@ def test_two_names_of_one_option_must_agree(tmp_path):
         ('[fault_tolerance]\nsemi_sync_method = "diloco"\n', "torchft"),
         ('[training]\ndtype = "bfloat16"\n', "pure bfloat16 training"),
         ("[training]\ngc_debug = true\n", "not built here"),
-        ('[activation_checkpoint]\nmode = "memory_budget"\n', "memory-budget activation checkpointing is not built here"),
+        ('[activation_checkpoint]\nmode = "memory_budget"\n', "memory-budget partitioner is not built here"),
         ("[activation_checkpoint]\nmemory_budget = 0.3\n", "memory_budget = 0.3: memory-budget"),
         ("[debug]\nmoe_force_load_balance = true\n", "no forced round-robin mode"),
         ('[parallelism]\ncontext_parallel_load_balancer = "ptrr"\n', "PTRR load balancing"),

@@ -166,7 +166,8 @@ UNSUPPORTED: dict[str, tuple[Any, str]] = {
 # Values of a supported option that name a feature not built here.
 _REFUSED_VALUES: dict[tuple[str, Any], str] = {
     ("activation_checkpoint.mode", "memory_budget"): (
-        "memory-budget activation checkpointing is not built here yet; use full or selective"
+        "the compiler's memory-budget partitioner is not built here; mode = \"auto\" fits the run to "
+        "the device's memory instead (per-layer AC, loss chunks, CPU offload: docs/planning.md)"
     ),
 }
 # model.converters: TorchTitan v0.2's names -> ours; the others are refused with the reason.
