@@ -12,10 +12,11 @@ described in ``sources.py``: a Hugging Face ``Dataset`` (map-style, read by inde
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,8 @@ def _load_format(fmt: str, path: str) -> Any:
         return TextFiles(files)
     datasets = _hf()
     try:
-        return datasets.load_dataset(fmt, data_files=files, split="train", streaming=_is_remote(path))
+        with _quiet_errors("datasets"):
+            return datasets.load_dataset(fmt, data_files=files, split="train", streaming=_is_remote(path))
     except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, EOFError, StopIteration) as e:
         reason = _first_line(e.__cause__ or e)
         # Arrow rejects some JSON that Python reads (lone surrogates such as "\ud800"); read
@@ -192,6 +194,25 @@ def _load_format(fmt: str, path: str) -> Any:
             return JsonLinesFiles(files)
         culprit = _unreadable_file(local, fmt) or path
         raise DataConfigError(f"training.dataset_path: cannot read {culprit} as {fmt}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _quiet_errors(name: str) -> Iterator[None]:
+    """Drop the ERROR records of logger ``name`` meanwhile: a failure is raised again below as
+    one line naming the file, and ``datasets`` would first log it (some with a traceback)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    # (a logger's filter does not see its children's records; its handlers do)
+    handlers = logging.getLogger(name).handlers + logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(keep)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(keep)
 
 
 def _first_line(e: BaseException) -> str:
