@@ -314,15 +314,17 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 def test_trainer_on_a_full_disk_exits_non_zero_and_keeps_its_last_checkpoint(tmp_path):
     """The real trainer as a user runs it, its dump folder on a 110 MiB file system that
-    holds one checkpoint of the debug model (5.9M parameters + AdamW state: ~71 MB) but not two."""
+    holds one checkpoint of the debug model (5.9M parameters + AdamW state: ~71 MB) but not
+    two: the save at step 1 fits, the one at step 2 does not."""
     dump = tmp_path / f"small_disk_{uuid.uuid4().hex[:6]}"
     if not _mount_tmpfs(dump, "110m"):
         pytest.skip("cannot mount a tmpfs here (needs root); the in-process test above simulates ENOSPC")
     try:
         args = small_trainer_args(
-            dump, "--job.no-print_config", "--training.steps", "4", "--training.seq_len", "32",
+            dump, "--job.no-print_config", "--training.steps", "2", "--training.seq_len", "16",
             "--training.local_batch_size", "1", "--activation_checkpoint.mode", "none",
-            "--comm.trace_buf_size", "0", "--checkpoint.enable", "--checkpoint.interval", "2",
+            "--lr_scheduler.warmup_steps", "1",
+            "--comm.trace_buf_size", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
             "--checkpoint.keep_latest_k", "1", "--checkpoint.no-fail_on_save_error",
         )
         out = subprocess.run([sys.executable, "-m", "torchtitan.train", *args], cwd=REPO,
@@ -332,8 +334,8 @@ def test_trainer_on_a_full_disk_exits_non_zero_and_keeps_its_last_checkpoint(tmp
         assert len(errors) == 1 and "the last checkpoint save failed: no space left on" in errors[0], errors
         assert "GiB" in errors[0] and "Traceback" not in out.stderr
         folder = dump / "checkpoint"
-        assert sorted(os.listdir(folder)) == ["step-2"]  # no step-4.tmp-* left behind
-        marker = json.loads((folder / "step-2" / MARKER).read_text())
-        assert all(zlib.crc32((folder / "step-2" / n).read_bytes()) == c for n, c in marker["crc32"].items())
+        assert sorted(os.listdir(folder)) == ["step-1"]  # no step-2.tmp-* left behind
+        marker = json.loads((folder / "step-1" / MARKER).read_text())
+        assert all(zlib.crc32((folder / "step-1" / n).read_bytes()) == c for n, c in marker["crc32"].items())
     finally:
         subprocess.run(["umount", str(dump)], capture_output=True)
