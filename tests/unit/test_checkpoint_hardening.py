@@ -156,6 +156,25 @@ def test_same_size_corruption_is_caught_and_an_older_checkpoint_loads(tmp_path, 
     assert sorted(list_checkpoints(str(tmp_path / "checkpoint"))) == [1, 2]  # nothing deleted
 
 
+def test_retention_after_a_fallback_does_not_count_the_newer_checkpoint(tmp_path, pg):
+    """Resumed from step 1 because step 3 is corrupt, a run saving step 2 with
+    keep_latest_k = 1 keeps step 2 (counting step 3 would delete every new save)."""
+    a = Run(tmp_path)
+    a.step()
+    a.manager.save(1)
+    a.step(), a.step()
+    a.manager.save(3)
+    data = tmp_path / "checkpoint" / "step-3" / "__0_0.distcp"
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # one flipped byte
+    data.write_bytes(bytes(content))
+    b = Run(tmp_path, seed=1, keep_latest_k=1)
+    assert b.manager.load() and b.counter.value == 1
+    b.step()
+    b.manager.save(2)
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["step-2", "step-3"]
+
+
 # ---------------------------------------------------------------- 3. non-finite optimizer state
 
 

@@ -349,14 +349,17 @@ def remove_leftovers(folder: str, keep: str | None = None) -> list[str]:
     return removed
 
 
-def prune(folder: str, keep_latest_k: int) -> list[str]:
+def prune(folder: str, keep_latest_k: int, upto: int | None = None) -> list[str]:
     """Remove leftovers of interrupted saves and, when ``keep_latest_k > 0``, all but the
     ``keep_latest_k`` newest complete checkpoints; return the removed paths. Only
     directories with our marker count and are deleted: unmarked or damaged ``step-N``
-    directories are left alone (``scan`` reports them)."""
+    directories are left alone (``scan`` reports them). With ``upto`` (the step just
+    saved) checkpoints of later steps neither count nor go: they belong to an earlier
+    timeline (the run fell back from a corrupt one, or ``load_step`` was pinned), and
+    counting them would delete every new save while keeping them."""
     removed = remove_leftovers(folder)
     if keep_latest_k > 0:
-        complete = scan(folder).complete
+        complete = {k: v for k, v in scan(folder).complete.items() if upto is None or k <= upto}
         for step in sorted(complete)[:-keep_latest_k]:
             _remove(complete[step].path)
             removed.append(complete[step].path)

@@ -325,7 +325,7 @@ class CheckpointManager:
         try:
             checksums = save.writer.checksums if save.writer is not None else None
             finalize(save.tmp, save.final, save.step, save.contents, checksums)
-            prune(self.folder, self.settings.keep_latest_k)
+            prune(self.folder, self.settings.keep_latest_k, upto=save.step)
         except Exception as e:
             self._failed(save, e)
             return
