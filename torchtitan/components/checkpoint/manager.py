@@ -478,6 +478,8 @@ class CheckpointManager:
             verify_checksums(path, marker, checksum_share(marker, self.rank, self.world_size))
         except CheckpointError as e:
             return str(e)
+        except OSError as e:  # e.g. permissions: this rank must still reach the agreement
+            return f"checkpoint {path} cannot be checked: {describe_error(e)}"
         return None
 
     def _candidates(self, step: int) -> list[tuple[str, tuple[str, ...], bool, dict[str, Any] | None]]:
