@@ -154,7 +154,7 @@ def shard_check(cp: int, load_balance: bool) -> dict[str, Any]:
     }
 
 
-def main(layouts: list[dict[str, Any]], shard_checks: list[tuple[int, bool]]) -> dict[str, Any]:
+def main(layouts: list[dict[str, Any]], shard_checks: list[tuple[int, bool]] = ()) -> dict[str, Any]:
     state = initial_state()
     rank = dist.get_rank()
     reference = train_reference(state, "float32") if rank == 0 else None
@@ -167,6 +167,7 @@ def main(layouts: list[dict[str, Any]], shard_checks: list[tuple[int, bool]]) ->
                 report["layouts"][layout.name] = compare(result, reference)
                 report["layouts"][layout.name]["table_restored"] = result["table_restored"]
             dist.barrier()
-    for cp, lb in shard_checks:
-        report["shards"][f"cp{cp}_lb{lb}"] = shard_check(cp, lb)
+    with layout_scope("shard_checks"):
+        for cp, lb in shard_checks:
+            report["shards"][f"cp{cp}_lb{lb}"] = shard_check(cp, lb)
     return report

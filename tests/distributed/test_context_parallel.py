@@ -58,7 +58,8 @@ def test_matches_single_process(launched, name: str) -> None:
 
 
 @pytest.mark.parametrize("cp,load_balance", SHARD_CHECKS)
-def test_context_shards_what_shard_sequence_predicts(report: list[dict], cp: int, load_balance: bool) -> None:
+def test_context_shards_what_shard_sequence_predicts(launched, report: list[dict], cp: int, load_balance: bool) -> None:
+    check_no_crash(launched[1], "shard_checks")
     for rank, rank_report in enumerate(report):
         checks = rank_report["shards"][f"cp{cp}_lb{load_balance}"]
         assert all(checks.values()), (rank, checks)
