@@ -11,7 +11,8 @@
    folder options must stay inside ``job.dump_folder``;
 5. a full disk during a save: one line with the size needed, the partial folder removed,
    older checkpoints kept; the real trainer exits non-zero when its last save failed
-   (on a real, small tmpfs when this process may mount one).
+   (on a real, small tmpfs when this process may mount one), and then resumes past a
+   corrupt newest checkpoint to an unmarked one (1 and 2 as a user meets them).
 """
 
 from __future__ import annotations
@@ -331,24 +332,28 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return out.returncode == 0
 
 
-def test_trainer_on_a_full_disk_exits_non_zero_and_keeps_its_last_checkpoint(tmp_path):
-    """The real trainer as a user runs it, its dump folder on a 110 MiB file system that
+def _cli(dump: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    args = small_trainer_args(
+        dump, "--job.no-print_config", "--training.seq_len", "16", "--training.local_batch_size", "1",
+        "--activation_checkpoint.mode", "none", "--lr_scheduler.warmup_steps", "1", "--comm.trace_buf_size", "0",
+        "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "1", *overrides,
+    )
+    out = subprocess.run([sys.executable, "-m", "torchtitan.train", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    return out, [line for line in out.stderr.splitlines() if line.startswith("torchtitan: error")]
+
+
+def test_trainer_cli_disk_full_then_resume_past_a_corrupt_checkpoint(tmp_path):
+    """The real trainer as a user runs it. (a) Its dump folder on a 110 MiB file system that
     holds one checkpoint of the debug model (5.9M parameters + AdamW state: ~71 MB) but not
-    two: the save at step 1 fits, the one at step 2 does not."""
+    two: the save at step 1 fits, the one at step 2 does not. (b) Resuming in a folder whose
+    newest checkpoint (step-2) had 4 KB overwritten and whose step-1 has no marker (as
+    TorchTitan writes them): it falls back to step-1, trains on, and retention keeps step-1."""
     dump = tmp_path / f"small_disk_{uuid.uuid4().hex[:6]}"
     if not _mount_tmpfs(dump, "110m"):
-        pytest.skip("cannot mount a tmpfs here (needs root); the in-process test above simulates ENOSPC")
+        pytest.skip("cannot mount a tmpfs here (needs root); the in-process tests above simulate ENOSPC")
     try:
-        args = small_trainer_args(
-            dump, "--job.no-print_config", "--training.steps", "2", "--training.seq_len", "16",
-            "--training.local_batch_size", "1", "--activation_checkpoint.mode", "none",
-            "--lr_scheduler.warmup_steps", "1",
-            "--comm.trace_buf_size", "0", "--checkpoint.enable", "--checkpoint.interval", "1",
-            "--checkpoint.keep_latest_k", "1", "--checkpoint.no-fail_on_save_error",
-        )
-        out = subprocess.run([sys.executable, "-m", "torchtitan.train", *args], cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
-        errors = [line for line in out.stderr.splitlines() if line.startswith("torchtitan: error")]
+        out, errors = _cli(dump, "--training.steps", "2", "--checkpoint.no-fail_on_save_error")
         assert out.returncode == 2, out.stderr[-3000:]
         assert len(errors) == 1 and "the last checkpoint save failed: no space left on" in errors[0], errors
         assert "GiB" in errors[0] and "Traceback" not in out.stderr
@@ -356,5 +361,17 @@ def test_trainer_on_a_full_disk_exits_non_zero_and_keeps_its_last_checkpoint(tmp
         assert sorted(os.listdir(folder)) == ["step-1"]  # no step-2.tmp-* left behind
         marker = json.loads((folder / "step-1" / MARKER).read_text())
         assert all(zlib.crc32((folder / "step-1" / n).read_bytes()) == c for n, c in marker["crc32"].items())
+        resume = tmp_path / "resume" / "checkpoint"
+        shutil.copytree(folder / "step-1", resume / "step-2")
+        shutil.copytree(folder / "step-1", resume / "step-1")
     finally:
         subprocess.run(["umount", str(dump)], capture_output=True)
+    (resume / "step-1" / MARKER).unlink()
+    with open(resume / "step-2" / "__0_0.distcp", "r+b") as f:
+        f.seek(f.seek(0, 2) // 2)
+        f.write(os.urandom(4096))
+    out, errors = _cli(resume.parent, "--training.steps", "3")
+    assert out.returncode == 0 and not errors, out.stderr[-3000:]
+    assert "step-2 is corrupt: __0_0.distcp does not match the checksum" in out.stderr
+    assert "step-1 has no COMPLETE marker: loaded as a TorchTitan-format DCP checkpoint" in out.stderr
+    assert sorted(os.listdir(resume)) == ["step-1", "step-3"]  # step-2 re-saved, then pruned (keep 1)
