@@ -25,6 +25,9 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
+# job states that are final (a requeue makes the job PENDING again)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+         "OUT_OF_MEMORY")
 COMMANDS = ["sbatch", "scancel", "scontrol", "sinfo", "squeue", "srun", "slurmctld", "slurmd", "munged"]
 
 
@@ -172,21 +175,19 @@ PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
     def wait_job(self, job_id: int, timeout: float = 300) -> dict[str, str]:
         """Wait until the job has ended; its fields."""
         deadline = time.monotonic() + timeout
-        while True:
-            info = self.job(job_id)
-            if info["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"):
-                return info
+        while (info := self.job(job_id))["JobState"] not in ENDED:
             if time.monotonic() > deadline:
                 self.run("scancel", str(job_id), check=False)
                 raise TimeoutError(f"job {job_id} still {info['JobState']} after {timeout:.0f}s")
             time.sleep(0.25)
+        return info
 
     def requeue(self, job_id: int, timeout: float = 60) -> None:
         """``scontrol requeue`` an ended job and start it at once (not after SLURM's hold-off)."""
         self.run("scontrol", "requeue", str(job_id))
         deadline = time.monotonic() + timeout
-        while (info := self.job(job_id))["JobState"] == "PENDING" and time.monotonic() < deadline:
-            if info.get("Reason") == "BeginTime":
+        while (info := self.job(job_id))["JobState"] not in ("RUNNING", *ENDED) and time.monotonic() < deadline:
+            if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             time.sleep(0.25)
 
