@@ -103,6 +103,8 @@ def test_numbers_that_overflow_or_are_not_plain_digits(cwd, capsys):
         ("seq_len past 2**24", _small("--training.seq_len", str(2**30)), "training.seq_len"),
         ("timeout 2**64", _small("--comm.init_timeout_seconds", str(2**64)), "comm.init_timeout_seconds"),
         ("timeout 10**9 s", _small("--comm.train_timeout_seconds", str(10**9)), "comm.train_timeout_seconds"),
+        ("Flight Recorder 2**40 entries", _small("--comm.trace_buf_size", str(2**40)), "comm.trace_buf_size"),
+        ("microbatch 2**40 samples", _small("--training.local_batch_size", str(2**40)), "training.local_batch_size"),
     ]
     for text in ("1_024", "+64", " 64", "64 ", "\u0661\u0662", "0x40", "1e3", "6\u20804"):
         cases.append((f"seq_len {text!r}", _small("--training.seq_len", text), "training.seq_len"))

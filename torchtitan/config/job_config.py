@@ -117,6 +117,20 @@ def _plain_text(text: str) -> bool:
 # and a collective timeout beyond 30 days overflows nothing but hides a hang for a month.
 MAX_SEQ_LEN = 2**24
 MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
+# A microbatch beyond 2**31 tokens fits no device (its activations alone are terabytes), and
+# the loader would spin on packing it; a Flight Recorder ring beyond 10**6 entries is
+# allocated up front in host memory on every rank (2**40 aborts the process).
+MAX_MICROBATCH_TOKENS = 2**31
+MAX_TRACE_BUF_SIZE = 10**6
+
+
+def _check_microbatch(section: Section) -> None:
+    tokens = section.local_batch_size * section.seq_len  # type: ignore[attr-defined]
+    if tokens > MAX_MICROBATCH_TOKENS:
+        section._fail(
+            "local_batch_size",
+            f"x seq_len = {tokens} tokens per microbatch; more than 2**31 fits no device",
+        )
 
 
 # --- sections ------------------------------------------------------------------------------
@@ -439,6 +453,7 @@ class Training(Section):
             )
         self._at_least("seq_len", 1)
         self._at_most("seq_len", MAX_SEQ_LEN, " (2**24)")
+        _check_microbatch(self)
         self._at_least("device_memory_limit_gib", 0.0)
         if math.isinf(self.device_memory_limit_gib):
             self._fail("device_memory_limit_gib", "must be finite (0 = the whole device)")
@@ -653,6 +668,7 @@ class Validation(Section):
         self._at_least("local_batch_size", 1)
         self._at_least("seq_len", 1)
         self._at_most("seq_len", MAX_SEQ_LEN, " (2**24)")
+        _check_microbatch(self)
         self._at_least("freq", 1)
         if self.steps != -1 and self.steps < 1:
             self._fail("steps", "must be -1 (the whole dataset) or >= 1")
@@ -782,6 +798,7 @@ class Comm(Section):
             self._positive(key)
             self._at_most(key, MAX_TIMEOUT_SECONDS, " (30 days)")
         self._at_least("trace_buf_size", 0)
+        self._at_most("trace_buf_size", MAX_TRACE_BUF_SIZE, " entries (each is kept in host memory)")
         self._nonempty("save_traces_folder", "save_traces_file_prefix")
         if "/" in self.save_traces_file_prefix or self.save_traces_file_prefix[-1:].isdigit():
             self._fail("save_traces_file_prefix", "must be a file name start without '/' that does not end in a digit")
