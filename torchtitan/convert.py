@@ -155,6 +155,8 @@ def meta_to_dcp_main(argv: list[str] | None = None) -> None:
         why = next((line.strip().rstrip(".") for line in str(e).splitlines() if "unsupported" in line.lower()), "")
         _meta_fail(f"{args.meta_dir}: a consolidated.*.pth file holds more than tensors and was refused "
                    f"(torch.load weights_only=True){': ' + why if why else ''}; a real Meta shard holds only tensors")
+    except json.JSONDecodeError as e:  # the only JSON read is params.json
+        _meta_fail(f"{Path(args.meta_dir) / 'params.json'}: not valid JSON ({e})")
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
         _meta_fail(_first_line(e))
     except (RuntimeError, EOFError) as e:  # a truncated or non-PyTorch .pth

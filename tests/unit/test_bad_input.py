@@ -203,7 +203,11 @@ def test_meta_conversion_refuses_a_malicious_pth(tmp_path, capsys):
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "params.json").write_text((meta / "params.json").read_text())
     (tmp_path / "garbage" / "consolidated.00.pth").write_bytes(b"not a checkpoint")
-    for folder, must in ((meta, "refused"), (tmp_path / "garbage", "cannot load")):
+    (tmp_path / "bad_params").mkdir()
+    (tmp_path / "bad_params" / "params.json").write_text("{dim: 64")
+    (tmp_path / "bad_params" / "consolidated.00.pth").write_bytes(b"")
+    cases = ((meta, "refused"), (tmp_path / "garbage", "cannot load"), (tmp_path / "bad_params", "params.json"))
+    for folder, must in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             meta_to_dcp_main([str(folder), str(tmp_path / "out")])
