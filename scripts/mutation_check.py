@@ -15,7 +15,8 @@ working directory, and read pytest's JUnit report:
 - crash only: tests failed or errored, but none on an assertion (the fault made the code
   raise; a real regression of that kind would be noticed, but not diagnosed);
 - missed: every listed test passed;
-- stale: the snippet is no longer in the code (update the mutation).
+- stale: the snippet is no longer in the code (update the mutation);
+- needs GPU: the faulty path runs only on CUDA/NCCL and no GPU is here (not run).
 
 Exits non-zero if any mutation was missed or crashed only. Not part of the default suite:
 it reruns multi-rank launches once per mutation. docs/testing.md records its last result.
@@ -54,6 +55,7 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     what: str
+    needs_gpu: bool = False  # the faulty path runs only on CUDA/NCCL
 
 
 MUTATIONS = [
@@ -90,12 +92,25 @@ MUTATIONS = [
         "the rotary table is not sharded with the sequence under CP",
     ),
     Mutation(
-        "cp_labels_sharded_on_batch_dim",
+        "cp_labels_not_load_balanced",
         "torchtitan/distributed/context_parallel.py",
-        "seq_dims = [1, 1] + [0] * len(freqs)",
-        "seq_dims = [1, 0] + [0] * len(freqs)",
+        "buffers = [inputs, labels, *freqs]\n            seq_dims = [1, 1] + [0] * len(freqs)",
+        "labels.data = labels.tensor_split(cp_mesh.size(), 1)[cp_mesh.get_local_rank()].contiguous()\n"
+        "            buffers = [inputs, *freqs]\n            seq_dims = [1] + [0] * len(freqs)",
         (f"{CP}::test_matches_single_process",),
-        "CP labels not reordered / sharded like the inputs (sharded along the batch)",
+        "CP labels cut into contiguous pieces, not head-tail reordered like the inputs",
+    ),
+    Mutation(
+        "ep_divide_factor_only_on_gloo",
+        "torchtitan/distributed/fsdp.py",
+        "        experts.set_gradient_divide_factor(gradient_divide_factor)\n"
+        "        gloo = any(torch.distributed.get_backend(g) == \"gloo\" for g in experts_mesh.get_all_groups())\n",
+        "        gloo = any(torch.distributed.get_backend(g) == \"gloo\" for g in experts_mesh.get_all_groups())\n"
+        "        if gloo:\n            experts.set_gradient_divide_factor(gradient_divide_factor)\n",
+        ("tests/gpu/test_moe_ep_gpu.py",),
+        "on NCCL the experts' gradients are averaged over their FSDP group, not every data rank "
+        "(gloo has no PREMUL_SUM: only a GPU run can see this path)",
+        needs_gpu=True,
     ),
     Mutation(
         "grad_accumulation_not_divided",
@@ -295,30 +310,39 @@ def main() -> int:
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.only and len(chosen) != len(set(args.only)):
         parser.error(f"unknown mutation in {args.only}; see --list")
-    if args.list:
+    if args.list:  # and whether each snippet still matches HEAD
         for m in chosen:
-            print(f"{m.name}: {m.what}\n    {m.file}\n    " + "\n    ".join(m.tests))
+            head = subprocess.run(["git", "show", f"HEAD:{m.file}"], cwd=REPO, capture_output=True, text=True).stdout
+            state = "" if head.count(m.old) == 1 else "  [STALE: snippet not found once in HEAD]"
+            print(f"{m.name}: {m.what}{state}\n    {m.file}\n    " + "\n    ".join(m.tests))
         return 0
     rows = []
     if args.baseline:
-        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        tests = tuple(dict.fromkeys(t for m in chosen if not m.needs_gpu for t in m.tests))
         verdict, failing, seconds = run_one(None, tests, args)
         print(f"{'baseline (nothing planted)':40s} {'passes' if verdict == 'missed' else 'FAILS'} {seconds:6.0f} s")
         for line in failing:
             print(f"    {line}", flush=True)
         if verdict != "missed":
             return 2
+    import torch  # only to know whether the GPU-only mutations can run
+
     for m in chosen:
+        if m.needs_gpu and not torch.cuda.is_available():
+            rows.append((m.name, "needs GPU", 0.0, []))
+            print(f"{m.name:40s} needs GPU (tests: {', '.join(m.tests)})", flush=True)
+            continue
         verdict, failing, seconds = run_one(m, m.tests, args)
         rows.append((m.name, verdict, seconds, failing))
         print(f"{m.name:40s} {verdict:11s} {seconds:6.0f} s", flush=True)
         for line in failing[:4]:
             print(f"    {line}", flush=True)
-    print("\n| mutation | result | seconds | first failing test |\n|---|---|---|---|")
+    print("\n| mutation | result | seconds | caught by (first) |\n|---|---|---|---|")
     for name, verdict, seconds, failing in rows:
-        first = failing[0].split(":")[0] if failing else ""
+        caught_by = [f for f in failing if ": failure: assert" in f or ": failure: AssertionError" in f]
+        first = (caught_by or failing or [""])[0].split(":")[0]
         print(f"| {name} | {verdict} | {seconds:.0f} | {first} |")
-    return 0 if all(v == "caught" for _, v, _, _ in rows) else 1
+    return 0 if all(v in ("caught", "needs GPU") for _, v, _, _ in rows) else 1
 
 
 if __name__ == "__main__":
