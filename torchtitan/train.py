@@ -187,6 +187,8 @@ def _import_custom(name: str) -> None:
         importlib.import_module(name)
     except ImportError as e:
         raise ConfigError(f"experimental.custom_import = {name!r}: cannot import it ({e}); is it on PYTHONPATH?") from None
+    except SyntaxError as e:
+        raise ConfigError(f"experimental.custom_import = {name!r}: {e.filename}:{e.lineno}: {e.msg}") from None
 
 
 def _check_compile_backend(backend: str) -> None:

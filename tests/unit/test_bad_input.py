@@ -128,8 +128,12 @@ def test_start_checks_before_anything_is_written(cwd, capsys, monkeypatch):
     """Found before the build: a missing custom_import, an unknown compile backend, output
     folders that are files or under a file, a sequence TP cannot split."""
     (cwd / "afile").write_text("x")
+    (cwd / "typo_zq.py").write_text("def broken(:\n")
+    monkeypatch.syspath_prepend(str(cwd))
     cases = [
         ("custom_import", _small("--experimental.custom_import", "no_such_module_zq"), "experimental.custom_import"),
+        ("custom_import with a syntax error", _small("--experimental.custom_import", "typo_zq"), "typo_zq.py:1"),
+        ("custom_config_module with a syntax error", _small("--job.custom_config_module", "typo_zq"), "typo_zq.py:1"),
         ("compile.backend", _small("--compile.enable", "--compile.backend", "no_such_backend"), "compile.backend"),
         ("dump_folder is a file", _small("--job.dump_folder", "afile"), "job.dump_folder"),
         ("dump_folder under a file", _small("--job.dump_folder", "afile/run"), "afile is a file"),

@@ -89,6 +89,8 @@ def extend_config_class(base: type[JobConfig], module_name: str) -> type[JobConf
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{where}: cannot import it ({e}); is it on PYTHONPATH?") from None
+    except SyntaxError as e:
+        raise ConfigError(f"{where}: {e.filename}:{e.lineno}: {e.msg}") from None
     custom = getattr(module, "JobConfig", None)
     if custom is None or not dataclasses.is_dataclass(custom):
         raise ConfigError(f"{where}: the module must define a dataclass named JobConfig")
