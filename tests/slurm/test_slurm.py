@@ -127,18 +127,24 @@ def _wait_for(path: Path, pattern: str, job: int, cluster, timeout: float = 300)
     raise AssertionError(f"no {pattern!r} in the output of job {job}:\n{text[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_text_data(tmp_path_factory.mktemp("data"), files=1, docs_per_file=100)[0]
+# Every run's files go under the cluster's folder, removed with it.
+@pytest.fixture
+def work(slurm_cluster, request) -> Path:
+    return slurm_cluster.root / request.node.name
 
 
 @pytest.fixture(scope="module")
-def hsdp(slurm_cluster, tmp_path_factory, data) -> dict:
+def data(slurm_cluster) -> Path:
+    return write_text_data(slurm_cluster.root / "data", files=1, docs_per_file=100)[0]
+
+
+@pytest.fixture(scope="module")
+def hsdp(slurm_cluster, data) -> dict:
     """One HSDP job: a node's ranks killed at step 5 (MAX_RESTARTS), preempted later, requeued;
     and the same layout on one host, run meanwhile."""
-    local = tmp_path_factory.mktemp("hsdp_local")
+    local = slurm_cluster.root / "hsdp_local"
     local_run = _local(local, data, HSDP)
-    folder = tmp_path_factory.mktemp("hsdp_slurm")
+    folder = slurm_cluster.root / "hsdp_slurm"
     # rank 0 freezes at step 7 (after the restart), so the TERM comes before the run ends
     faults = "kill:2:5,kill:3:5,sigstop:0:7"
     job, out = _submit(slurm_cluster, folder, data, HSDP, MAX_RESTARTS="2", TORCHTITAN_FAULT_INJECT=faults)
@@ -157,16 +163,16 @@ def hsdp(slurm_cluster, tmp_path_factory, data) -> dict:
                 second=second, log=out.read_text(errors="replace"))
 
 
-def test_fsdp_tp_across_nodes_matches_one_host(slurm_cluster, data, tmp_path):
-    local = _local(tmp_path / "local", data, FSDP_TP)  # runs while the job does
-    job, out = _submit(slurm_cluster, tmp_path / "slurm", data, FSDP_TP)
+def test_fsdp_tp_across_nodes_matches_one_host(slurm_cluster, data, work):
+    local = _local(work / "local", data, FSDP_TP)  # runs while the job does
+    job, out = _submit(slurm_cluster, work / "slurm", data, FSDP_TP)
     info = slurm_cluster.wait_job(job)
     _finish(local)
     log = out.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", log[-3000:]
     # each node's ranks name it: local ranks 0 and 1 of both nodes are shown
     assert {m for m in re.findall(r"^\[(n\d) rank\d\]:", log, re.M)} == {"n1", "n2"}, log[-3000:]
-    slurm, one_host = _losses(tmp_path / "slurm"), _losses(tmp_path / "local")
+    slurm, one_host = _losses(work / "slurm"), _losses(work / "local")
     assert sorted(slurm) == [1, 2, 3, 4] and slurm == one_host
 
 
@@ -207,14 +213,15 @@ def test_preemption_checkpoints_and_requeue_resumes_bit_exact(hsdp):
     assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
 
 
-def test_bad_layout_is_refused_before_the_rendezvous(slurm_cluster, data, tmp_path):
+def test_bad_layout_is_refused_before_the_rendezvous(slurm_cluster, data, work):
     started = time.monotonic()
-    job, out = _submit(slurm_cluster, tmp_path, data, ["--training.local_batch_size", "1", "--parallelism.tensor_parallel_degree", "3"])
+    bad = ["--training.local_batch_size", "1", "--parallelism.tensor_parallel_degree", "3"]  # 3 does not divide 4
+    job, out = _submit(slurm_cluster, work, data, bad)
     info = slurm_cluster.wait_job(job, timeout=120)
     log = out.read_text(errors="replace")
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
     errors = [line for line in log.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("torchtitan: error: ") and "tp(3)" in errors[0], log
     assert "2 nodes x 2 processes = 4 ranks" in errors[0]
-    assert "head node" not in log and not (tmp_path / "torchrun_logs").exists()  # no srun, no torchrun
+    assert "head node" not in log and not (work / "torchrun_logs").exists()  # no srun, no torchrun
     assert time.monotonic() - started < 60
