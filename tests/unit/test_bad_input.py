@@ -139,8 +139,8 @@ def test_start_checks_before_anything_is_written(cwd, capsys, monkeypatch):
         ("dump_folder under a file", _small("--job.dump_folder", "afile/run"), "afile is a file"),
         ("tensorboard folder is a file", _small("--job.dump_folder", ".", "--metrics.enable_tensorboard",
                                                 "--metrics.save_tb_folder", "afile"), "metrics.save_tb_folder"),
-        ("checkpoint folder under a file", _small("--checkpoint.enable", "--checkpoint.folder", "../afile/ck"),
-         "checkpoint.folder"),
+        ("checkpoint folder under a file", _small("--job.dump_folder", ".", "--checkpoint.enable",
+                                                  "--checkpoint.folder", "afile/ck"), "checkpoint.folder"),
         ("unknown model", _small("--model.name", "no_such_family"), "model.name"),
     ]
     _expect_one_line(cases, capsys, cwd)
