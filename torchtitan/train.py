@@ -161,7 +161,7 @@ def _output_folders(cfg: JobConfig) -> list[tuple[str, str]]:
         ("profiling.save_memory_snapshot_folder", cfg.profiling.save_memory_snapshot_folder,
          cfg.profiling.enable_memory_snapshot),
         ("comm.save_traces_folder", cfg.comm.save_traces_folder, cfg.comm.trace_buf_size > 0),
-        ("job.save_config_file", os.path.dirname(cfg.job.save_config_file or ""), cfg.job.save_config_file),
+        ("job.save_config_file", os.path.dirname(cfg.job.save_config_file or ""), cfg.job.save_config_file is not None),
     ]
     return [(option, os.path.join(dump, folder)) for option, folder, on in wanted if on]
 
