@@ -387,7 +387,7 @@ def analytical_states(
     units: list[int] = []
 
     def add_unit(entries: list[tuple[tuple[int, ...], str, bool]], degree: int) -> None:
-        nonlocal params, grads, opt, n_tensors, stage
+        nonlocal params, opt, n_tensors, stage
         gathered = 0
         for shape, style, is_linear in entries:
             loc = local(shape, style)

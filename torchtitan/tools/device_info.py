@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-from typing import Any
 import sys
 from typing import Any
 
