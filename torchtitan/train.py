@@ -186,7 +186,9 @@ def _import_custom(name: str) -> None:
     try:
         importlib.import_module(name)
     except ImportError as e:
-        raise ConfigError(f"experimental.custom_import = {name!r}: cannot import it ({e}); is it on PYTHONPATH?") from None
+        raise ConfigError(
+            f"experimental.custom_import = {name!r}: cannot import it ({e}); is it on PYTHONPATH?"
+        ) from None
     except SyntaxError as e:
         raise ConfigError(f"experimental.custom_import = {name!r}: {e.filename}:{e.lineno}: {e.msg}") from None
 

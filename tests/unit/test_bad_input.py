@@ -172,7 +172,8 @@ def test_bad_data_and_tokenizer_files_name_the_file(cwd, capsys, leave_process_g
     (hf / "tokenizer_config.json").write_text("{not json")
     empty = cwd / "tok_empty"
     empty.mkdir()
-    (empty / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}))
+    no_vocab = {"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}
+    (empty / "tokenizer.json").write_text(json.dumps(no_vocab))
     _expect_one_line([
         ("empty .txt", _small("--training.dataset", "text", "--training.dataset_path", str(data / "empty.txt")),
          "empty.txt is empty"),

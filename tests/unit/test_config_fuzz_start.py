@@ -39,7 +39,9 @@ KINDS = ("value", "type", "encoding", "layout")
 # Options whose legal values start other programs (the planner, its dry run) or pick the
 # file being read: they have their own tests.
 SKIPPED = {"comm.mode", "memory_estimation.enable", "activation_checkpoint.mode", "job.config_file"}
-ODD_TEXT = ["", "x", "ünïcödé", "emoji 🚀", "rtl \u202eabc", "tab\there", "zero\u200bwidth", "e\u0301", "  ", "日本語"]
+ODD_TEXT = [
+    "", "x", "ünïcödé", "emoji 🚀", "rtl \u202eabc", "tab\there", "zero\u200bwidth", "e\u0301", "  ", "日本語",
+]
 SMALL = ["--training.seq_len", "32", "--training.local_batch_size", "2", "--training.steps", "1"]
 
 
@@ -80,7 +82,8 @@ def _cli_text(value: Any, rng: random.Random) -> str:
     if isinstance(value, bool):
         return rng.choice(["true", "false", "yes", "0", "TRUE"]) if rng.random() < 0.3 else str(value).lower()
     if isinstance(value, int) and rng.random() < 0.3:
-        return rng.choice([f"{value:_}", f"+{value}", f" {value}", "".join(chr(0x660 + int(d)) for d in str(abs(value)))])
+        arabic = "".join(chr(0x660 + int(d)) for d in str(abs(value)))  # ARABIC-INDIC digits
+        return rng.choice([f"{value:_}", f"+{value}", f" {value}", arabic])
     if isinstance(value, float) and rng.random() < 0.3:
         return rng.choice(["1,5", ".5", "1e-3", "inf", "-0"])
     if value is None:
@@ -229,7 +232,8 @@ def _launch(case: Case, root: Path, monkeypatch, capsys) -> tuple[str, Any]:
             handler.setStream(stream)
     dump = _dump_folder(argv) if outcome[0] != "problem" else None
     allowed = (work / dump).resolve() if dump else None
-    stray = [p for p in _tree(work) if allowed is None or not (p.resolve() == allowed or allowed in p.resolve().parents)]
+    stray = [p for p in _tree(work)
+             if allowed is None or not (p.resolve() == allowed or allowed in p.resolve().parents)]
     if stray and outcome[0] != "problem":
         outcome = ("problem", f"wrote outside the dump folder {dump!r}: {sorted(str(p) for p in stray)[:3]}")
     return outcome

@@ -242,7 +242,9 @@ class HuggingFaceTokenizer(Tokenizer):
         except ValueError as e:  # also not UTF-8
             raise TokenizerError(f"{config_path}: not valid JSON ({e}); fix or remove it") from None
         if not isinstance(config, dict):
-            raise TokenizerError(f"{config_path}: expected a JSON object, got {type(config).__name__}; fix or remove it")
+            raise TokenizerError(
+                f"{config_path}: expected a JSON object, got {type(config).__name__}; fix or remove it"
+            )
         return config
 
     def _find_special(self, vocab: dict[str, int], config: dict, key: str, candidates: tuple[str, ...]) -> int:

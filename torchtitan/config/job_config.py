@@ -152,7 +152,9 @@ class Section:
                 if isinstance(item, int) and not -(2**63) <= item < 2**63:
                     self._fail(f.name, "out of range (must fit in a 64-bit integer)")
                 if isinstance(item, str) and not _plain_text(item):
-                    self._fail(f.name, "is not plain text (a NUL character, or undecodable bytes on the command line); use UTF-8")
+                    self._fail(
+                        f.name, "is not plain text (a NUL character, or undecodable bytes on the command line); use UTF-8"
+                    )
             choices = f.metadata.get("choices")
             if choices:
                 items = value if isinstance(value, list) else [value]
