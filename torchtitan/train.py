@@ -132,9 +132,11 @@ def check_start(cfg: JobConfig, world_size: int) -> None:
     for ``world_size`` ranks and the model family's own rules. Raises ConfigError (one line)
     before any file is written or any process group waits; the fuzz tests call it as the
     "would start" verdict."""
+    from torchtitan.components.checkpoint.folder import check_dump_subfolders
     from torchtitan.distributed.layout import validate_layout
     from torchtitan.models import check_model_config
 
+    check_dump_subfolders(cfg)  # no absolute or '..' folder options: before config.toml is written
     _check_output_folders(cfg)
     if cfg.experimental.custom_import:
         _import_custom(cfg.experimental.custom_import)
