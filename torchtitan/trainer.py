@@ -377,7 +377,8 @@ class Trainer:
                 self.checkpointer.save(self.step, last_step=last_step)
                 if self.step_guard.preempt_after_step and self.step < t.steps:
                     self.checkpointer.save(self.step, force=True)  # no-op if just saved
-                    self.checkpointer.wait()  # synchronous: the process is about to exit
+                    # synchronous: the process is about to exit; a failed save is not "checkpointed"
+                    self.checkpointer.finish()
                     raise Preempted(self.step, cfg.fault_tolerance.preemption_exit_code)
                 if profiler is not None:
                     profiler.step()

@@ -375,3 +375,26 @@ def test_trainer_cli_disk_full_then_resume_past_a_corrupt_checkpoint(tmp_path):
     assert "step-2 is corrupt: __0_0.distcp does not match the checksum" in out.stderr
     assert "step-1 has no COMPLETE marker: loaded as a TorchTitan-format DCP checkpoint" in out.stderr
     assert sorted(os.listdir(resume)) == ["step-1", "step-3"]  # step-2 re-saved, then pruned (keep 1)
+
+
+def test_preemption_whose_save_failed_is_not_reported_as_checkpointed(tmp_path, monkeypatch):
+    """SIGTERM at step 2 with a full disk and ``fail_on_save_error = false``: the preemption
+    save fails, so the run raises CheckpointError (exit 2 at the CLI), not ``Preempted``
+    ("checkpoint written", exit 3), and no step folder is left half-written."""
+    from torchtitan.components.checkpoint import CheckpointError
+    from torchtitan.trainer import Trainer
+
+    monkeypatch.setenv("TORCHTITAN_FAULT_INJECT", "sigterm:0:2")
+    cfg = small_trainer_config(
+        tmp_path, "--training.seq_len", "16", "--training.local_batch_size", "1", "--training.steps", "4",
+        "--activation_checkpoint.mode", "none", "--checkpoint.enable", "--checkpoint.interval", "100",
+        "--checkpoint.no-fail_on_save_error",
+    )
+    trainer = Trainer(cfg)
+    _fill_disk_after(monkeypatch, 20_000)
+    try:
+        with pytest.raises(CheckpointError, match="^the last checkpoint save failed: no space left on"):
+            trainer.train()
+    finally:
+        trainer.close(clean=False)
+    assert not list_checkpoints(str(tmp_path / "checkpoint"))
