@@ -176,6 +176,9 @@ PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
         text = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
+    def ended(self, job_id: int) -> bool:
+        return self.job(job_id)["JobState"] in ENDED
+
     def wait_job(self, job_id: int, timeout: float = 300) -> dict[str, str]:
         """Wait until the job has ended; its fields."""
         deadline = time.monotonic() + timeout

@@ -21,9 +21,11 @@ jobs, and the refused one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -83,17 +85,25 @@ def _args(folder: Path, data: Path, layout: list[str]) -> list[str]:
     return [*COMMON, "--training.dataset_path", str(data), *layout, "--job.dump_folder", str(folder)]
 
 
-def _local(folder: Path, data: Path, layout: list[str]) -> subprocess.Popen:
-    """The same layout on one host: run_train.sh, 4 processes."""
-    return subprocess.Popen(
-        ["./run_train.sh", *_args(folder, data, layout)], cwd=REPO, env=_env(folder, NGPU="4"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+@contextlib.contextmanager
+def _local(folder: Path, data: Path, layout: list[str]):
+    """The same layout on one host: run_train.sh, 4 processes, in the background (killed if
+    the test fails before it is finished)."""
+    folder.mkdir(parents=True)
+    with open(folder / "run.log", "w") as log:
+        proc = subprocess.Popen(["./run_train.sh", *_args(folder, data, layout)], cwd=REPO,
+                                env=_env(folder, NGPU="4"), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
-def _finish(proc: subprocess.Popen) -> None:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+def _finish(proc: subprocess.Popen, folder: Path) -> None:
+    assert proc.wait(timeout=600) == 0, (folder / "run.log").read_text()[-3000:]
 
 
 def _submit(cluster, folder: Path, data: Path, layout: list[str], **env: str) -> tuple[int, Path]:
@@ -121,7 +131,7 @@ def _wait_for(path: Path, pattern: str, job: int, cluster, timeout: float = 300)
         text = path.read_text(errors="replace") if path.exists() else ""
         if re.search(pattern, text, re.M):
             return text
-        if cluster.job(job)["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING"):
+        if cluster.ended(job):
             break
         time.sleep(0.2)
     raise AssertionError(f"no {pattern!r} in the output of job {job}:\n{text[-3000:]}")
@@ -142,32 +152,31 @@ def data(slurm_cluster) -> Path:
 def hsdp(slurm_cluster, data) -> dict:
     """One HSDP job: a node's ranks killed at step 5 (MAX_RESTARTS), preempted later, requeued;
     and the same layout on one host, run meanwhile."""
-    local = slurm_cluster.root / "hsdp_local"
-    local_run = _local(local, data, HSDP)
-    folder = slurm_cluster.root / "hsdp_slurm"
+    local, folder = slurm_cluster.root / "hsdp_local", slurm_cluster.root / "hsdp_slurm"
     # rank 0 freezes at step 7 (after the restart), so the TERM comes before the run ends
     faults = "kill:2:5,kill:3:5,sigstop:0:7"
-    job, out = _submit(slurm_cluster, folder, data, HSDP, MAX_RESTARTS="2", TORCHTITAN_FAULT_INJECT=faults)
-    _wait_for(out, r"injecting sigstop at step 7", job, slurm_cluster)
-    slurm_cluster.run("scancel", "--batch", "--signal=TERM", str(job))  # to the batch script, as B:TERM@N does
-    _wait_for(out, r"death signal, shutting down workers(.|\n)*death signal, shutting down workers", job,
-              slurm_cluster)  # both nodes' torchrun got it, and so did every rank
-    slurm_cluster.run("scancel", "--signal=CONT", str(job))
-    first = slurm_cluster.wait_job(job)
-    first_log = out.read_text(errors="replace")
-    checkpoints = complete_steps(str(folder / "checkpoint"))
-    slurm_cluster.requeue(job)
-    second = slurm_cluster.wait_job(job)
-    _finish(local_run)
+    with _local(local, data, HSDP) as local_run:
+        job, out = _submit(slurm_cluster, folder, data, HSDP, MAX_RESTARTS="2", TORCHTITAN_FAULT_INJECT=faults)
+        _wait_for(out, r"injecting sigstop at step 7", job, slurm_cluster)
+        slurm_cluster.run("scancel", "--batch", "--signal=TERM", str(job))  # to the batch script, as B:TERM@N does
+        _wait_for(out, r"death signal, shutting down workers(.|\n)*death signal, shutting down workers", job,
+                  slurm_cluster)  # both nodes' torchrun got it, and so did every rank
+        slurm_cluster.run("scancel", "--signal=CONT", str(job))
+        first = slurm_cluster.wait_job(job)
+        first_log = out.read_text(errors="replace")
+        checkpoints = complete_steps(str(folder / "checkpoint"))
+        slurm_cluster.requeue(job)
+        second = slurm_cluster.wait_job(job)
+        _finish(local_run, local)
     return dict(local=local, folder=folder, first=first, first_log=first_log, checkpoints=checkpoints,
                 second=second, log=out.read_text(errors="replace"))
 
 
 def test_fsdp_tp_across_nodes_matches_one_host(slurm_cluster, data, work):
-    local = _local(work / "local", data, FSDP_TP)  # runs while the job does
-    job, out = _submit(slurm_cluster, work / "slurm", data, FSDP_TP)
-    info = slurm_cluster.wait_job(job)
-    _finish(local)
+    with _local(work / "local", data, FSDP_TP) as local:  # runs while the job does
+        job, out = _submit(slurm_cluster, work / "slurm", data, FSDP_TP)
+        info = slurm_cluster.wait_job(job)
+        _finish(local, work / "local")
     log = out.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", log[-3000:]
     # each node's ranks name it: local ranks 0 and 1 of both nodes are shown
