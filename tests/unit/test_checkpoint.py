@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from small_trainer import small_trainer_config
@@ -103,18 +102,6 @@ class Run:
             k: v.clone() if isinstance(v, torch.Tensor) else v
             for k, v in self.optimizers.state_dict().items()
         }
-
-
-@pytest.fixture
-def pg():
-    """A 1-rank process group, as the trainer always has."""
-    from torchtitan.distributed.utils import init_single_process_group
-
-    created = not dist.is_initialized()
-    init_single_process_group("cpu")
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _equal(a: dict, b: dict) -> bool:

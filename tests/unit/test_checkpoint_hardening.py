@@ -47,20 +47,6 @@ from torchtitan.config import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def pg():
-    """A 1-rank process group, as the trainer always has."""
-    import torch.distributed as dist
-
-    from torchtitan.distributed.utils import init_single_process_group
-
-    created = not dist.is_initialized()
-    init_single_process_group("cpu")
-    yield
-    if created and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _save_steps(run: Run, steps: int) -> dict[int, dict[str, torch.Tensor]]:
     snapshots = {}
     for _ in range(steps):

@@ -1,0 +1,19 @@
+"""Fixtures the unit tests share."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def pg():
+    """A 1-rank process group, as the trainer always has."""
+    import torch.distributed as dist
+
+    from torchtitan.distributed.utils import init_single_process_group
+
+    created = not dist.is_initialized()
+    init_single_process_group("cpu")
+    yield
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
