@@ -177,3 +177,75 @@ def test_compiled_chunks_give_the_same_loss_and_gradients() -> None:
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(chunked.output.weight.grad, plain.output.weight.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_no_matmul_is_added_and_backward_only_scales() -> None:
+    """The gradients are made in the forward: the step's matmul FLOPs equal the plain loss's
+    (no recomputed projection), and backward runs no matmul at all."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, labels = _data(ignore=True)
+    counts = []
+    for fn in (_plain, lambda h, w, y: chunked_cross_entropy(h, w, y, 8)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with FlopCounterMode(display=False) as fwd:
+            loss = fn(h, w, labels)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+        counts.append((fwd.get_total_flops(), bwd.get_total_flops()))
+    (plain_f, plain_b), (chunk_f, chunk_b) = counts
+    assert plain_b > 0 and chunk_b == 0
+    assert chunk_f == plain_f + plain_b
+
+
+def test_without_gradients_only_the_loss() -> None:
+    hidden, weight, labels = _data(ignore=True)
+    with torch.no_grad():
+        loss = chunked_cross_entropy(hidden, weight, labels, 7)
+    torch.testing.assert_close(loss, _plain(hidden, weight, labels), rtol=1e-6, atol=1e-6)
+    frozen = chunked_cross_entropy(hidden, weight, labels, 7)  # nothing requires a gradient
+    assert not frozen.requires_grad
+
+
+def test_bf16_matches_the_plain_loss() -> None:
+    """In bf16 (the GPU dtype) the chunks' fp32 weight-gradient accumulation keeps the result
+    as close to fp32 as the plain loss's single matmul is."""
+    hidden, weight, labels = _data(ignore=True)
+    ref = []
+    for dtype, fn in ((torch.float32, _plain), (torch.bfloat16, _plain),
+                      (torch.bfloat16, lambda h, w, y: chunked_cross_entropy(h, w, y, 4))):
+        h = hidden.to(dtype).clone().requires_grad_()
+        w = weight.to(dtype).clone().requires_grad_()
+        loss = fn(h, w, labels)
+        loss.backward()
+        ref.append((loss.float(), h.grad.float(), w.grad.float()))
+    exact, plain_bf16, chunked_bf16 = ref
+    for e, p, c in zip(exact, plain_bf16, chunked_bf16):
+        err_plain = (p - e).abs().max().item()
+        assert (c - e).abs().max().item() <= 2 * err_plain + 1e-3
+
+
+def test_a_retained_graph_runs_backward_twice() -> None:
+    """The zero-bubble pipeline schedules run backward once for the inputs and again for the
+    weights on a retained graph: both passes give the plain loss's gradients."""
+    hidden, weight, labels = _data()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = chunked_cross_entropy(h, w, labels, 8)
+    (gh,) = torch.autograd.grad(loss, [h], retain_graph=True)
+    (gw,) = torch.autograd.grad(loss, [w])
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    _plain(h2, w2, labels).backward()
+    torch.testing.assert_close(gh, h2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, w2.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_a_frozen_input_gets_no_gradient_and_the_other_the_plain_one(frozen: str) -> None:
+    hidden, weight, labels = _data(ignore=True)
+    h, w = hidden.clone().requires_grad_(frozen != "hidden"), weight.clone().requires_grad_(frozen != "weight")
+    chunked_cross_entropy(h, w, labels, 8).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    _plain(h2, w2, labels).backward()
+    assert (h.grad is None) == (frozen == "hidden") and (w.grad is None) == (frozen == "weight")
+    got, want = (w.grad, w2.grad) if frozen == "hidden" else (h.grad, h2.grad)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
