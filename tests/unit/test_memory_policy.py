@@ -21,11 +21,11 @@ from torchtitan.config import ConfigError, ConfigManager
 from torchtitan.planner.hardware import GIB, GPUS
 from torchtitan.planner.layout import Layout
 from torchtitan.planner.memory_policy import (
-    HEADROOM_GIB,
     MARGIN,
     Policy,
     candidate_policies,
     choose,
+    headroom_gib,
     prediction_gap,
     resolve_auto,
 )
@@ -50,7 +50,7 @@ def _score_all(cfg, gpu):
         pcfg = policy.apply(cfg)
         lay = Layout.from_config(pcfg, 1)
         stages = check_legal(pcfg, lay, tiny)[1]
-        c = evaluate(pcfg, lay, stages, g, gpu, HEADROOM_GIB, MARGIN)
+        c = evaluate(pcfg, lay, stages, g, gpu, headroom_gib(1, capped=False), MARGIN)
         out.append((policy, c.cost.tokens_per_s_per_gpu, c.memory.peak_reserved, c.fits))
     return out
 
@@ -60,7 +60,7 @@ def test_auto_picks_the_fastest_fitting_policy_and_offloads_only_when_nothing_el
     cfg = _cfg("3B", 2 if seq == 8192 else 1, seq)
     scored = _score_all(cfg, H100)
     choice = choose(cfg, 1, H100)
-    budget = (H100.memory_gib - HEADROOM_GIB) * GIB * (1 - MARGIN)
+    budget = (H100.memory_gib - headroom_gib(1, capped=False)) * GIB * (1 - MARGIN)
     assert choice.candidate.fits and choice.predicted_peak <= budget
     fitting = [s for s in scored if s[3]]
     on_device = [s for s in fitting if not s[0].cpu_offload]
@@ -143,7 +143,7 @@ def test_offload_costs_host_time_and_frees_device_memory():
     for o in (False, True):
         pcfg = Policy("full", cpu_offload=o).apply(cfg)
         lay = Layout.from_config(pcfg, 1)
-        res[o] = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny)[1], g, H100, HEADROOM_GIB, MARGIN)
+        res[o] = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny)[1], g, H100, headroom_gib(1, False), MARGIN)
     assert res[True].cost.host_s > 0 == res[False].cost.host_s
     assert res[True].cost.tokens_per_s_per_gpu < res[False].cost.tokens_per_s_per_gpu
     assert res[True].memory.host > 0 and res[True].memory.peak_reserved < res[False].memory.peak_reserved
@@ -216,3 +216,47 @@ def test_every_layout_gets_a_choice_its_own_checks_accept(layout):
     assert choice.candidate.fits
     if "--parallelism.tensor_parallel_degree" in layout:
         assert choice.policy.loss_chunk == 0
+
+
+def test_budget_headroom_and_margin_follow_the_layout():
+    """Under a ``device_memory_limit_gib`` cap (the allocator's own limit) the CUDA context is
+    not charged; NCCL's buffers are with more than one rank; TP and CP layouts get the wider
+    margin their memory predictions need."""
+    from torchtitan.planner.dry_run import TP_CP_MARGIN
+    from torchtitan.planner.memory_policy import CONTEXT_GIB, NCCL_GIB
+
+    assert headroom_gib(1, capped=True) == 0.0
+    assert headroom_gib(1, capped=False) == CONTEXT_GIB
+    assert headroom_gib(8, capped=True) == NCCL_GIB
+    assert headroom_gib(8, capped=False) == CONTEXT_GIB + NCCL_GIB
+    capped = resolve_auto(_cfg("1B", 4, 8192, "--training.device_memory_limit_gib", "79.1"), 1, GPUS["H200"])[1]
+    assert capped.budget_bytes == pytest.approx(79.1 * GIB * (1 - MARGIN))
+    assert capped.margin == MARGIN
+    tp = resolve_auto(_cfg("8B", 1, 8192, "--parallelism.tensor_parallel_degree", "2"), 8, GPUS["H100"])[1]
+    assert tp.margin == TP_CP_MARGIN
+    assert tp.budget_bytes == pytest.approx((GPUS["H100"].memory_gib - CONTEXT_GIB - NCCL_GIB) * GIB * (1 - TP_CP_MARGIN))
+
+
+def test_spare_memory_after_op_ac_goes_to_layers_without_ac():
+    """1B at 32k tokens a step on an 80 GB card: no AC everywhere does not fit, op AC saving
+    every matmul everywhere leaves memory over; the choice keeps op AC on the first layers
+    and none on the others, which the build applies as written."""
+    from torchtitan.distributed.activation_checkpoint import apply_ac
+
+    cfg = _cfg("1B", 4, 8192, "--training.device_memory_limit_gib", "79.1")
+    out, choice = resolve_auto(cfg, 1, GPUS["H200"])
+    p = choice.policy
+    assert (p.ac, p.later) == ("op_all", "none") and 0 < p.op_layers < 16
+    ac = out.activation_checkpoint
+    assert (ac.mode, ac.selective_ac_option, ac.op_ac_layers, ac.later_layers) == ("selective", "op", p.op_layers, "none")
+    out.validate()
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleDict({str(i): Block() for i in range(16)})
+    apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
+    wrapped = [type(b) is not Block for b in model.layers.values()]
+    assert wrapped == [True] * p.op_layers + [False] * (16 - p.op_layers)

@@ -322,9 +322,17 @@ def test_active_flops_recompute_and_all_to_all():
     # parameter, each rank its 1/64) and the routed copies' permutation (bf16 under FSDP)
     idle = g.n_layers * g.routed_params * (1 - k / e) / 64 * 40
     routing = (5 * 2 + 6 + 6 * m / d) * (3 + 1) * k * d * g.n_layers * 4 * 4096
-    assert with_ep.memory_s == pytest.approx((idle + routing) / (H100.hbm_tbps * 1e12 * H100.hbm_efficiency))
+    # op AC's cheap reruns: both norms (bf16 residual), rotary on q and k, the SwiGLU products
+    q, kv = g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim
+    rerun = (2 * d * 4 + 2 * (q + kv) * 2 + 3 * (k * m + g.shared_hidden) * 2) * g.n_layers * 4 * 4096
+    rate = H100.hbm_tbps * 1e12 * H100.hbm_efficiency
+    assert with_ep.memory_s == pytest.approx((idle + routing + rerun) / rate)
     dense = Geometry.from_model_args(__import__("torchtitan.models", fromlist=["x"]).get_model_args("llama3", "8B"))
-    assert step_cost(dense, lay, H100, compiled=True).memory_s == 0  # dense predictions unchanged
+    dq, dkv = dense.n_heads * dense.head_dim, dense.n_kv_heads * dense.head_dim
+    dense_rerun = (2 * dense.dim * 4 + 2 * (dq + dkv) * 2 + 3 * dense.hidden * 2) * dense.n_layers * 4 * 4096
+    assert step_cost(dense, lay, H100, compiled=True).memory_s == pytest.approx(dense_rerun / rate)
+    no_ac = Layout(**{**lay.__dict__, "ac_mode": "none"})
+    assert step_cost(dense, no_ac, H100, compiled=True).memory_s == 0  # dense, no op AC: nothing
 
 
 def test_plan_cli_with_expert_parallel_and_search(tmp_path):

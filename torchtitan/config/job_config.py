@@ -701,9 +701,10 @@ class ActivationCheckpoint(Section):
     )
     later_layers: str = _opt(
         "full",
-        'with op_ac_layers >= 0, AC of the later layers: "full", or "attention" (op AC saving '
-        "attention's output only: full AC's matmul reruns without attention's)",
-        choices=("full", "attention"),
+        'with op_ac_layers >= 0, AC of the later layers: "full", "attention" (op AC saving '
+        "attention's output only: full AC's matmul reruns without attention's), or \"none\" (no AC: "
+        "memory left over after op AC spent on speed)",
+        choices=("full", "attention", "none"),
     )
 
     def check(self) -> None:

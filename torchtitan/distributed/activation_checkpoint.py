@@ -23,7 +23,9 @@ Modes (``[activation_checkpoint]``):
   op AC's memory). ``op_ac_layers = N`` keeps op AC
   on layers 0..N-1 only and checkpoints the later ones fully: a dial between op AC's speed
   and full AC's memory for shapes where op AC on every layer does not fit;
-  ``later_layers = "attention"`` gives those later layers attention-only op AC instead.
+  ``later_layers = "attention"`` gives those later layers attention-only op AC instead, and
+  ``later_layers = "none"`` no AC at all (between op AC everywhere and none anywhere: what
+  ``mode = "auto"`` picks when memory is left after op AC on every layer).
 
 Blocks are replaced in ``model.layers`` by a checkpoint wrapper, so parameter names gain a
 ``_checkpoint_wrapped_module.`` segment that ``torch.distributed.checkpoint.state_dict``
@@ -44,10 +46,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from torchtitan.config import ConfigError
 from torchtitan.tools.logging import logger
 
-__all__ = ["apply_ac", "AC_MODES", "op_sac_save_list"]
+__all__ = ["apply_ac", "describe_ac", "AC_MODES", "op_sac_save_list"]
 
 AC_MODES = ("none", "full", "selective")
-LATER_LAYERS = ("full", "attention")
+LATER_LAYERS = ("full", "attention", "none")
 OP_SAVED_MATMULS = ("every_other", "all", "none")
 
 
@@ -120,6 +122,18 @@ def _every_n(option: str | int) -> int:
     return n
 
 
+def describe_ac(ac: Any) -> str:
+    """What an ``[activation_checkpoint]`` section applies, for the build's log line."""
+    detail = str(ac.selective_ac_option)
+    if ac.mode == "selective" and detail == "op":
+        saved = {"every_other": "every other matmul", "all": "every matmul", "none": "attention only, no matmul"}
+        detail = f"op, {saved[ac.op_saved_matmuls]} output saved"
+        if ac.op_ac_layers >= 0:
+            later = {"full": "full AC", "attention": "attention output only saved", "none": "no AC"}[ac.later_layers]
+            detail += f", on the first {ac.op_ac_layers} layers; {later} on the others"
+    return detail
+
+
 def apply_ac(
     model: nn.Module,
     mode: str,
@@ -160,6 +174,8 @@ def apply_ac(
             saved = op_saved_matmuls
         elif op_level and later_layers == "attention":
             saved = "none"
+        elif op_level and later_layers == "none":
+            continue
         if (i + 1) % every == 0:
             model.layers.register_module(name, _wrap(block, saved))
     return model

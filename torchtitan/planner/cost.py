@@ -23,7 +23,8 @@ The model, per GPU and step (all assumptions in ``hardware.py`` and docs/plannin
 - MoE memory-bound work (``memory_s``) at the HBM rate x ``hbm_efficiency``: the optimizer
   step, clipping and autocast casts of the experts a token does not use (the dense
   efficiencies already contain this work for the active parameters), and the permutation
-  and combination of the routed copies (``_routing_bytes``). 0 for dense models.
+  and combination of the routed copies (``_routing_bytes``); the loss chunks' fp32 weight-
+  gradient accumulation (``vocab x dim`` read and written once per chunk).
 - FSDP CPU offload (``host_s``): every gather copies the rank's fp32 shards host -> device and
   every reduce-scatter its gradient shards back, over the host link (overlapped with compute
   like FSDP traffic); the optimizer steps on the host (28 bytes a parameter at the host
@@ -63,7 +64,7 @@ class StepCost:
     """Seconds of one optimizer step on one GPU, and what that gives."""
 
     compute_s: float
-    memory_s: float  # memory-bound: idle experts' optimizer/casts, MoE routing (0 for dense)
+    memory_s: float  # memory-bound: idle experts' optimizer/casts, MoE routing, loss chunks
     bubble_s: float
     tp_s: float
     cp_s: float
@@ -90,15 +91,19 @@ def model_flops_per_token(g: Geometry, seq: int) -> float:
     return 6 * _params_no_embedding(g) + 12 * g.n_layers * g.n_heads * g.head_dim * seq
 
 
-def _recomputed_share(g: Geometry, ac_mode: str, ac_option: str, op_layers: int) -> tuple[float, float]:
-    """(share of layers whose forward AC reruns whole, share running per-op AC)."""
+def _recomputed_share(
+    g: Geometry, ac_mode: str, ac_option: str, op_layers: int, later: str = "full"
+) -> tuple[float, float]:
+    """(share of layers whose forward AC reruns whole, share running per-op AC); ``later``:
+    the AC of the layers after ``op_layers`` ("full", "attention": rerun whole but for
+    attention, "none")."""
     if ac_mode == "none":
         return 0.0, 0.0
     if ac_mode == "full":
         return 1.0, 0.0
     if ac_option in OP_AC_OPTIONS:
         op = 1.0 if op_layers < 0 else min(op_layers, g.n_layers) / g.n_layers
-        return 1.0 - op, op
+        return (0.0 if later == "none" else 1.0 - op), op
     return 1.0 / int(ac_option), 0.0
 
 
@@ -127,32 +132,43 @@ def _op_matmul_rerun(g: Geometry, ac_option: str, moe: bool = False) -> float:
     return 2 * (kv * d + d * q + 2 * g.top_k * g.moe_hidden * d + g.shared_hidden * d)
 
 
+def _op_cheap_rerun_bytes(g: Geometry, residual_bytes: int, moe: bool = False) -> float:
+    """Bytes per token one per-op-AC block's backward moves rerunning the cheap ops it did
+    not save (compiled: each a single pass): both RMSNorms (read the residual, write the
+    normed input), rotary on q and k (read and write), SwiGLU's product (read two hidden,
+    write one; MoE: per routed copy and the shared experts). Full AC's reruns are part of
+    the fitted dense efficiency; this is what per-op AC adds to it (measured: one H200, the
+    1B shape at 32k tokens, op AC saving every matmul 1.6-2.2% below no AC)."""
+    a, r = 2, residual_bytes
+    hidden = g.top_k * g.moe_hidden + g.shared_hidden if moe else g.hidden
+    q, kv = g.n_heads * g.head_dim, g.n_kv_heads * g.head_dim
+    return 2 * g.dim * (r + a) + 2 * (q + kv) * a + 3 * hidden * a
+
+
 def _n_moe(g: Geometry) -> tuple[int, int]:
     return g.n_layers - g.n_moe_layers, g.n_moe_layers
 
 
-def dense_flops_per_token(
-    g: Geometry, ac_mode: str, ac_option: str, op_layers: int = -1, chunked_loss: bool = False
-) -> float:
-    """Hardware FLOPs per token outside attention: 6 x active non-embedding params, the
-    forward matmuls activation checkpointing reruns, and the loss chunks' second output
-    projection.
+def dense_flops_per_token(g: Geometry, ac_mode: str, ac_option: str, op_layers: int = -1, later: str = "full") -> float:
+    """Hardware FLOPs per token outside attention: 6 x active non-embedding params and the
+    forward matmuls activation checkpointing reruns (the loss chunks add none: their
+    gradients are made in the forward, components/chunked_loss.py).
 
     Full AC reruns every block forward; per-op AC the matmuls it does not save
     (``_op_matmul_rerun``); "N" reruns 1/N of the blocks; ``op_layers`` >= 0: op AC on that
     many layers only, full AC on the rest. MoE blocks count their routed experts at
     top_k / num_experts (each token's copies), in the forward and in its reruns."""
     flops = 6 * _params_no_embedding(g)
-    whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers)
+    whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers, later)
     for n, moe in zip(_n_moe(g), (False, True)):
         if n:
             flops += n * (whole * 2 * _active_block(g, moe) + op * _op_matmul_rerun(g, ac_option, moe))
-    if chunked_loss:
-        flops += 2 * g.vocab * g.dim
     return flops
 
 
-def routed_flops_per_token(g: Geometry, ac_mode: str, ac_option: str, op_layers: int = -1) -> float:
+def routed_flops_per_token(
+    g: Geometry, ac_mode: str, ac_option: str, op_layers: int = -1, later: str = "full"
+) -> float:
     """The routed experts' and the router's share of ``dense_flops_per_token``: under TP every
     TP rank runs them on the whole gathered sequence (``apply_moe_tp``), so they are not
     divided over tp."""
@@ -160,13 +176,15 @@ def routed_flops_per_token(g: Geometry, ac_mode: str, ac_option: str, op_layers:
         return 0.0
     k, m, d, e = g.top_k, g.moe_hidden, g.dim, g.num_experts
     per_layer = 6 * (3 * k * m * d + e * d)
-    whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers)
+    whole, op = _recomputed_share(g, ac_mode, ac_option, op_layers, later)
     rerun = {"op_all": 0.0, "op_attn": 2 * (3 * k * m * d + e * d)}.get(ac_option, 2 * 2 * k * m * d)
     per_layer += whole * 2 * (3 * k * m * d + e * d) + op * rerun
     return g.n_moe_layers * per_layer
 
 
-def _routing_bytes(g: Geometry, lay: Layout, compiled: bool, autocast: bool, op_layers: int) -> float:
+def _routing_bytes(
+    g: Geometry, lay: Layout, compiled: bool, autocast: bool, op_layers: int, later: str = "full"
+) -> float:
     """Bytes an MoE rank moves per token of one forward permuting and combining the routed
     copies (memory-bound passes over ``top_k x dim`` values a token, counted off
     ``models/common/moe.py``; ``r`` = the layer input's bytes, 4 under autocast). Forward,
@@ -183,20 +201,20 @@ def _routing_bytes(g: Geometry, lay: Layout, compiled: bool, autocast: bool, op_
         forward = 5 * r + 6 + 6 * ratio
     else:
         forward = 6 * r + 14 + 10 * ratio + (2 * r + 4 if autocast else 0)
-    whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
+    whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
     return forward * (3 + whole + op) * g.top_k * g.dim * g.n_moe_layers / lay.pp
 
 
 def attention_flops_per_token(
-    g: Geometry, seq: int, ac_mode: str, ac_option: str, op_layers: int = -1, later_attention: bool = False
+    g: Geometry, seq: int, ac_mode: str, ac_option: str, op_layers: int = -1, later: str = "full"
 ) -> float:
     """Causal attention's hardware FLOPs per token, counted as FlashAttention counts them:
     forward 2·heads·head_dim·seq per layer (half of the non-causal 4), backward 2.5x the
     forward (it recomputes the scores), plus the forwards full AC reruns (per-op AC saves
     the attention output). The trainer's MFU counts 12·heads·head_dim·seq instead."""
     forward = 2 * g.n_heads * g.head_dim * seq * g.n_layers
-    whole, _ = _recomputed_share(g, ac_mode, ac_option, op_layers)
-    if later_attention and ac_option in OP_AC_OPTIONS:
+    whole, _ = _recomputed_share(g, ac_mode, ac_option, op_layers, later)
+    if later == "attention" and ac_option in OP_AC_OPTIONS:
         whole = 0.0  # the layers after op_layers keep attention's output
     return forward * (3.5 + whole)
 
@@ -238,21 +256,22 @@ def step_cost(
     param_bytes_gathered: int = 2,
     reduce_bytes: int = 4,
     op_layers: int = -1,
-    chunked_loss: bool = False,
-    later_attention: bool = False,
+    loss_chunk: int = 0,
+    later: str = "full",
     autocast: bool = False,
     clip: bool = True,
     cpu_offload: bool = False,
 ) -> StepCost:
-    """The cost of one step of ``lay`` (see the module docstring). ``chunked_loss``: the
-    loss chunks recompute their output projection in backward, one more forward of it."""
+    """The cost of one step of ``lay`` (see the module docstring). ``loss_chunk``: tokens
+    per loss chunk (0: the plain loss); each chunk adds one fp32 pass over the output
+    projection's weight gradient."""
     flops_tok = model_flops_per_token(g, lay.seq)
     tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
     tokens_gpu = tokens_dp / (lay.tp * lay.cp * lay.pp)  # work-equivalent tokens per GPU
-    dense = dense_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers, chunked_loss) * tokens_gpu
+    dense = dense_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers, later) * tokens_gpu
     # TP ranks duplicate the routed experts' work on the gathered sequence
-    dense += routed_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers) * tokens_gpu * (lay.tp - 1)
-    attention = attention_flops_per_token(g, lay.seq, lay.ac_mode, lay.ac_option, op_layers, later_attention)
+    dense += routed_flops_per_token(g, lay.ac_mode, lay.ac_option, op_layers, later) * tokens_gpu * (lay.tp - 1)
+    attention = attention_flops_per_token(g, lay.seq, lay.ac_mode, lay.ac_option, op_layers, later)
     attention *= tokens_gpu
     eff = gpu.compute_efficiency_compiled if compiled else gpu.compute_efficiency_eager
     dense_s = dense / (gpu.peak_flops() * eff)
@@ -293,7 +312,7 @@ def step_cost(
         # all-to-all of the routed copies: dispatch and combine in forward, their reverses in
         # backward, and again in the forward that AC reruns (full or per-op: the collectives
         # are not saved); each rank keeps 1/ep of its copies
-        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
+        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
         copies = tokens_fwd * g.top_k * g.dim * a
         per_layer = 4 + 2 * (whole + op)
         volume = per_layer * g.n_moe_layers / lay.pp * copies * (lay.ep - 1) / lay.ep * forwards
@@ -328,10 +347,18 @@ def step_cost(
     idle = routed * (1 - g.top_k / g.num_experts) if g.moe else 0.0
     nbytes = (idle / (fsdp_n // lay.ep) if fsdp_n > 1 else idle) * (28 + (12 if clip else 0))
     if autocast:
-        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers)
+        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
         nbytes += 6 * idle * (2 + whole + op) * lay.grad_accum
     if g.moe:
-        nbytes += _routing_bytes(g, lay, compiled, autocast, op_layers) * tokens_fwd * forwards
+        nbytes += _routing_bytes(g, lay, compiled, autocast, op_layers, later) * tokens_fwd * forwards
+    whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
+    if op > 0:  # per-op AC's cheap reruns, per block of this rank
+        r = 4 if autocast else 2
+        for n, moe in zip(_n_moe(g), (False, True)):
+            nbytes += op * n / lay.pp * _op_cheap_rerun_bytes(g, r, moe) * tokens_fwd * forwards / lay.tp
+    if loss_chunk > 0:  # last stage: each chunk adds its weight gradient into fp32 (read + write)
+        chunks = -(-int(tokens_fwd) // loss_chunk) * forwards
+        nbytes += chunks * 8 * g.vocab * g.dim
     memory_s = nbytes / (gpu.hbm_tbps * 1e12 * gpu.hbm_efficiency)
     copies_s = host_s = 0.0
     if cpu_offload:
@@ -375,8 +402,8 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         stages_per_rank=stages_per_rank,
         reduce_bytes=4 if cfg.training.mixed_precision_reduce == "float32" else 2,
         op_layers=cfg.activation_checkpoint.op_ac_layers,
-        chunked_loss=cfg.training.chunked_loss,
-        later_attention=cfg.activation_checkpoint.later_layers == "attention",
+        loss_chunk=cfg.training.loss_chunk_size,
+        later=cfg.activation_checkpoint.later_layers,
         autocast=cfg.training.mixed_precision_param == "bfloat16" and lay.dp_shard * lay.cp == 1
         and not cfg.training.enable_cpu_offload,
         clip=cfg.training.max_norm > 0,

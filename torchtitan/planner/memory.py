@@ -62,7 +62,7 @@ class Workload:
     ac_mode: str = "selective"  # none | full | selective
     ac_option: str = "op"  # one of OP_AC_OPTIONS or N (every N-th block)
     op_layers: int = -1  # op AC on this many layers only, full AC on the others; -1 = all
-    later_layers: str = "full"  # the others' AC: "full" or "op_attn"
+    later_layers: str = "full"  # the others' AC: "full", "op_attn" or "none"
     compile_model: bool = False
     compile_loss: bool = False
     compute_bytes: int = 2  # dtype of activations and logits
@@ -497,7 +497,7 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         no_ac = sum(m == "none" for blocks in stages for m, _ in blocks)
         copies = 2 * (states.output_params + no_ac * states.block_params)
 
-    boundary = loss = 0.0
+    boundary = loss = head = 0.0
     if w.last:
         s = 1.0 / w.tp if w.tp > 1 else 1.0
         extra = w.residual_bytes * g.dim * s if w.composite_rmsnorm else 0.0
@@ -505,11 +505,18 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         boundary = (w.residual_bytes * g.dim * s + 4 * s + extra + a * g.dim) * T
         vocab = g.vocab / w.tp if (w.tp > 1 and w.loss_parallel) else g.vocab
         if w.loss_chunk > 0:
-            loss = min(w.loss_chunk, T) * vocab * (12 + a)
+            # one chunk's logits, fp32 softmax and their gradient, the fp32 weight-gradient
+            # accumulator and the hidden states' gradient, made in the forward; backward
+            # starts with the two gradients kept (the weight's scaled copy is counted with
+            # the gradients)
+            head = a * T * g.dim + a * vocab * g.dim
+            loss = min(w.loss_chunk, T) * vocab * (12 + 2 * a) + 4 * vocab * g.dim + head
         elif w.compile_loss:
             loss = 2 * a * T * vocab
         else:
             loss = 12 * T * vocab
+        if w.loss_chunk <= 0:
+            head = loss
 
     units = states.unit_unsharded
     ag_pool = ag_at_loss = rs_pool = 0
@@ -546,7 +553,7 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         "optimizer": max(base, on_gpu + states.buckets + grads_end) + end_tmp,
     }
     if not w.fsdp and not w.pp and w.grad_accum == 1 and not w.cpu_offload and len(stages) == 1:
-        walk = _backward_walk(g, w, states, stages[0], boundary + loss)
+        walk = _backward_walk(g, w, states, stages[0], boundary + head)
         phases["backward"] = max(phases["backward"], base + walk)
     phase = max(phases, key=phases.get)
     pools = {"compute stream": int(phases[phase])}

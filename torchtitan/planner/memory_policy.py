@@ -7,14 +7,19 @@ the budget wins. A policy is, per layer, one of
 
 - no AC; per-op AC saving every matmul (``op_all``), every other one (``op``) or only
   attention's output (``op_attn``); full AC; full AC on every N-th block (``selective N``);
-- per-op AC on the first layers and full or attention-only op AC on the later ones
-  (``op_ac_layers`` + ``later_layers``), for each split point;
+- per-op AC on the first layers and full AC, attention-only op AC or no AC on the later
+  ones (``op_ac_layers`` + ``later_layers``), for each split point;
 
-times the loss chunk size (none, 4096, 1024 tokens) and, only when nothing else fits, FSDP
-CPU offload of parameters, gradients and optimizer state. The budget is the planner's:
-(device memory - ``HEADROOM_GIB``) x (1 - ``MARGIN``), the device memory being
-``training.device_memory_limit_gib`` when set, else the card's. Ties (the cost model does
-not tell two chunk sizes apart) go to the policy listed first: fewer chunks, no offload.
+times the loss chunk size (none, 4096, 2048, 1024 tokens) and, only when nothing else fits,
+FSDP CPU offload of parameters, gradients and optimizer state. The budget is
+(device memory - headroom) x (1 - margin). The device memory is
+``training.device_memory_limit_gib`` when set, else the card's. The headroom is what lives
+outside PyTorch's caching allocator: the CUDA context (``CONTEXT_GIB``; not under a
+``device_memory_limit_gib`` cap, which limits the allocator itself and names the card's
+*usable* memory, e.g. 79.1 GiB for an 80 GB H100) and, with more than one rank, NCCL's
+buffers (``NCCL_GIB``). The margin is the memory model's stated error: ``MARGIN``, and
+``TP_CP_MARGIN`` for TP and CP layouts, where the model is still up to 21% low
+(docs/planning.md). Ties go to the policy listed first: fewer chunks, no offload.
 
 The choice is written into the config (the dumped ``config.toml`` repeats the run exactly)
 and logged in one line; ``prediction_gap`` compares it with what the run measured.
@@ -28,17 +33,19 @@ from dataclasses import dataclass
 
 from torchtitan.config import ConfigError, JobConfig
 from torchtitan.planner.hardware import GIB, GpuSpec
+from torchtitan.planner.dry_run import TP_CP_MARGIN
 from torchtitan.planner.layout import Layout
 from torchtitan.planner.memory import OP_AC_SAVED_MATMULS
 from torchtitan.planner.search import Candidate, check_legal, evaluate, model_geometry, tiny_model
 from torchtitan.tools.logging import logger
 
-__all__ = ["HEADROOM_GIB", "MARGIN", "Policy", "Choice", "candidate_policies", "choose", "resolve_auto",
+__all__ = ["CONTEXT_GIB", "NCCL_GIB", "MARGIN", "headroom_gib", "margin_for", "Policy", "Choice", "candidate_policies", "choose", "resolve_auto",
            "resolve_for_launch", "prediction_gap", "log_prediction_gap"]
 
-HEADROOM_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
+CONTEXT_GIB = 0.6  # CUDA context and library handles (measured ~0.5 GiB on an H100 / H200)
+NCCL_GIB = 1.4  # NCCL's communicator buffers, with more than one rank
 MARGIN = 0.05  # the memory model's stated accuracy (docs/planning.md)
-LOSS_CHUNKS = (0, 4096, 1024)
+LOSS_CHUNKS = (0, 4096, 2048, 1024)
 _OP_NAMES = {"op_all": "op AC saving every matmul", "op": "op AC saving every other matmul",
              "op_attn": "op AC saving attention only"}
 
@@ -49,7 +56,7 @@ class Policy:
 
     ac: str  # "none", "full", one of OP_AC_SAVED_MATMULS, or N (full AC on every N-th block)
     op_layers: int = -1  # with an op option: op AC on layers 0..op_layers-1 only; -1 = all
-    later: str = "full"  # the later layers' AC: "full" or "attention"
+    later: str = "full"  # the later layers' AC: "full", "attention" or "none"
     loss_chunk: int = 0
     cpu_offload: bool = False
 
@@ -80,8 +87,9 @@ class Policy:
         elif self.ac in _OP_NAMES:
             text = _OP_NAMES[self.ac]
             if self.op_layers >= 0:
-                later = "full AC" if self.later == "full" else "op AC saving attention only"
-                text += f" on layers 0-{self.op_layers - 1}, {later} on the others"
+                later = {"full": "full AC", "attention": "op AC saving attention only", "none": "no AC"}[self.later]
+                first = "layer 0" if self.op_layers == 1 else f"layers 0-{self.op_layers - 1}"
+                text += f" on {first}, {later} on the others"
         else:
             text = f"full AC on every {self.ac}. block"
         if self.loss_chunk:
@@ -96,7 +104,7 @@ def candidate_policies(n_layers: int) -> list[Policy]:
     ac: list[Policy] = [Policy("none"), Policy("op_all"), Policy("op"), Policy("op_attn"), Policy("full")]
     ac += [Policy(str(n)) for n in (2, 3, 4) if n <= n_layers]
     for op in ("op_all", "op", "op_attn"):
-        for later in ("full", "attention"):
+        for later in ("full", "attention", "none"):
             if op == "op_attn" and later == "attention":
                 continue  # the same as op_attn everywhere
             ac += [Policy(op, k, later) for k in range(1, n_layers)]
@@ -114,6 +122,7 @@ class Choice:
     scored: int
     fitting: int
     gpu: GpuSpec
+    margin: float = MARGIN
 
     @property
     def predicted_tps(self) -> float:
@@ -133,18 +142,36 @@ class Choice:
         )
 
 
-def _budget(gpu: GpuSpec, headroom_gib: float, margin: float) -> float:
-    return (gpu.memory_gib - headroom_gib) * GIB * (1 - margin)
+def headroom_gib(world_size: int, capped: bool) -> float:
+    """Device memory outside the caching allocator (see the module docstring)."""
+    return (0.0 if capped else CONTEXT_GIB) + (NCCL_GIB if world_size > 1 else 0.0)
+
+
+def margin_for(lay: Layout) -> float:
+    return TP_CP_MARGIN if (lay.tp > 1 or lay.cp > 1) else MARGIN
+
+
+def _budget(gpu: GpuSpec, headroom: float, margin: float) -> float:
+    return (gpu.memory_gib - headroom) * GIB * (1 - margin)
 
 
 def choose(
-    cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float = HEADROOM_GIB, margin: float = MARGIN
+    cfg: JobConfig,
+    world_size: int,
+    gpu: GpuSpec,
+    headroom: float | None = None,
+    margin: float | None = None,
+    capped: bool = False,
 ) -> Choice:
-    """The fastest predicted policy for ``cfg``'s layout that fits (see the module doc).
-    Raises ConfigError (one line) when the layout is illegal or no policy fits."""
+    """The fastest predicted policy for ``cfg``'s layout that fits (see the module doc);
+    ``capped``: ``gpu.memory_gib`` is an allocator cap; ``headroom`` (GiB) and ``margin``
+    default to ``headroom_gib`` and ``margin_for``. Raises ConfigError (one line) when the
+    layout is illegal or no policy fits."""
     policies = candidate_policies(model_geometry(cfg).n_layers)
     base = policies[0].apply(cfg)
     lay = Layout.from_config(base, world_size)
+    headroom = headroom_gib(world_size, capped) if headroom is None else headroom
+    margin = margin_for(lay) if margin is None else margin
     g = model_geometry(cfg)
     tiny = tiny_model(cfg, g.vocab)
     legal: dict = {}  # (loss chunk, offload) -> stage layout, or the trainer's refusal
@@ -168,7 +195,7 @@ def choose(
         stages = legal[key]
         if isinstance(stages, Exception):
             continue
-        cand = evaluate(pcfg, play, stages, g, gpu, headroom_gib, margin)
+        cand = evaluate(pcfg, play, stages, g, gpu, headroom, margin)
         if smallest is None or cand.memory.peak_reserved < smallest.memory.peak_reserved:
             smallest = cand
         if not cand.fits:
@@ -176,7 +203,7 @@ def choose(
         fitting += 1
         if best is None or cand.cost.tokens_per_s_per_gpu > best[1].cost.tokens_per_s_per_gpu:
             best = (policy, cand)
-    budget = _budget(gpu, headroom_gib, margin)
+    budget = _budget(gpu, headroom, margin)
     if best is None:
         need = smallest.memory.peak_reserved / GIB if smallest is not None else float("nan")
         raise ConfigError(
@@ -185,7 +212,7 @@ def choose(
             "training.local_batch_size or training.seq_len, or spread the model over more GPUs "
             "(scripts/plan.py --search ranks layouts)"
         )
-    return Choice(best[0], best[1], budget, scored, fitting, gpu)
+    return Choice(best[0], best[1], budget, scored, fitting, gpu, margin)
 
 
 def resolve_auto(cfg: JobConfig, world_size: int, gpu: GpuSpec) -> tuple[JobConfig, Choice | None]:
@@ -197,7 +224,7 @@ def resolve_auto(cfg: JobConfig, world_size: int, gpu: GpuSpec) -> tuple[JobConf
     limit = cfg.training.device_memory_limit_gib
     if limit > 0:
         gpu = gpu.with_overrides(memory_gib=min(limit, gpu.memory_gib))
-    choice = choose(cfg, world_size, gpu)
+    choice = choose(cfg, world_size, gpu, capped=limit > 0)
     return choice.policy.apply(cfg), choice
 
 
@@ -213,10 +240,10 @@ def prediction_gap(choice: Choice, measured_tps: float, measured_peak_bytes: flo
     if measured_peak_bytes <= 0:  # no device allocator was asked (a CPU run)
         return line + " (no device memory measured)", False
     mem_gap = measured_peak_bytes / choice.predicted_peak - 1
-    over = mem_gap > MARGIN
+    over = mem_gap > choice.margin
     line += f" and {measured_peak_bytes / GIB:.1f} GiB ({mem_gap:+.1%})"
     if over:
-        line += f": memory exceeded the prediction by more than the {MARGIN:.0%} margin"
+        line += f": memory exceeded the prediction by more than the {choice.margin:.0%} margin"
     return line, over
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from torchtitan.components.chunked_loss import apply_chunked_loss
 from torchtitan.config import JobConfig
-from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.activation_checkpoint import apply_ac, describe_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.fsdp import apply_data_parallel
@@ -58,14 +58,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
         apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
-        detail = ac.selective_ac_option
-        if ac.mode == "selective" and detail == "op":
-            saved = {"every_other": "every other matmul", "all": "every matmul", "none": "attention only, no matmul"}
-            detail = f"op, {saved[ac.op_saved_matmuls]} output saved"
-            if ac.op_ac_layers >= 0:
-                later = "full AC" if ac.later_layers == "full" else "attention output only saved"
-                detail += f", on the first {ac.op_ac_layers} layers; {later} on the others"
-        logger.info(f"applied {ac.mode} activation checkpointing ({detail})")
+        logger.info(f"applied {ac.mode} activation checkpointing ({describe_ac(ac)})")
 
     if compile_model:
         apply_compile(model, backend)

@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import (
 
 from torchtitan.components.chunked_loss import apply_chunked_loss
 from torchtitan.config import ConfigError, JobConfig
-from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.activation_checkpoint import apply_ac, describe_ac
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.expert_parallel import (
@@ -197,7 +197,7 @@ def parallelize_qwen3(model: nn.Module, parallel_dims: ParallelDims, job_config:
         if ep > 1 and ac.mode == "selective" and ac.selective_ac_option == "op":
             ignore_profiler_ops_in_op_sac()
         apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
-        logger.info(f"applied {ac.mode} activation checkpointing ({ac.selective_ac_option})")
+        logger.info(f"applied {ac.mode} activation checkpointing ({describe_ac(ac)})")
 
     if compile_model:
         if ep > 1:
