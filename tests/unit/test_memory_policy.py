@@ -260,3 +260,28 @@ def test_spare_memory_after_op_ac_goes_to_layers_without_ac():
     apply_ac(model, ac.mode, ac.selective_ac_option, ac.op_saved_matmuls, ac.op_ac_layers, ac.later_layers)
     wrapped = [type(b) is not Block for b in model.layers.values()]
     assert wrapped == [True] * p.op_layers + [False] * (16 - p.op_layers)
+
+
+def test_activation_offload_is_scored_for_the_fastest_policies_that_do_not_fit(monkeypatch):
+    """With activation offload enabled for the chooser: at 65k tokens on an 80 GB card the
+    choice offloads some layers' activations when that is predicted faster than every policy
+    that fits on the device, never beyond the host's share, and only when switched on."""
+    import torchtitan.planner.memory_policy as mp
+
+    cfg = _cfg("3B", 1, 65536, "--training.device_memory_limit_gib", "79.1", "--training.loss_chunk_size", "2048")
+    off = resolve_auto(cfg, 1, GPUS["H200"])[1]
+    assert off.policy.offload_layers == 0  # not scored until a GPU has measured it
+    monkeypatch.setattr(mp, "AUTO_OFFLOADS_ACTIVATIONS", True)
+    monkeypatch.setattr(mp, "host_budget_bytes", lambda: 64 * GIB)
+    out, on = resolve_auto(cfg, 1, GPUS["H200"])
+    assert on.policy.offload_layers > 0 and on.candidate.fits
+    assert on.predicted_tps > off.predicted_tps
+    assert 0 < on.candidate.memory.host <= 64 * GIB
+    assert out.activation_checkpoint.cpu_offload_layers == on.policy.offload_layers
+    assert "in host memory" in on.line()
+    # the offloaded policy is the one it came from with memory moved to the host, so that
+    # policy did not fit on the device
+    plain = dataclasses.replace(on.policy, offload_layers=0)
+    assert plain.apply(cfg).activation_checkpoint.cpu_offload_layers == 0
+    monkeypatch.setattr(mp, "host_budget_bytes", lambda: 0.5 * GIB)
+    assert resolve_auto(cfg, 1, GPUS["H200"])[1].policy.offload_layers == 0  # no room on the host

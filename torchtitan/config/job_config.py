@@ -707,7 +707,14 @@ class ActivationCheckpoint(Section):
         choices=("full", "attention", "none"),
     )
 
+    cpu_offload_layers: int = _opt(
+        0,
+        "keep what blocks 0..N-1 save for backward in pinned host memory from their forward to their "
+        "backward (copies on a side stream, overlapped with compute); 0 = none",
+    )
+
     def check(self) -> None:
+        self._at_least("cpu_offload_layers", 0)
         option = self.selective_ac_option
         if option != "op" and not (option.isdigit() and int(option) >= 1):
             self._fail("selective_ac_option", 'must be "op" or a positive integer such as "2"')

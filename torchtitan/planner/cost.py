@@ -28,7 +28,10 @@ The model, per GPU and step (all assumptions in ``hardware.py`` and docs/plannin
 - FSDP CPU offload (``host_s``): every gather copies the rank's fp32 shards host -> device and
   every reduce-scatter its gradient shards back, over the host link (overlapped with compute
   like FSDP traffic); the optimizer steps on the host (28 bytes a parameter at the host
-  optimizer rate), not overlapped. Both rates are assumptions (hardware.py).
+  optimizer rate), not overlapped. Both rates are assumptions (hardware.py). Activation offload
+  (``activation_checkpoint.cpu_offload_layers``): the offloaded bytes go out during the
+  forward and come back during the backward over the same link; only what a third (forward)
+  and two thirds (backward) of the compute do not cover is paid.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class StepCost:
     step_s: float
     tokens_per_s_per_gpu: float
     mfu: float  # model FLOPs / peak bf16
-    host_s: float = 0.0  # FSDP CPU offload: host<->device copies (overlapped) + host optimizer
+    host_s: float = 0.0  # CPU offload: FSDP's copies (overlapped), the host optimizer, exposed activation copies
 
 
 def _params_no_embedding(g: Geometry) -> int:
@@ -261,6 +264,7 @@ def step_cost(
     autocast: bool = False,
     clip: bool = True,
     cpu_offload: bool = False,
+    offload_bytes: float = 0.0,
 ) -> StepCost:
     """The cost of one step of ``lay`` (see the module docstring). ``loss_chunk``: tokens
     per loss chunk (0: the plain loss); each chunk adds one fp32 pass over the output
@@ -368,6 +372,11 @@ def step_cost(
         copies_s = shard * 4 * (2 + regathers) * passes / (gpu.host_link_gbps * 1e9)
         host_s = shard * 28 / (gpu.host_optimizer_gbps * 1e9)
     exposed = max(0.0, dp_s + copies_s - compute)
+    if offload_bytes > 0:
+        # activation offload: out over the host link during the forward (a third of the
+        # compute), back during the backward (the rest); what the compute does not cover waits
+        each_way = offload_bytes * forwards / (gpu.host_link_gbps * 1e9)
+        host_s += max(0.0, each_way - compute / 3) + max(0.0, each_way - 2 * compute / 3)
     step = compute + memory_s + bubble + tp_s + cp_s + pp_s + ep_s + exposed + host_s
     tokens_per_gpu = lay.global_batch * lay.seq / step / lay.world_size
     return StepCost(
@@ -387,8 +396,11 @@ def step_cost(
     )
 
 
-def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec, stages_per_rank: int) -> StepCost:
-    """``step_cost`` with the options read off a job config (the dry run and the search)."""
+def step_cost_for_config(
+    cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec, stages_per_rank: int, offload_bytes: float = 0.0
+) -> StepCost:
+    """``step_cost`` with the options read off a job config (the dry run and the search);
+    ``offload_bytes``: the memory model's activation bytes offloaded per forward."""
     float8 = "float8" in cfg.model.converters
     return step_cost(
         g,
@@ -408,4 +420,5 @@ def step_cost_for_config(cfg: JobConfig, g: Geometry, lay: Layout, gpu: GpuSpec,
         and not cfg.training.enable_cpu_offload,
         clip=cfg.training.max_norm > 0,
         cpu_offload=cfg.training.enable_cpu_offload,
+        offload_bytes=offload_bytes,
     )

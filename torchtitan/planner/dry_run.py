@@ -357,7 +357,8 @@ def dry_run(cfg: JobConfig, world_size: int, gpu: GpuSpec, headroom_gib: float =
         plan, geometry = _build_rank(cfg, layout, rank, gpu, tokenizer)
         ranks.append(plan)
     assert geometry is not None
-    cost = step_cost_for_config(cfg, geometry, layout, gpu, stages_per_rank=len(ranks[0].stages))
+    cost = step_cost_for_config(cfg, geometry, layout, gpu, stages_per_rank=len(ranks[0].stages),
+                                offload_bytes=max(r.memory.offloaded for r in ranks))
     if (layout.tp > 1 or layout.cp > 1) and margin < TP_CP_MARGIN:
         warnings.append(
             "on GPUs, TP and CP layouts have measured 14-21% above this memory model (docs/planning.md); "

@@ -229,6 +229,7 @@ def rank_workload(
         reshard=p.fsdp_reshard_after_forward,
         reduce_bytes=4 if t.mixed_precision_reduce == "float32" else 2,
         cpu_offload=t.enable_cpu_offload,
+        offload_layers=cfg.activation_checkpoint.cpu_offload_layers,
         repeat_kv=layout.cp > 1 or not gpu_path,
         composite_rmsnorm=not gpu_path,
         ep=layout.ep,

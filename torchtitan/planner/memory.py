@@ -76,6 +76,7 @@ class Workload:
     reshard: str = "default"  # parallelism.fsdp_reshard_after_forward
     reduce_bytes: int = 4  # FSDP reduce dtype
     cpu_offload: bool = False
+    offload_layers: int = 0  # activation offload: blocks 0..N-1 keep their saved tensors on the host
     repeat_kv: bool = False  # keys/values repeated to the query heads (CPU path, CP)
     composite_rmsnorm: bool = False  # CPU: rms_norm decomposes and also keeps x * rstd
     ep: int = 1  # expert parallel degree (routed token copies exchanged by all-to-all)
@@ -117,7 +118,8 @@ class MemoryEstimate:
     peak_active: int
     peak_reserved: int
     phase: str  # where the compute-stream peak is
-    host: int = 0  # bytes kept on the CPU (FSDP CPU offload)
+    host: int = 0  # bytes kept on the CPU (FSDP CPU offload, offloaded activations)
+    offloaded: int = 0  # activation bytes copied to the host (and back) per forward
 
 
 def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
@@ -131,6 +133,16 @@ def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
         return [str(w.ac_option)] * n_op + [w.later_layers] * (n_blocks - n_op)
     every = int(w.ac_option)
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
+
+
+def _n_offloaded(w: Workload, n_blocks: int, n_layers: int) -> int:
+    """Blocks of one stage whose saved tensors go to the host: exactly the first
+    ``offload_layers`` for a whole model; a pipeline stage gets the model's share."""
+    if w.offload_layers <= 0:
+        return 0
+    if sum(w.stage_layers) == n_layers:
+        return min(w.offload_layers, n_blocks)
+    return round(n_blocks * min(w.offload_layers, n_layers) / n_layers)
 
 
 def _stage_blocks(g: Geometry, w: Workload) -> list[list[tuple[str, bool]]]:
@@ -448,7 +460,8 @@ def _grad_temps(g: Geometry, w: Workload, moe: bool) -> float:
 
 
 def _backward_walk(
-    g: Geometry, w: Workload, states: StateBytes, blocks: list[tuple[str, bool]], head: float
+    g: Geometry, w: Workload, states: StateBytes, blocks: list[tuple[str, bool]], head: float,
+    n_off: int = 0, working: float = 0.0,
 ) -> float:
     """Without FSDP the gradients are allocated on the compute stream as backward produces
     them, while the earlier blocks' activations are still kept: the largest sum, block by
@@ -457,15 +470,17 @@ def _backward_walk(
     the gradients inside it, and under autocast the bf16 weight copies its rerun makes) or
     its own gradients, whichever is larger. It starts at the output projection's backward
     (``head``: the final norm's and the projection's inputs and the loss's logits and their
-    gradient), with the projection's weight gradient (and its bf16 copy under autocast)."""
+    gradient), with the projection's weight gradient (and its bf16 copy under autocast). The
+    first ``n_off`` blocks keep nothing on the device but ``working`` (activation offload)."""
     a, T = w.compute_bytes, w.tokens
     per_param = states.grads / max(states.stage_params, 1)
     block_grads = per_param * states.block_params
     made = per_param * (states.output_params + g.dim) if w.last else 0.0
     kept = []
-    for m, moe in blocks:
-        kept.append(block_saved_per_token(g, w, m, moe) * T + (2 * states.block_params if w.autocast and m == "none" else 0))
-    below = sum(kept)
+    for i, (m, moe) in enumerate(blocks):
+        saved = 0.0 if i < n_off else block_saved_per_token(g, w, m, moe) * T
+        kept.append(saved + (2 * states.block_params if w.autocast and m == "none" else 0))
+    below = sum(kept) + working
     out_copy = 2 * states.output_params if w.autocast else 0.0
     peak = below + head + out_copy + made + (a * states.output_params if w.autocast else 0.0) if w.last else 0.0
     for (m, moe), k in zip(reversed(blocks), reversed(kept)):
@@ -482,9 +497,17 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
     """Peak active and reserved bytes of one rank (see the module docstring)."""
     a, T = w.compute_bytes, w.tokens
     per_stage, transient = [], 0.0
+    offloaded = working = 0.0  # activation offload: bytes on the host; the device's share of them
     stages = _stage_blocks(g, w)
     for blocks in stages:
-        per_stage.append(sum(block_saved_per_token(g, w, m, moe) for m, moe in blocks) * T)
+        saved = [block_saved_per_token(g, w, m, moe) * T for m, moe in blocks]
+        n_off = _n_offloaded(w, len(blocks), g.n_layers)
+        if n_off:
+            # on the device: one offloaded block being copied out (forward), or the one in
+            # backward and the previous one being fetched
+            offloaded += sum(saved[:n_off])
+            working = max(working, 2 * max(saved[:n_off]))
+        per_stage.append(sum(saved[n_off:]) + (2 * max(saved[:n_off]) if n_off else 0.0))
         for m, moe in set(blocks):
             recompute = block_saved_per_token(g, w, "none", moe) - block_saved_per_token(g, w, m, moe)
             transient = max(transient, recompute * T + _grad_temps(g, w, moe) * T)
@@ -553,7 +576,8 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         "optimizer": max(base, on_gpu + states.buckets + grads_end) + end_tmp,
     }
     if not w.fsdp and not w.pp and w.grad_accum == 1 and not w.cpu_offload and len(stages) == 1:
-        walk = _backward_walk(g, w, states, stages[0], boundary + head)
+        walk = _backward_walk(g, w, states, stages[0], boundary + head,
+                              _n_offloaded(w, len(stages[0]), g.n_layers), working)
         phases["backward"] = max(phases["backward"], base + walk)
     phase = max(phases, key=phases.get)
     pools = {"compute stream": int(phases[phase])}
@@ -578,5 +602,6 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         peak_active=int(min(active, reserved)),
         peak_reserved=int(reserved),
         phase=phase,
-        host=(states.params + states.optimizer + states.grads) if w.cpu_offload else 0,
+        host=int((states.params + states.optimizer + states.grads if w.cpu_offload else 0) + offloaded * w.inflight),
+        offloaded=int(offloaded),
     )

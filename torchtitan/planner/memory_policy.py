@@ -10,8 +10,11 @@ the budget wins. A policy is, per layer, one of
 - per-op AC on the first layers and full AC, attention-only op AC or no AC on the later
   ones (``op_ac_layers`` + ``later_layers``), for each split point;
 
-times the loss chunk size (none, 4096, 2048, 1024 tokens) and, only when nothing else fits,
-FSDP CPU offload of parameters, gradients and optimizer state. The budget is
+times the loss chunk size (none, 4096, 2048, 1024 tokens); then, for the fastest policies
+that do not fit, the same with the saved activations of their first layers in host memory
+(``activation_checkpoint.cpu_offload_layers``; scored once ``AUTO_OFFLOADS_ACTIVATIONS`` is
+on, after a GPU has measured it); and only when nothing else fits, FSDP CPU offload of
+parameters, gradients and optimizer state. The budget is
 (device memory - headroom) x (1 - margin). The device memory is
 ``training.device_memory_limit_gib`` when set, else the card's. The headroom is what lives
 outside PyTorch's caching allocator: the CUDA context (``CONTEXT_GIB``; not under a
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torchtitan.config import ConfigError, JobConfig
@@ -42,6 +47,11 @@ from torchtitan.tools.logging import logger
 __all__ = ["CONTEXT_GIB", "NCCL_GIB", "MARGIN", "headroom_gib", "margin_for", "Policy", "Choice", "candidate_policies", "choose", "resolve_auto",
            "resolve_for_launch", "prediction_gap", "log_prediction_gap"]
 
+# Activation offload is scored only once a GPU has measured it (issue #26): until then the
+# chooser does not pick it; `activation_checkpoint.cpu_offload_layers` runs it by hand.
+AUTO_OFFLOADS_ACTIVATIONS = False
+OFFLOAD_TRIES = 24  # the fastest policies that do not fit, retried with activation offload
+HOST_SHARE = 0.5  # of this machine's memory, per local rank, that offloaded activations may pin
 CONTEXT_GIB = 0.6  # CUDA context and library handles (measured ~0.5 GiB on an H100 / H200)
 NCCL_GIB = 1.4  # NCCL's communicator buffers, with more than one rank
 MARGIN = 0.05  # the memory model's stated accuracy (docs/planning.md)
@@ -59,6 +69,7 @@ class Policy:
     later: str = "full"  # the later layers' AC: "full", "attention" or "none"
     loss_chunk: int = 0
     cpu_offload: bool = False
+    offload_layers: int = 0  # activation offload of blocks 0..N-1 (activation_offload.py)
 
     def apply(self, cfg: JobConfig) -> JobConfig:
         """A copy of ``cfg`` running this policy (only the sections it changes are copied)."""
@@ -67,6 +78,7 @@ class Policy:
         out.activation_checkpoint = ac = copy.copy(cfg.activation_checkpoint)
         t.loss_chunk_size, t.enable_cpu_offload = self.loss_chunk, self.cpu_offload
         ac.op_ac_layers, ac.later_layers, ac.op_saved_matmuls = -1, "full", "every_other"
+        ac.cpu_offload_layers = self.offload_layers
         if self.ac in ("none", "full"):
             ac.mode, ac.selective_ac_option = self.ac, "op"
         elif self.ac in OP_AC_SAVED_MATMULS:
@@ -94,6 +106,8 @@ class Policy:
             text = f"full AC on every {self.ac}. block"
         if self.loss_chunk:
             text += f", loss chunks of {self.loss_chunk}"
+        if self.offload_layers:
+            text += f", saved activations of layers 0-{self.offload_layers - 1} in host memory"
         if self.cpu_offload:
             text += ", FSDP CPU offload"
         return text
@@ -155,6 +169,36 @@ def _budget(gpu: GpuSpec, headroom: float, margin: float) -> float:
     return (gpu.memory_gib - headroom) * GIB * (1 - margin)
 
 
+def host_budget_bytes() -> float:
+    """Host memory one rank's offloaded activations may take: ``HOST_SHARE`` of this
+    machine's physical memory over the ranks on it (``LOCAL_WORLD_SIZE``)."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total * HOST_SHARE / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+def _with_activation_offload(n_layers: int, too_big: dict[Policy, Candidate], budget: float) -> Iterator[Policy]:
+    """Lazily, once the on-device policies are scored (``too_big`` filled with those that did
+    not fit): the fastest of those whose excess over the budget their activations could carry
+    to the host, each with the activations of its first quarter, half, three quarters and all
+    of its layers offloaded."""
+    if not AUTO_OFFLOADS_ACTIVATIONS:
+        return
+    grid = sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+    host = host_budget_bytes()
+
+    def could_fit(c: Candidate) -> bool:
+        excess = c.memory.peak_reserved - budget
+        return excess <= min(c.memory.activations, host)
+
+    speed = {p: c.cost.tokens_per_s_per_gpu for p, c in too_big.items() if could_fit(c)}
+    fastest = sorted(speed, key=lambda p: -speed[p])[:OFFLOAD_TRIES]  # sorted() is stable
+    for policy in fastest:
+        for k in grid:
+            yield dataclasses.replace(policy, offload_layers=k)
+
+
 def choose(
     cfg: JobConfig,
     world_size: int,
@@ -179,9 +223,19 @@ def choose(
     smallest: Candidate | None = None
     fitting = 0
     scored = 0
-    for policy in policies:
+    too_big: dict[Policy, Candidate] = {}  # on-device policies that do not fit
+    order = itertools.chain(
+        (p for p in policies if not p.cpu_offload),
+        _with_activation_offload(g.n_layers, too_big, _budget(gpu, headroom, margin)),
+        (p for p in policies if p.cpu_offload),
+    )
+    for policy in order:
         if policy.cpu_offload and best is not None and not best[0].cpu_offload:
-            break  # offload only when nothing else fits
+            break  # FSDP offload only when nothing else fits
+        if policy.offload_layers and best is not None and too_big[
+            dataclasses.replace(policy, offload_layers=0)
+        ].cost.tokens_per_s_per_gpu <= best[1].cost.tokens_per_s_per_gpu:
+            continue  # offload only adds time: it cannot beat the best from there
         scored += 1
         pcfg, play = policy.apply(cfg), policy.layout(lay)
         key = (policy.loss_chunk, policy.cpu_offload)  # what the trainer's checks can refuse
@@ -196,9 +250,13 @@ def choose(
         if isinstance(stages, Exception):
             continue
         cand = evaluate(pcfg, play, stages, g, gpu, headroom, margin)
+        if policy.offload_layers and cand.memory.host > host_budget_bytes():
+            continue  # pinned host memory is this machine's too
         if smallest is None or cand.memory.peak_reserved < smallest.memory.peak_reserved:
             smallest = cand
         if not cand.fits:
+            if not policy.offload_layers and not policy.cpu_offload:
+                too_big[policy] = cand
             continue
         fitting += 1
         if best is None or cand.cost.tokens_per_s_per_gpu > best[1].cost.tokens_per_s_per_gpu:

@@ -32,8 +32,8 @@ def format_assumptions(gpu: GpuSpec, headroom_gib: float, margin: float = 0.05) 
 
 def format_cost(c: StepCost) -> str:
     return (
-        f"step {c.step_s:.3f} s = compute {c.compute_s:.3f} + {f'MoE memory-bound {c.memory_s:.3f} + ' if c.memory_s else ''}bubble {c.bubble_s:.3f} + TP {c.tp_s:.3f} + "
-        f"CP {c.cp_s:.3f} + PP {c.pp_s:.3f} + {f'EP {c.ep_s:.3f} + ' if c.ep_s else ''}exposed DP {c.exposed_dp_s:.3f} (DP traffic {c.dp_s:.3f} s, "
+        f"step {c.step_s:.3f} s = compute {c.compute_s:.3f} + {f'memory-bound {c.memory_s:.3f} + ' if c.memory_s else ''}bubble {c.bubble_s:.3f} + TP {c.tp_s:.3f} + "
+        f"CP {c.cp_s:.3f} + PP {c.pp_s:.3f} + {f'EP {c.ep_s:.3f} + ' if c.ep_s else ''}{f'host {c.host_s:.3f} + ' if c.host_s else ''}exposed DP {c.exposed_dp_s:.3f} (DP traffic {c.dp_s:.3f} s, "
         f"overlapped with compute) -> {c.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {100 * c.mfu:.1f}%"
     )
 
@@ -71,7 +71,7 @@ def format_plan(plan: Plan, cfg_name: str, seconds: float) -> str:
     ]
     host = max(r.memory.host for r in plan.ranks)
     if host:
-        lines.append(f"host:    {host / GIB:.1f} GiB of parameters, gradients and optimizer state per rank (CPU offload)")
+        lines.append(f"host:    {host / GIB:.1f} GiB per rank in host memory (CPU offload of the states, offloaded activations)")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     lines.append(format_assumptions(plan.gpu, plan.headroom_gib, plan.margin))
@@ -101,7 +101,7 @@ def explain(best: Candidate, configured: Candidate) -> str:
     parts = []
     for name, x, y in (
         ("compute", a.compute_s, b.compute_s),
-        ("MoE memory-bound work", a.memory_s, b.memory_s),
+        ("memory-bound work", a.memory_s, b.memory_s),
         ("pipeline bubble", a.bubble_s, b.bubble_s),
         ("TP communication", a.tp_s, b.tp_s),
         ("CP communication", a.cp_s, b.cp_s),

@@ -195,7 +195,8 @@ def evaluate(
             worst = mem
     assert worst is not None
     cost = step_cost_for_config(
-        cfg, g, lay, gpu, stages_per_rank=len(stages.rank_stages[0]) if stages is not None else 1
+        cfg, g, lay, gpu, stages_per_rank=len(stages.rank_stages[0]) if stages is not None else 1,
+        offload_bytes=worst.offloaded,
     )
     budget = (gpu.memory_gib - headroom_gib) * GIB * (1 - margin)
     return Candidate(lay, worst, cost, worst.peak_reserved <= budget)

@@ -13,6 +13,7 @@ from torch import nn
 from torchtitan.components.chunked_loss import apply_chunked_loss
 from torchtitan.config import JobConfig
 from torchtitan.distributed.activation_checkpoint import apply_ac, describe_ac
+from torchtitan.distributed.activation_offload import apply_activation_offload
 from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.fsdp import apply_data_parallel
@@ -63,6 +64,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
     if compile_model:
         apply_compile(model, backend)
         logger.info(f"compiled each transformer block with backend {backend!r}")
+    apply_activation_offload(model, ac.cpu_offload_layers, device_type)
 
     apply_data_parallel(model, parallel_dims, job_config.training, p, compile_model)
     return model

@@ -1,0 +1,156 @@
+"""Activation offload: the chosen blocks' saved tensors wait on the host, and training is
+unchanged. On the CPU the host copy is a clone, so these check the hooks' bookkeeping and
+that every kind of block (eager, full AC, per-op AC, compiled) sends its saved activations
+through them; the side stream and the overlap are the GPU test's (tests/gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from small_trainer import small_trainer_config
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.distributed.activation_offload import ActivationOffload, apply_activation_offload
+
+DIM = 512  # 16 x 512 fp32 activations: 32 KiB; the tests lower the size floor to 1 KiB
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(DIM, 2 * DIM, bias=False)
+        self.w2 = nn.Linear(2 * DIM, DIM, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(torch.nn.functional.silu(self.w1(x)))
+
+
+def _model(n: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleDict({str(i): Block() for i in range(n)})
+    return model
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    h = x
+    for block in model.layers.values():
+        h = block(h)
+    loss = h.square().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("ac", ["none", "full", "op", "compiled full AC"])
+def test_saved_tensors_go_to_the_host_and_gradients_are_unchanged(ac: str) -> None:
+    x = torch.randn(16, DIM)
+    runs = []
+    for offload_layers in (0, 2):
+        model = _model()
+        if ac != "none":
+            apply_ac(model, "full" if ac != "op" else "selective", "op")
+        if ac.startswith("compiled"):
+            for name, block in list(model.layers.named_children()):
+                model.layers.register_module(name, torch.compile(block, backend="aot_eager", fullgraph=True))
+        offload = apply_activation_offload(model, offload_layers, "cpu")
+        if offload is not None:
+            offload.min_bytes = 1024
+        runs.append((_step(model, x.clone().requires_grad_()), offload))
+    (loss0, grads0), _ = runs[0]
+    (loss1, grads1), offload = runs[1]
+    assert torch.equal(loss0, loss1)
+    for a, b in zip(grads0, grads1):
+        assert torch.equal(a, b)
+    # at least each offloaded block's input (16 x DIM fp32) went to the host; nothing is left
+    assert offload.offloaded_bytes >= 2 * 16 * DIM * 4
+    assert offload.groups == {}
+
+
+def test_parameters_and_small_tensors_stay_and_the_previous_block_is_fetched_first() -> None:
+    """Parameters are never copied; a block's first unpack starts bringing back the block
+    whose backward comes next (the one packed before it)."""
+    offload = ActivationOffload("cpu", min_bytes=1024)
+    w = nn.Parameter(torch.randn(DIM, DIM))
+    small = torch.randn(4, requires_grad=True)
+    x = torch.randn(16, DIM, requires_grad=True)
+    with offload.block():
+        h1 = (x @ w).relu() * small.sum()
+    with offload.block():
+        h2 = (h1 @ w).relu()
+    assert sorted(offload.groups) == [0, 1]
+    packed_sizes = [p.host.numel() for g in offload.groups.values() for p in g.alive()]
+    assert DIM * DIM not in packed_sizes  # the parameter stayed
+    assert all(n >= 256 for n in packed_sizes)  # small stayed
+    seen = []  # when block 2's backward is done and block 1's not begun: block 1 already fetched
+    hook = h1.register_hook(lambda g: seen.append([p.fetched is not None for p in offload.groups[0].alive()]))
+    h2.sum().backward(retain_graph=True)
+    hook.remove()
+    assert seen and seen[0] and all(seen[0])
+    assert offload.groups == {}
+    g1 = x.grad.clone()
+    x.grad = None
+    h2.sum().backward()  # a retained graph unpacks again: fetched on demand
+    assert torch.equal(x.grad, g1)
+
+
+def test_a_graph_dropped_without_backward_frees_its_host_copies() -> None:
+    offload = ActivationOffload("cpu", min_bytes=1024)
+    x = torch.randn(16, DIM, requires_grad=True)
+    with offload.block():
+        y = x.exp()
+    assert len(offload.groups) == 1
+    del y  # e.g. an evaluation forward with gradients on, never run backward
+    with offload.block():
+        z = x.exp()
+    assert list(offload.groups) == [1]
+    z.sum().backward()
+    assert offload.groups == {}
+
+
+def test_no_grad_forward_packs_nothing() -> None:
+    model = _model()
+    offload = apply_activation_offload(model, 3, "cpu")
+    with torch.no_grad():
+        h = torch.randn(16, DIM)
+        for block in model.layers.values():
+            h = block(h)
+    assert offload.offloaded_bytes == 0 and offload.groups == {}
+
+
+def test_trainer_with_offloaded_blocks_trains_exactly_as_without(tmp_path, monkeypatch) -> None:
+    import torchtitan.distributed.activation_offload as module
+    from torchtitan.trainer import Trainer
+
+    monkeypatch.setattr(module, "MIN_BYTES", 1024)  # the debug model's activations are small
+    packed = []
+    pack = module.ActivationOffload._pack
+
+    def counting_pack(self, t, gid):
+        out = pack(self, t, gid)
+        packed.append(out is not t)
+        return out
+
+    monkeypatch.setattr(module.ActivationOffload, "_pack", counting_pack)
+
+    def run(folder: str, *extra: str) -> list[float]:
+        cfg = small_trainer_config(tmp_path / folder, "--training.seq_len", "64", "--training.steps", "3",
+                                   "--activation_checkpoint.mode", "full", *extra)
+        trainer = Trainer(cfg)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
+
+    base = run("a")
+    assert not packed
+    offloaded = run("b", "--activation_checkpoint.cpu_offload_layers", "2")
+    assert offloaded == base
+    assert sum(packed) >= 2 * 3  # both blocks' inputs, every step
+
+
+def test_bad_value_is_one_line_exit_2(tmp_path) -> None:
+    from torchtitan.config import ConfigError, ConfigManager
+
+    with pytest.raises(ConfigError, match="activation_checkpoint.cpu_offload_layers"):
+        ConfigManager().parse_args(["--activation_checkpoint.cpu_offload_layers", "-1"]).validate()
