@@ -464,6 +464,14 @@ def test_cli_and_run_train_dry_run(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [line for line in out.stderr.splitlines() if line.startswith("plan: error")]
     assert out.returncode == 2 and len(lines) == 1 and str(real.value) in lines[0]
+    # 4 ranks on the table's H100: CUDA context + NCCL outside the allocator; one rank under a
+    # device_memory_limit_gib cap: the cap is the allocator's, so nothing is taken off it
+    assert "(2 GiB headroom outside the allocator" in ok.stdout
+    capped = subprocess.run([sys.executable, "scripts/plan.py", "--world_size", "1", "--gpu", "H200",
+                             "--job.config_file", DEBUG, "--training.device_memory_limit_gib", "40"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    assert "40 GiB, budget 38.0 GiB (0 GiB headroom outside the allocator" in capped.stdout
 
 
 def test_flops_and_params_match_the_model():

@@ -41,7 +41,11 @@ class PlannerOptions:
         ["none", "op_all", "op", "op_attn", "2", "full"], "search: AC modes (none, op_all, op, op_attn, N, full)"
     )
     max_local_batch: int = _opt(32, "search: largest local batch to try")
-    headroom_gib: float = _opt(2.0, "GiB per GPU kept free for the CUDA context and NCCL buffers")
+    headroom_gib: float = _opt(
+        -1.0,
+        "GiB per GPU outside the allocator; -1 = as the launch reckons it: 0.6 for the CUDA context "
+        "(none under training.device_memory_limit_gib) + 1.4 for NCCL with more than one rank",
+    )
     margin: float = _opt(0.05, "share of the rest kept free against the memory model's error (up to 7% low so far)")
     memory_gib: float = _opt(0.0, "override the GPU's memory (GiB); 0 = the table's")
     tflops: float = _opt(0.0, "override the dense bf16 peak (TFLOP/s); 0 = the table's")
@@ -70,8 +74,8 @@ class PlannerOptions:
             fail("global_batch", "must be >= 0 (0 = the configured one)")
         if self.max_local_batch < 1:
             fail("max_local_batch", "must be >= 1")
-        if self.headroom_gib < 0:
-            fail("headroom_gib", "must be >= 0")
+        if self.headroom_gib < 0 and self.headroom_gib != -1:
+            fail("headroom_gib", "must be >= 0, or -1 for the launch's reckoning")
         if not 0 <= self.margin < 1:
             fail("margin", "must be in [0, 1), e.g. 0.05")
         for name in ("memory_gib", "tflops", "intra_node_gbps", "inter_node_gbps", "hbm_tbps"):
@@ -184,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
     from torchtitan.planner import report
     from torchtitan.planner.dry_run import dry_run
+    from torchtitan.planner.hardware import headroom_gib
     from torchtitan.planner.memory_policy import resolve_auto
 
     try:  # activation_checkpoint.mode = auto: plan the policy the launch would choose
@@ -192,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e).splitlines()[0])
     if choice is not None:
         print(choice.line())
+    limit = cfg.training.device_memory_limit_gib
+    capped = limit > 0 and not opts.memory_gib
+    if capped:  # the run's own cap, as the launch applies it
+        gpu = gpu.with_overrides(memory_gib=min(limit, gpu.memory_gib))
+    if opts.headroom_gib < 0:
+        opts.headroom_gib = headroom_gib(opts.world_size, capped)
     name = f"{cfg.model.name} {cfg.model.flavor}"
     if not opts.search:
         t0 = time.perf_counter()

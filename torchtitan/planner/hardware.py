@@ -32,9 +32,19 @@ from dataclasses import dataclass
 
 from torchtitan.config import ConfigError
 
-__all__ = ["GpuSpec", "GPUS", "get_gpu", "GIB"]
+__all__ = ["GpuSpec", "GPUS", "get_gpu", "GIB", "CONTEXT_GIB", "NCCL_GIB", "headroom_gib"]
 
 GIB = 1024**3
+CONTEXT_GIB = 0.6  # CUDA context and library handles (measured ~0.5 GiB on an H100 / H200)
+NCCL_GIB = 1.4  # NCCL's communicator buffers, with more than one rank
+
+
+def headroom_gib(world_size: int, capped: bool) -> float:
+    """Device memory outside PyTorch's caching allocator: the CUDA context, except under a
+    ``training.device_memory_limit_gib`` cap (which limits the allocator itself and names a
+    card's usable memory, e.g. 79.1 GiB for an 80 GB H100), and NCCL's buffers with more than
+    one rank."""
+    return (0.0 if capped else CONTEXT_GIB) + (NCCL_GIB if world_size > 1 else 0.0)
 
 
 @dataclass(frozen=True)

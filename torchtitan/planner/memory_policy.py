@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torchtitan.config import ConfigError, JobConfig
-from torchtitan.planner.hardware import GIB, GpuSpec
+from torchtitan.planner.hardware import CONTEXT_GIB, GIB, NCCL_GIB, GpuSpec, headroom_gib
 from torchtitan.planner.dry_run import TP_CP_MARGIN
 from torchtitan.planner.layout import Layout
 from torchtitan.planner.memory import OP_AC_SAVED_MATMULS
@@ -52,8 +52,6 @@ __all__ = ["CONTEXT_GIB", "NCCL_GIB", "MARGIN", "headroom_gib", "margin_for", "P
 AUTO_OFFLOADS_ACTIVATIONS = False
 OFFLOAD_TRIES = 24  # the fastest policies that do not fit, retried with activation offload
 HOST_SHARE = 0.5  # of this machine's memory, per local rank, that offloaded activations may pin
-CONTEXT_GIB = 0.6  # CUDA context and library handles (measured ~0.5 GiB on an H100 / H200)
-NCCL_GIB = 1.4  # NCCL's communicator buffers, with more than one rank
 MARGIN = 0.05  # the memory model's stated accuracy (docs/planning.md)
 LOSS_CHUNKS = (0, 4096, 2048, 1024)
 _OP_NAMES = {"op_all": "op AC saving every matmul", "op": "op AC saving every other matmul",
@@ -154,11 +152,6 @@ class Choice:
             f"of a {self.budget_bytes / GIB:.1f} GiB budget on {self.gpu.name} with "
             f"{self.gpu.memory_gib:.1f} GiB; {self.fitting} of {self.scored} policies fit)"
         )
-
-
-def headroom_gib(world_size: int, capped: bool) -> float:
-    """Device memory outside the caching allocator (see the module docstring)."""
-    return (0.0 if capped else CONTEXT_GIB) + (NCCL_GIB if world_size > 1 else 0.0)
 
 
 def margin_for(lay: Layout) -> float:

@@ -40,15 +40,22 @@ def launch_gpu() -> tuple[GpuSpec, str]:
     return GPUS[DEFAULT_GPU], f"{name} is not in the planner's table: planned for its {DEFAULT_GPU}"
 
 
-def preflight_report(cfg: JobConfig, world_size: int, headroom_gib: float = 2.0, margin: float = 0.05) -> str:
+def preflight_report(cfg: JobConfig, world_size: int, headroom: float | None = None, margin: float = 0.05) -> str:
     """The dry run's per-rank memory (and step time) report of ``cfg`` on ``world_size``
-    ranks. Raises what the dry run raises (the error the build itself would raise)."""
+    ranks, on this process's card capped at ``training.device_memory_limit_gib`` as the launch
+    caps it; ``headroom`` (GiB) defaults to ``hardware.headroom_gib``. Raises what the dry run
+    raises (the error the build itself would raise)."""
     from torchtitan.planner.dry_run import dry_run
+    from torchtitan.planner.hardware import headroom_gib
     from torchtitan.planner.report import format_plan
 
     gpu, note = launch_gpu()
+    limit = cfg.training.device_memory_limit_gib
+    if limit > 0:
+        gpu = gpu.with_overrides(memory_gib=min(limit, gpu.memory_gib))
+    room = headroom_gib(world_size, capped=limit > 0) if headroom is None else headroom
     t0 = time.perf_counter()
-    plan = dry_run(cfg, world_size, gpu, headroom_gib, margin)
+    plan = dry_run(cfg, world_size, gpu, room, margin)
     text = format_plan(plan, f"{cfg.model.name} {cfg.model.flavor}", time.perf_counter() - t0)
     return text + (f"\nnote: {note}" if note else "")
 

@@ -22,7 +22,7 @@ def format_assumptions(gpu: GpuSpec, headroom_gib: float, margin: float = 0.05) 
     budget = (gpu.memory_gib - headroom_gib) * (1 - margin)
     return (
         f"assumptions: {gpu.name}, {gpu.memory_gib:g} GiB, budget {budget:.1f} GiB ({headroom_gib:g} GiB "
-        f"headroom for the CUDA context and NCCL, then a {100 * margin:g}% margin); {gpu.bf16_tflops:g} TFLOP/s bf16 "
+        f"headroom outside the allocator, then a {100 * margin:g}% margin); {gpu.bf16_tflops:g} TFLOP/s bf16 "
         f"at {gpu.compute_efficiency_compiled:g} (compiled) / {gpu.compute_efficiency_eager:g} (eager) for dense "
         f"work and {gpu.attention_efficiency:g} for attention; "
         f"{gpu.gpus_per_node} GPUs per node, {gpu.intra_node_gbps:g} GB/s NVLink and "
