@@ -147,6 +147,11 @@ def test_trainer_with_offloaded_blocks_trains_exactly_as_without(tmp_path, monke
     offloaded = run("b", "--activation_checkpoint.cpu_offload_layers", "2")
     assert offloaded == base
     assert sum(packed) >= 2 * 3  # both blocks' inputs, every step
+    # with FSDP (over one rank, as its CPU offload runs) the same again
+    n = sum(packed)
+    fsdp = run("c", "--activation_checkpoint.cpu_offload_layers", "2", "--training.enable_cpu_offload")
+    assert fsdp == base
+    assert sum(packed) - n >= 2 * 3
 
 
 def test_bad_value_is_one_line_exit_2(tmp_path) -> None:
