@@ -199,6 +199,22 @@ MUTATIONS = [
         (f"{MOE}::test_ep_dispatch_combine_round_trip",),
         "the EP combine all-to-all uses the dispatch's split sizes",
     ),
+    Mutation(
+        "chunked_loss_ignores_upstream_gradient",
+        "torchtitan/components/chunked_loss.py",
+        "None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),",
+        "None if grad_h is None else grad_h,",
+        ("tests/unit/test_chunked_loss.py",),
+        "the loss chunks' hidden-state gradient is not scaled by the incoming gradient (the 1 / tokens mean)",
+    ),
+    Mutation(
+        "later_layers_none_still_checkpointed",
+        "torchtitan/distributed/activation_checkpoint.py",
+        '        elif op_level and later_layers == "none":\n            continue\n',
+        "",
+        ("tests/unit/test_memory_policy.py::test_spare_memory_after_op_ac_goes_to_layers_without_ac",),
+        'layers after op_ac_layers with later_layers = "none" are still checkpointed (fully)',
+    ),
 ]
 
 
