@@ -18,6 +18,9 @@ In backward the first ``unpack`` of a block (a compiled block unpacks all at onc
 starts copying the previous block's tensors back on the side stream, so the next block's
 transfer overlaps this block's backward; the compute stream waits on an event for each
 tensor it takes. On a CPU the "host copy" is a clone (the path is the same; tests use it).
+Under pipeline parallelism several microbatches' forwards are in flight, so the block packed
+before is not always the next one backward: correct, but the prefetch may fetch early (the
+chooser does not score offload under PP).
 """
 
 from __future__ import annotations

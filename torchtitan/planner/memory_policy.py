@@ -219,7 +219,9 @@ def choose(
     too_big: dict[Policy, Candidate] = {}  # on-device policies that do not fit
     order = itertools.chain(
         (p for p in policies if not p.cpu_offload),
-        _with_activation_offload(g.n_layers, too_big, _budget(gpu, headroom, margin)),
+        # (not under PP: with several microbatches in flight the previous block forward is
+        # not always the next backward, which the prefetch and the memory model assume)
+        _with_activation_offload(g.n_layers, too_big, _budget(gpu, headroom, margin)) if lay.pp == 1 else (),
         (p for p in policies if p.cpu_offload),
     )
     for policy in order:
