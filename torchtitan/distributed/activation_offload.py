@@ -73,7 +73,7 @@ class ActivationOffload:
         self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
         self.groups: dict[int, _Group] = {}  # block forwards whose tensors are still on the host
         self._next = 0
-        self.offloaded_bytes = 0  # since the last reset, for tests and metrics
+        self.offloaded_bytes = 0  # in total, for tests
 
     @contextlib.contextmanager
     def block(self):
@@ -111,11 +111,19 @@ class ActivationOffload:
         if not self.cuda:
             p.fetched = p.host
             return
+        # Allocated on the compute stream (its pool gets the memory back after the block's
+        # backward), written on the side stream once the compute stream's work so far is done
+        # (that memory may have served it a moment ago).
+        current = torch.cuda.current_stream(p.device)
+        t = torch.empty(p.host.size(), dtype=p.host.dtype, device=p.device)
+        self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(p.copied)
-            p.fetched = p.host.to(p.device, non_blocking=True)
+            t.copy_(p.host, non_blocking=True)
             p.ready = torch.cuda.Event()
             p.ready.record(self.stream)
+        t.record_stream(self.stream)
+        p.fetched = t
 
     def _fetch_group(self, gid: int) -> None:
         group = self.groups.get(gid)
@@ -137,9 +145,7 @@ class ActivationOffload:
             self._fetch(p)
         t, p.fetched = p.fetched, None
         if self.cuda:
-            current = torch.cuda.current_stream(p.device)
-            current.wait_event(p.ready)
-            t.record_stream(current)  # allocated on the side stream, used on this one
+            torch.cuda.current_stream(p.device).wait_event(p.ready)
         group = self.groups.get(p.group)
         if group is not None:
             group.packed = [r for r in group.packed if r() is not None and r() is not p]
