@@ -285,6 +285,7 @@ def step_cost(
     bubble = compute * bubble_fraction(lay.schedule, lay.pp, lay.n_microbatches, stages_per_rank)
 
     a = 2
+    whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)  # AC reruns
     layers = g.n_layers / lay.pp
     micro = lay.n_microbatches if lay.pp > 1 else 1
     forwards = micro * lay.grad_accum  # forward passes per step on this rank
@@ -316,7 +317,6 @@ def step_cost(
         # all-to-all of the routed copies: dispatch and combine in forward, their reverses in
         # backward, and again in the forward that AC reruns (full or per-op: the collectives
         # are not saved); each rank keeps 1/ep of its copies
-        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
         copies = tokens_fwd * g.top_k * g.dim * a
         per_layer = 4 + 2 * (whole + op)
         volume = per_layer * g.n_moe_layers / lay.pp * copies * (lay.ep - 1) / lay.ep * forwards
@@ -347,15 +347,13 @@ def step_cost(
     # fp32 (6). The dense efficiencies were fitted on step times that include this work for
     # the parameters whose FLOPs they count, so only the routed experts a token does not use
     # (1 - top_k / num_experts of them) are charged here: they cost optimizer and cast time
-    # and bring no FLOPs. Dense models: 0.
+    # and bring no FLOPs (0 for dense models; the terms below add to it).
     idle = routed * (1 - g.top_k / g.num_experts) if g.moe else 0.0
     nbytes = (idle / (fsdp_n // lay.ep) if fsdp_n > 1 else idle) * (28 + (12 if clip else 0))
     if autocast:
-        whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
         nbytes += 6 * idle * (2 + whole + op) * lay.grad_accum
     if g.moe:
         nbytes += _routing_bytes(g, lay, compiled, autocast, op_layers, later) * tokens_fwd * forwards
-    whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)
     if op > 0:  # per-op AC's cheap reruns, per block of this rank
         r = 4 if autocast else 2
         for n, moe in zip(_n_moe(g), (False, True)):
