@@ -108,6 +108,69 @@ def test_a_graph_dropped_without_backward_frees_its_host_copies() -> None:
     assert offload.groups == {}
 
 
+def test_saved_tensors_come_back_with_their_strides() -> None:
+    """A compiled backward asserts the strides of what it saved (on CUDA, flash attention's
+    output is saved transposed): dense layouts and views with gaps come back as they left."""
+    offload = ActivationOffload("cpu", min_bytes=1024)
+    base = torch.randn(2, 64, 4, 32, requires_grad=True)
+    seen = {}
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return a.sum() + b.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            seen["a"], seen["b"] = a.stride(), b.stride()
+            return torch.ones_like(a) * g, torch.ones_like(b) * g
+
+    with offload.block():
+        t = base.transpose(1, 2) * 1.0  # dense, transposed
+        gaps = (base * 1.0)[:, :, :, :16]  # a view with gaps
+        loss = Keep.apply(t, gaps)
+    assert offload.offloaded_bytes == (t.numel() + gaps.numel()) * 4
+    loss.backward()
+    assert seen == {"a": t.stride(), "b": gaps.stride()}
+
+
+def test_the_host_waits_for_the_copies_of_the_block_two_back() -> None:
+    """As block k's forward begins (offloaded or not), the host waits for the copies of the
+    blocks offloaded at k-2 or before, once each, so the allocator gets their memory back
+    while the device still has block k-1 to compute."""
+    model = _model(5)
+    offload = apply_activation_offload(model, 3, "cpu")
+    offload.min_bytes = 1024
+    waits: list[tuple[int, int]] = []  # (block whose forward begins, block waited for)
+    entering = [0]
+
+    class Event:
+        def __init__(self, block: int) -> None:
+            self.block = block
+
+        def synchronize(self) -> None:
+            waits.append((entering[0], self.block))
+
+    def fake_events(module, args, i):
+        entering[0] = i
+        for gid, group in offload.groups.items():  # the CPU path has no events: give them some
+            if group.packed and group.copied is None and gid not in given:
+                group.copied = Event(gid)
+                given.add(gid)
+
+    given: set[int] = set()
+    for i, block in enumerate(model.layers.values()):
+        block.register_forward_pre_hook(lambda m, a, i=i: fake_events(m, a, i), prepend=True)
+    h = torch.randn(16, DIM, requires_grad=True)
+    for block in model.layers.values():
+        h = block(h)
+    assert waits == [(2, 0), (3, 1), (4, 2)]
+    h.sum().backward()
+    assert offload.groups == {}
+
+
 def test_no_grad_forward_packs_nothing() -> None:
     model = _model()
     offload = apply_activation_offload(model, 3, "cpu")

@@ -533,7 +533,11 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
             # starts with the two gradients kept (the weight's scaled copy is counted with
             # the gradients)
             head = a * T * g.dim + a * vocab * g.dim
-            loss = min(w.loss_chunk, T) * vocab * (12 + 2 * a) + 4 * vocab * g.dim + head
+            # per chunk x vocab element: compiled, 8 bytes (measured on the H200 by
+            # scripts/benchmark_chunked_loss.py: the bf16 logits and gradient, fp32 row
+            # statistics); eager, the fp32 copy and softmax as well
+            per = 8 if w.compile_loss else 12 + 2 * a
+            loss = min(w.loss_chunk, T) * vocab * per + 4 * vocab * g.dim + head
         elif w.compile_loss:
             loss = 2 * a * T * vocab
         else:

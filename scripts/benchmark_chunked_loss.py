@@ -1,0 +1,85 @@
+"""Time and size the output projection + cross-entropy, plain and in chunks, on this GPU.
+
+    python scripts/benchmark_chunked_loss.py [--tokens 16384] [--dim 3072] [--vocab 128256]
+
+Prints one markdown row per variant: milliseconds per forward + backward (median of
+``--iters``), the peak memory above the inputs (the hidden states and the bf16 weight; their
+gradients count), and from the chunked variants' peaks the bytes per element of one chunk's logits
+(the slope of peak against chunk x vocab) and what does not grow with the chunk (the fp32
+weight-gradient accumulator and the gradients kept for backward): the figures behind the
+planner's loss terms (``planner/memory.py``, ``planner/cost.py``). Every variant is compiled
+as the trainer compiles it (``compile.components`` with ``loss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from torchtitan.components.chunked_loss import _chunk_loss_and_grad, chunked_cross_entropy
+
+GIB = 1024**3
+
+
+def _plain(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, w).float(), y)
+
+
+def _measure(fn, h, w, y, iters: int) -> tuple[float, float]:
+    """Median milliseconds of forward + backward and the peak bytes above the inputs."""
+    times = []
+    for i in range(iters + 2):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(h, w, y).backward()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 2:  # compiled, warm
+            times.append(start.elapsed_time(end))
+        peak = torch.cuda.max_memory_allocated() - base
+    return statistics.median(times), peak  # the inputs were allocated before ``base``
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (3B, local batch 2, seq 8192)")
+    ap.add_argument("--dim", type=int, default=3072)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--chunks", default="1024,2048,4096")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    h = (torch.randn(args.tokens, args.dim, device="cuda") * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(args.vocab, args.dim, device="cuda") * 0.02).bfloat16().requires_grad_()
+    y = torch.randint(0, args.vocab, (args.tokens,), device="cuda")
+    chunk_fn = torch.compile(_chunk_loss_and_grad)
+    variants = {"plain (compiled)": torch.compile(_plain)}
+    for c in (int(x) for x in args.chunks.split(",")):
+        variants[f"chunks of {c}"] = (lambda c: lambda h, w, y: chunked_cross_entropy(h, w, y, c, chunk_fn))(c)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.tokens} tokens, dim {args.dim}, "
+          f"vocab {args.vocab}, bf16\n")
+    print("| variant | ms (fwd + bwd) | peak above inputs (GiB) |")
+    print("|---|---|---|")
+    peaks = {}
+    for name, fn in variants.items():
+        ms, peak = _measure(fn, h, w, y, args.iters)
+        if name.startswith("chunks"):
+            peaks[int(name.split()[-1])] = peak
+        print(f"| {name} | {ms:.2f} | {peak / GIB:.2f} |", flush=True)
+    if len(peaks) > 1:
+        lo, hi = min(peaks), max(peaks)
+        per = (peaks[hi] - peaks[lo]) / ((hi - lo) * args.vocab)
+        fixed = peaks[lo] - per * lo * args.vocab
+        print(f"\nchunked: {per:.1f} bytes per chunk x vocab element; {fixed / GIB:.2f} GiB besides "
+              f"({fixed / (args.vocab * args.dim):.1f} bytes per vocab x dim element)")
+
+
+if __name__ == "__main__":
+    main()
