@@ -35,7 +35,10 @@ def _run(argv: list[str], capsys) -> tuple[int | str, list[str], str]:
     init_logger()
     capsys.readouterr()
     # the log handler was made once, on an earlier test's (now closed) captured stderr
-    streams = [(h, h.setStream(sys.stderr)) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    # (set, not setStream: that flushes the old stream, which may be closed)
+    streams = [(h, h.stream) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    for handler, _ in streams:
+        handler.stream = sys.stderr
     code: int | str = 0
     try:
         entry.main(argv)
@@ -43,7 +46,7 @@ def _run(argv: list[str], capsys) -> tuple[int | str, list[str], str]:
         code = e.code if isinstance(e.code, int) else str(e.code)
     finally:
         for handler, stream in streams:
-            handler.setStream(stream)
+            handler.stream = stream
     err = capsys.readouterr().err
     return code, [line for line in err.splitlines() if line.startswith("torchtitan: error:")], err
 

@@ -212,7 +212,10 @@ def _launch(case: Case, root: Path, monkeypatch, capsys) -> tuple[str, Any]:
     init_logger()
     capsys.readouterr()
     # the log handler was made once, on an earlier test's (now closed) captured stderr
-    streams = [(h, h.setStream(sys.stderr)) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    # (set, not setStream: that flushes the old stream, which may be closed)
+    streams = [(h, h.stream) for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    for handler, _ in streams:
+        handler.stream = sys.stderr
     try:
         entry.main(argv)
         outcome: tuple[str, Any] = ("trained", None)  # only without the stub
@@ -229,7 +232,7 @@ def _launch(case: Case, root: Path, monkeypatch, capsys) -> tuple[str, Any]:
         outcome = ("problem", f"raised {type(e).__name__}: {e}")
     finally:
         for handler, stream in streams:
-            handler.setStream(stream)
+            handler.stream = stream
     dump = _dump_folder(argv) if outcome[0] != "problem" else None
     allowed = (work / dump).resolve() if dump else None
     stray = [p for p in _tree(work)
