@@ -215,6 +215,30 @@ MUTATIONS = [
         ("tests/unit/test_memory_policy.py::test_spare_memory_after_op_ac_goes_to_layers_without_ac",),
         'layers after op_ac_layers with later_layers = "none" are still checkpointed (fully)',
     ),
+    Mutation(
+        "offload_loses_strides",
+        "torchtitan/distributed/activation_offload.py",
+        "p.fetched = torch.empty_strided(p.host.size(), p.stride, dtype=p.host.dtype).copy_(p.host)",
+        "p.fetched = p.host.contiguous()",
+        ("tests/unit/test_activation_offload.py::test_saved_tensors_come_back_with_their_strides",),
+        "offloaded activations come back contiguous, not in the layout they were saved in",
+    ),
+    Mutation(
+        "offload_waits_for_no_copy",
+        "torchtitan/distributed/activation_offload.py",
+        "if group.copied is not None and group.tick <= self._tick - 2:",
+        "if group.copied is not None and group.tick <= self._tick - 99:",
+        ("tests/unit/test_activation_offload.py::test_the_host_waits_for_the_copies_of_the_block_two_back",),
+        "the host never waits for the activation copies (it runs ahead and the device holds them all)",
+    ),
+    Mutation(
+        "ranks_config_never_compared",
+        "torchtitan/distributed/utils.py",
+        "    if both[0].item() == digest and -both[1].item() == digest:\n        return\n",
+        "    return\n",
+        ("tests/unit/test_same_config.py",),
+        "ranks that resolved different configs are not stopped",
+    ),
 ]
 
 
