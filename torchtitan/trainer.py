@@ -72,7 +72,6 @@ class Trainer:
         )
         if world_size != expected_world:
             raise RuntimeError(f"the process group has {world_size} ranks, WORLD_SIZE said {expected_world}")
-        dist_utils.check_same_config(cfg)
         self.rank = int(os.environ.get("RANK", 0))
         dev = dist_utils.device_type
         self.device = torch.device(f"{dev}:{int(os.environ.get('LOCAL_RANK', 0))}" if dev == "cuda" else dev)

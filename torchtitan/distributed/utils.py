@@ -8,14 +8,11 @@ mesh, DTensor and the reductions below run the same code at every scale.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +27,6 @@ __all__ = [
     "device_module",
     "init_distributed",
     "init_single_process_group",
-    "check_same_config",
     "set_pg_timeout",
     "set_determinism",
     "clip_grad_norm_",
@@ -148,40 +144,6 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
         timeout=timeout,
     )
     return dist.PrefixStore(f"torchtitan/attempt_{attempt}", store)
-
-
-def _config_items(cfg: Any) -> dict[str, str]:
-    return {f"{name}.{f.name}": repr(getattr(section, f.name))
-            for name, section in cfg.sections().items() for f in dataclasses.fields(section)}
-
-
-def check_same_config(cfg: Any) -> None:
-    """Raise ConfigError (one line) unless every rank runs the same config.
-
-    ``activation_checkpoint.mode = "auto"`` resolves on each rank before the process group
-    exists, from the rank's card and its host's memory: a node unlike the others could choose
-    another policy, and the ranks would then build different programs and hang. One
-    all-reduce of a digest compares them; only on a mismatch are the options gathered, to
-    name the first that differs."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() == "fake":
-        return
-    items = _config_items(cfg)
-    digest = int.from_bytes(hashlib.sha256(repr(sorted(items.items())).encode()).digest()[:7], "big")
-    dev = torch.device(device_type, torch.cuda.current_device()) if _backend() == "nccl" else torch.device("cpu")
-    both = torch.tensor([digest, -digest], dtype=torch.int64, device=dev)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # max of d and of -d: equal to d on every rank iff all agree
-    if both[0].item() == digest and -both[1].item() == digest:
-        return
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, items)
-    for rank, theirs in enumerate(everyone):
-        for key in sorted(items):
-            if theirs.get(key) != everyone[0].get(key):
-                hint = (" (activation_checkpoint.mode = auto chose differently on this node: set the options "
-                        "it chose by hand, from rank 0's config.toml)") if key.split(".")[0] in (
-                    "activation_checkpoint", "training") else ""
-                raise ConfigError(f"the ranks run different configs: {key} is {everyone[0][key]} on rank 0 and "
-                                  f"{theirs.get(key)} on rank {rank}{hint}")
 
 
 def set_pg_timeout(timeout_seconds: int, world_mesh: DeviceMesh | None = None) -> None:

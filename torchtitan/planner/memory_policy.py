@@ -169,9 +169,6 @@ def host_budget_bytes() -> float:
     import os
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    # whole 4 GiB: nodes sold as alike differ by a few MiB, and every rank must choose alike
-    # (the trainer checks that they did: distributed.utils.check_same_config)
-    total = total // (4 * GIB) * (4 * GIB)
     return total * HOST_SHARE / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
