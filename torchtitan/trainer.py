@@ -286,16 +286,24 @@ class Trainer:
         if self.fault_injector:  # test-only faults (TORCHTITAN_FAULT_INJECT)
             loss_sum = self.fault_injector.before_optimizer(self.step, loss_sum, self.params)
         max_norm = self.job_config.training.max_norm
-        grad_norm = dist_utils.clip_grad_norm_(
+        grad_norm, clip_coef = dist_utils.grad_norm_and_clip_coef(
             self.params, max_norm if max_norm > 0 else float("inf"), foreach=True, pp_mesh=self.pp_mesh
         )
+        # A fused optimizer divides the gradients by ``grad_scale`` as it reads them: the
+        # clipping costs no pass of its own over the fp32 gradients (~0.5% of a 3B step).
+        grad_scale = None
+        if self.optimizers.supports_found_inf:
+            grad_scale = clip_coef.reciprocal() if max_norm > 0 else None
+        elif max_norm > 0:
+            dist_utils.scale_grads_(self.params, clip_coef, foreach=True)
         lr = self.lr_schedulers.get_last_lr()
         # Every rank learns, in one all-reduce, whether any rank saw a non-finite value or
         # was signalled: all skip the same steps and stop after the same step.
         skip, found_inf = self.step_guard.decide(self.step, loss_sum, grad_norm, self.preemption.requested)
         if skip:
             return loss_sum, grad_norm, lr  # weights, optimizer and lr schedule unchanged
-        self.optimizers.step(found_inf=found_inf)  # with found_inf: a no-op on device if non-finite
+        # with found_inf: a no-op on device if non-finite
+        self.optimizers.step(found_inf=found_inf, grad_scale=grad_scale)
         self.model_converters.post_optimizer_hook(self.model_parts)
         for hook in self.step_hooks:
             hook()

@@ -11,7 +11,7 @@ from torch import nn
 
 from small_trainer import small_trainer_config
 from torchtitan.distributed.activation_checkpoint import apply_ac
-from torchtitan.distributed.activation_offload import ActivationOffload, apply_activation_offload
+from torchtitan.distributed.activation_offload import ActivationOffload, apply_activation_offload, offloaded_layers
 
 DIM = 512  # 16 x 512 fp32 activations: 32 KiB; the tests lower the size floor to 1 KiB
 
@@ -136,14 +136,21 @@ def test_saved_tensors_come_back_with_their_strides() -> None:
     assert seen == {"a": t.stride(), "b": gaps.stride()}
 
 
-def test_the_host_waits_for_the_copies_of_the_block_two_back() -> None:
-    """As block k's forward begins (offloaded or not), the host waits for the copies of the
-    blocks offloaded at k-2 or before, once each, so the allocator gets their memory back
-    while the device still has block k-1 to compute."""
-    model = _model(5)
-    offload = apply_activation_offload(model, 3, "cpu")
+@pytest.mark.parametrize("n_blocks, n_offload, waits_expected", [
+    (5, 5, [(2, 0), (3, 1), (4, 2)]),  # consecutive: each waits for the one two back
+    (8, 3, [(4, 0)]),  # blocks 0, 2, 4: block 4 waits for block 0's copies, block 2 for none
+    (8, 2, []),  # blocks 0, 3: never more than two in flight
+])
+def test_the_host_waits_for_the_copies_of_all_offloaded_blocks_but_the_last(n_blocks, n_offload, waits_expected):
+    """As an offloaded block's forward begins, the host waits for the copies of the offloaded
+    blocks before the previous one, once each, so the allocator gets their memory back while
+    the device still has the blocks since to compute; the blocks between wait for nothing."""
+    model = _model(n_blocks)
+    offload = apply_activation_offload(model, n_offload, "cpu")
     offload.min_bytes = 1024
-    waits: list[tuple[int, int]] = []  # (block whose forward begins, block waited for)
+    picked = offloaded_layers(n_offload, n_blocks)
+    assert picked == sorted(set(picked)) and len(picked) == n_offload and picked[0] == 0
+    waits: list[tuple[int, int]] = []  # (block whose forward begins, offloaded block waited for)
     entering = [0]
 
     class Event:
@@ -157,7 +164,7 @@ def test_the_host_waits_for_the_copies_of_the_block_two_back() -> None:
         entering[0] = i
         for gid, group in offload.groups.items():  # the CPU path has no events: give them some
             if group.packed and group.copied is None and gid not in given:
-                group.copied = Event(gid)
+                group.copied = Event(picked[gid])
                 given.add(gid)
 
     given: set[int] = set()
@@ -166,9 +173,24 @@ def test_the_host_waits_for_the_copies_of_the_block_two_back() -> None:
     h = torch.randn(16, DIM, requires_grad=True)
     for block in model.layers.values():
         h = block(h)
-    assert waits == [(2, 0), (3, 1), (4, 2)]
+    assert waits == waits_expected
     h.sum().backward()
     assert offload.groups == {}
+
+
+def test_offloaded_layers_spread_from_the_first_and_leave_the_last_two_until_asked() -> None:
+    assert offloaded_layers(0, 28) == [] and offloaded_layers(-1, 28) == []
+    assert offloaded_layers(7, 28) == [0, 3, 7, 11, 14, 18, 22]
+    assert offloaded_layers(27, 28) == list(range(27))
+    assert offloaded_layers(28, 28) == offloaded_layers(40, 28) == list(range(28))
+    for n in (1, 2, 5, 28, 61):
+        for k in range(1, n + 1):
+            ids = offloaded_layers(k, n)
+            assert len(set(ids)) == k and ids == sorted(ids) and ids[0] == 0
+            assert (n - 1 in ids) == (k == n)
+            assert n < 2 or (n - 2 in ids) == (k >= n - 1)
+            gaps = [b - a for a, b in zip(ids, ids[1:])]
+            assert not gaps or max(gaps) - min(gaps) <= 1  # even
 
 
 def test_no_grad_forward_packs_nothing() -> None:
@@ -222,3 +244,20 @@ def test_bad_value_is_one_line_exit_2(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="activation_checkpoint.cpu_offload_layers"):
         ConfigManager().parse_args(["--activation_checkpoint.cpu_offload_layers", "-1"]).validate()
+
+
+def test_host_buffers_are_exact_and_reused_from_step_to_step() -> None:
+    """The host copies take exactly the offloaded bytes (torch's pinned allocator would round
+    each up to a power of two), and the next step reuses them: the pool does not grow."""
+    model = _model(4)
+    offload = apply_activation_offload(model, 4, "cpu")
+    offload.min_bytes = 1024
+    x = torch.randn(16, DIM)
+    held = []
+    for _ in range(3):
+        before = offload.offloaded_bytes
+        _step(model, x.clone().requires_grad_())
+        per_step = offload.offloaded_bytes - before
+        held.append(offload.pool.bytes)
+        assert sum(b.numel() for bufs in offload.pool.free.values() for b in bufs) == offload.pool.bytes
+    assert per_step > 0 and held == [per_step] * 3

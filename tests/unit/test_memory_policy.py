@@ -56,7 +56,11 @@ def _score_all(cfg, gpu):
 
 
 @pytest.mark.parametrize("seq", [8192, 131072])
-def test_auto_picks_the_fastest_fitting_policy_and_offloads_only_when_nothing_else_fits(seq):
+def test_auto_picks_the_fastest_fitting_policy_and_offloads_only_when_nothing_else_fits(seq, monkeypatch):
+    """(Activation offload, scored after these, is the next test's.)"""
+    import torchtitan.planner.memory_policy as mp
+
+    monkeypatch.setattr(mp, "AUTO_OFFLOADS_ACTIVATIONS", False)
     cfg = _cfg("3B", 2 if seq == 8192 else 1, seq)
     scored = _score_all(cfg, H100)
     choice = choose(cfg, 1, H100)
@@ -280,6 +284,13 @@ def test_activation_offload_is_scored_for_the_fastest_policies_that_do_not_fit(m
     assert 0 < on.candidate.memory.host <= 64 * GIB
     assert out.activation_checkpoint.cpu_offload_layers == on.policy.offload_layers
     assert "in host memory" in on.line()
+    # the fewest layers that fit: one fewer does not (the time only grows with the copies)
+    fewer = dataclasses.replace(on.policy, offload_layers=on.policy.offload_layers - 1).apply(cfg)
+    lay = Layout.from_config(fewer, 1)
+    g = model_geometry(cfg)
+    gpu = GPUS["H200"].with_overrides(memory_gib=79.1)
+    c = evaluate(fewer, lay, check_legal(fewer, lay, tiny_model(cfg, g.vocab))[1], g, gpu, 0.0, MARGIN)
+    assert not c.fits and c.cost.tokens_per_s_per_gpu >= on.predicted_tps
     # the offloaded policy is the one it came from with memory moved to the host, so that
     # policy did not fit on the device
     plain = dataclasses.replace(on.policy, offload_layers=0)

@@ -38,7 +38,7 @@ def _one_step_grads(tmp_path, local_batch, global_batch):
     )
     trainer = Trainer(cfg)
     try:
-        trainer.optimizers.step = lambda found_inf=None: None
+        trainer.optimizers.step = lambda found_inf=None, grad_scale=None: None
         losses = trainer.train()
         grads = {k: v.grad.detach().clone() for k, v in trainer.model_parts[0].named_parameters()}
     finally:

@@ -73,18 +73,22 @@ class OptimizersContainer:
         (``found_inf``): the trainer then checks for non-finite steps without a host sync."""
         return all(g.get("fused") for opt in self.optimizers for g in opt.param_groups)
 
-    def step(self, found_inf: torch.Tensor | None = None) -> None:
-        """One update of every optimizer; with ``found_inf`` (a 0-dim float tensor, fused
-        optimizers only) the kernels leave weights, moments and step counts untouched where it is 1."""
+    def step(self, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
+        """One update of every optimizer. Fused optimizers only (``supports_found_inf``):
+        with ``found_inf`` (a 0-dim float tensor) the kernels leave weights, moments and step
+        counts untouched where it is 1; with ``grad_scale`` (0-dim) they divide each gradient
+        by it as they read it (and store the result back), as for torch's GradScaler: the
+        trainer's gradient clipping without a pass of its own over the gradients."""
         for opt in self.optimizers:
-            if found_inf is None:
+            if found_inf is None and grad_scale is None:
                 opt.step()
                 continue
-            opt.found_inf = found_inf  # read by torch's fused Adam/AdamW, as GradScaler does
+            # read by torch's fused Adam/AdamW, as GradScaler sets them
+            opt.found_inf, opt.grad_scale = found_inf, grad_scale
             try:
                 opt.step()
             finally:
-                del opt.found_inf
+                del opt.found_inf, opt.grad_scale
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

@@ -709,8 +709,9 @@ class ActivationCheckpoint(Section):
 
     cpu_offload_layers: int = _opt(
         0,
-        "keep what blocks 0..N-1 save for backward in pinned host memory from their forward to their "
-        "backward (copies on a side stream, overlapped with compute); 0 = none",
+        "keep what N blocks, spread evenly from block 0 (the last two only when more are asked for), "
+        "save for backward in pinned host memory from their forward to their backward (copies on a "
+        "side stream, overlapped with compute); 0 = none",
     )
 
     def check(self) -> None:

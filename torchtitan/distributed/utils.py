@@ -30,6 +30,8 @@ __all__ = [
     "set_pg_timeout",
     "set_determinism",
     "clip_grad_norm_",
+    "grad_norm_and_clip_coef",
+    "scale_grads_",
     "dist_max",
     "dist_mean",
     "dist_sum",
@@ -249,20 +251,40 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     pp_mesh: DeviceMesh | None = None,
 ) -> torch.Tensor:
-    """Clip gradients by their global norm, as if the whole model sat on one device.
+    """Clip gradients by their global norm, as if the whole model sat on one device: the
+    norm and coefficient of :func:`grad_norm_and_clip_coef`, the gradients then scaled by it
+    (:func:`scale_grads_`). Returns the total norm as a plain tensor (identical on every rank)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = list(parameters)
+    total_norm, clip_coef = grad_norm_and_clip_coef(parameters, max_norm, norm_type, error_if_nonfinite, foreach, pp_mesh)
+    scale_grads_(parameters, clip_coef, foreach)
+    return total_norm
+
+
+@torch.no_grad()
+def grad_norm_and_clip_coef(
+    parameters: Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    pp_mesh: DeviceMesh | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients' global norm and ``min(1, max_norm / (norm + 1e-6))``, gradients untouched
+    (a fused optimizer can take the coefficient as its ``grad_scale`` instead of a pass over
+    the gradients: ``OptimizersContainer.step``).
 
     Gradients are grouped by (mesh, sharded mesh dims). Each group's local shards give a
     partial ``sum |g|^p`` (or max for p = inf) that is all-reduced over exactly the mesh
     dims the elements are split across; groups and pipeline stages (``pp_mesh``) then add
-    up. Returns the total norm as a plain tensor (identical on every rank).
+    up.
     """
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     is_inf = math.isinf(norm_type)
     if not grads:
-        return torch.tensor(0.0)
+        return torch.tensor(0.0), torch.tensor(1.0)
 
     groups: dict[tuple[DeviceMesh | None, tuple[int, ...]], list[torch.Tensor]] = {}
     for g in grads:
@@ -304,19 +326,25 @@ def clip_grad_norm_(
             f"the total norm of order {norm_type} of the gradients is non-finite; "
             "set error_if_nonfinite=False to clip anyway"
         )
-    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    return total_norm, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def scale_grads_(parameters: Iterable[torch.Tensor], coef: torch.Tensor, foreach: bool | None = None) -> None:
+    """Multiply every gradient (the local shard of a DTensor's) by the 0-dim ``coef``."""
     by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
+    for p in parameters:
+        if p.grad is None:
+            continue
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         by_device.setdefault((local.device, local.dtype), []).append(local)
     for (dev, _), locals_ in by_device.items():
-        coef = clip_coef.to(dev)
+        c = coef.to(dev)
         if foreach is not False:
-            torch._foreach_mul_(locals_, coef)
+            torch._foreach_mul_(locals_, c)
         else:
             for t in locals_:
-                t.mul_(coef)
-    return total_norm
+                t.mul_(c)
 
 
 # ---- reductions for logging ----------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from torchtitan.distributed.activation_offload import offloaded_layers
 from torchtitan.planner.geometry import Geometry
 
 __all__ = [
@@ -76,7 +77,7 @@ class Workload:
     reshard: str = "default"  # parallelism.fsdp_reshard_after_forward
     reduce_bytes: int = 4  # FSDP reduce dtype
     cpu_offload: bool = False
-    offload_layers: int = 0  # activation offload: blocks 0..N-1 keep their saved tensors on the host
+    offload_layers: int = 0  # activation offload: N blocks (offloaded_layers) keep their saved tensors on the host
     repeat_kv: bool = False  # keys/values repeated to the query heads (CPU path, CP)
     composite_rmsnorm: bool = False  # CPU: rms_norm decomposes and also keeps x * rstd
     ep: int = 1  # expert parallel degree (routed token copies exchanged by all-to-all)
@@ -135,14 +136,14 @@ def _block_modes(w: Workload, n_blocks: int, n_layers: int) -> list[str]:
     return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
 
 
-def _n_offloaded(w: Workload, n_blocks: int, n_layers: int) -> int:
-    """Blocks of one stage whose saved tensors go to the host: exactly the first
-    ``offload_layers`` for a whole model; a pipeline stage gets the model's share."""
+def _offloaded_blocks(w: Workload, n_blocks: int, n_layers: int) -> set[int]:
+    """Blocks of one stage whose saved tensors go to the host: exactly those the trainer
+    picks for a whole model; a pipeline stage gets the model's share, spread the same way."""
     if w.offload_layers <= 0:
-        return 0
+        return set()
     if sum(w.stage_layers) == n_layers:
-        return min(w.offload_layers, n_blocks)
-    return round(n_blocks * min(w.offload_layers, n_layers) / n_layers)
+        return set(offloaded_layers(w.offload_layers, n_blocks))
+    return set(offloaded_layers(round(n_blocks * min(w.offload_layers, n_layers) / n_layers), n_blocks))
 
 
 def _stage_blocks(g: Geometry, w: Workload) -> list[list[tuple[str, bool]]]:
@@ -461,7 +462,7 @@ def _grad_temps(g: Geometry, w: Workload, moe: bool) -> float:
 
 def _backward_walk(
     g: Geometry, w: Workload, states: StateBytes, blocks: list[tuple[str, bool]], head: float,
-    n_off: int = 0, working: float = 0.0,
+    off: frozenset[int] | set[int] = frozenset(), working: float = 0.0,
 ) -> float:
     """Without FSDP the gradients are allocated on the compute stream as backward produces
     them, while the earlier blocks' activations are still kept: the largest sum, block by
@@ -471,14 +472,14 @@ def _backward_walk(
     its own gradients, whichever is larger. It starts at the output projection's backward
     (``head``: the final norm's and the projection's inputs and the loss's logits and their
     gradient), with the projection's weight gradient (and its bf16 copy under autocast). The
-    first ``n_off`` blocks keep nothing on the device but ``working`` (activation offload)."""
+    blocks in ``off`` keep nothing on the device but ``working`` (activation offload)."""
     a, T = w.compute_bytes, w.tokens
     per_param = states.grads / max(states.stage_params, 1)
     block_grads = per_param * states.block_params
     made = per_param * (states.output_params + g.dim) if w.last else 0.0
     kept = []
     for i, (m, moe) in enumerate(blocks):
-        saved = 0.0 if i < n_off else block_saved_per_token(g, w, m, moe) * T
+        saved = 0.0 if i in off else block_saved_per_token(g, w, m, moe) * T
         kept.append(saved + (2 * states.block_params if w.autocast and m == "none" else 0))
     below = sum(kept) + working
     out_copy = 2 * states.output_params if w.autocast else 0.0
@@ -501,13 +502,15 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
     stages = _stage_blocks(g, w)
     for blocks in stages:
         saved = [block_saved_per_token(g, w, m, moe) * T for m, moe in blocks]
-        n_off = _n_offloaded(w, len(blocks), g.n_layers)
-        if n_off:
-            # on the device: one offloaded block being copied out (forward), or the one in
-            # backward and the previous one being fetched
-            offloaded += sum(saved[:n_off])
-            working = max(working, 2 * max(saved[:n_off]))
-        per_stage.append(sum(saved[n_off:]) + (2 * max(saved[:n_off]) if n_off else 0.0))
+        off = _offloaded_blocks(w, len(blocks), g.n_layers)
+        kept = [s for i, s in enumerate(saved) if i not in off]
+        moved = [s for i, s in enumerate(saved) if i in off]
+        if moved:
+            # on the device: one offloaded block being copied out while the next is packed
+            # (forward), or the one in backward and the previous one being fetched
+            offloaded += sum(moved)
+            working = max(working, 2 * max(moved))
+        per_stage.append(sum(kept) + (2 * max(moved) if moved else 0.0))
         for m, moe in set(blocks):
             recompute = block_saved_per_token(g, w, "none", moe) - block_saved_per_token(g, w, m, moe)
             transient = max(transient, recompute * T + _grad_temps(g, w, moe) * T)
@@ -581,7 +584,7 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
     }
     if not w.fsdp and not w.pp and w.grad_accum == 1 and not w.cpu_offload and len(stages) == 1:
         walk = _backward_walk(g, w, states, stages[0], boundary + head,
-                              _n_offloaded(w, len(stages[0]), g.n_layers), working)
+                              _offloaded_blocks(w, len(stages[0]), g.n_layers), working)
         phases["backward"] = max(phases["backward"], base + walk)
     phase = max(phases, key=phases.get)
     pools = {"compute stream": int(phases[phase])}

@@ -10,10 +10,11 @@ the budget wins. A policy is, per layer, one of
 - per-op AC on the first layers and full AC, attention-only op AC or no AC on the later
   ones (``op_ac_layers`` + ``later_layers``), for each split point;
 
-times the loss chunk size (none, 4096, 2048, 1024 tokens); then, for the fastest policies
-that do not fit, the same with the saved activations of their first layers in host memory
-(``activation_checkpoint.cpu_offload_layers``; not under pipeline parallelism, and no more
-than ``HOST_SHARE`` of the machine's memory per local rank); and only when nothing else
+times the loss chunk size (none, 4096, 2048, 1024 tokens); then, fastest first, each policy
+that does not fit with the fewest layers whose saved activations, in host memory, make it
+fit (``activation_checkpoint.cpu_offload_layers``, spread over the model:
+``activation_offload.offloaded_layers``; not under pipeline parallelism, and no more than
+``HOST_SHARE`` of the machine's memory per local rank); and only when nothing else
 fits, FSDP CPU offload of parameters, gradients and optimizer state. The budget is
 (device memory - headroom) x (1 - margin). The device memory is
 ``training.device_memory_limit_gib`` when set, else the card's. The headroom is what lives
@@ -32,11 +33,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torchtitan.config import ConfigError, JobConfig
+from torchtitan.distributed.activation_offload import layer_ranges, offloaded_layers
 from torchtitan.planner.hardware import CONTEXT_GIB, GIB, NCCL_GIB, GpuSpec, headroom_gib
 from torchtitan.planner.dry_run import TP_CP_MARGIN
 from torchtitan.planner.layout import Layout
@@ -51,7 +52,6 @@ __all__ = ["CONTEXT_GIB", "NCCL_GIB", "MARGIN", "headroom_gib", "margin_for", "P
 # layers offloaded, 8,879 tokens/s, predicted within 2.5%); False keeps the chooser on the
 # device, as before that measurement.
 AUTO_OFFLOADS_ACTIVATIONS = True
-OFFLOAD_TRIES = 24  # the fastest policies that do not fit, retried with activation offload
 HOST_SHARE = 0.5  # of this machine's memory, per local rank, that offloaded activations may pin
 MARGIN = 0.05  # the memory model's stated accuracy (docs/planning.md)
 LOSS_CHUNKS = (0, 4096, 2048, 1024)
@@ -68,7 +68,7 @@ class Policy:
     later: str = "full"  # the later layers' AC: "full", "attention" or "none"
     loss_chunk: int = 0
     cpu_offload: bool = False
-    offload_layers: int = 0  # activation offload of blocks 0..N-1 (activation_offload.py)
+    offload_layers: int = 0  # activation offload of N blocks, spread (activation_offload.offloaded_layers)
 
     def apply(self, cfg: JobConfig) -> JobConfig:
         """A copy of ``cfg`` running this policy (only the sections it changes are copied)."""
@@ -92,6 +92,13 @@ class Policy:
         mode = self.ac if self.ac in ("none", "full") else "selective"
         return dataclasses.replace(lay, ac_mode=mode, ac_option="op" if mode != "selective" else self.ac)
 
+    n_layers: int = dataclasses.field(default=0, compare=False)  # the model's, to name the offloaded ones
+
+    @property
+    def _offloaded(self) -> str:
+        n = self.n_layers or self.offload_layers
+        return "layers " + layer_ranges(offloaded_layers(self.offload_layers, n))
+
     def label(self) -> str:
         if self.ac in ("none", "full"):
             text = "no AC" if self.ac == "none" else "full AC"
@@ -106,7 +113,7 @@ class Policy:
         if self.loss_chunk:
             text += f", loss chunks of {self.loss_chunk}"
         if self.offload_layers:
-            text += f", saved activations of layers 0-{self.offload_layers - 1} in host memory"
+            text += f", saved activations of {self.offload_layers} layers in host memory ({self._offloaded})"
         if self.cpu_offload:
             text += ", FSDP CPU offload"
         return text
@@ -121,7 +128,7 @@ def candidate_policies(n_layers: int) -> list[Policy]:
             if op == "op_attn" and later == "attention":
                 continue  # the same as op_attn everywhere
             ac += [Policy(op, k, later) for k in range(1, n_layers)]
-    out = [dataclasses.replace(p, loss_chunk=c) for c in LOSS_CHUNKS for p in ac]
+    out = [dataclasses.replace(p, loss_chunk=c, n_layers=n_layers) for c in LOSS_CHUNKS for p in ac]
     return out + [dataclasses.replace(p, cpu_offload=True) for p in out]
 
 
@@ -172,25 +179,13 @@ def host_budget_bytes() -> float:
     return total * HOST_SHARE / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
-def _with_activation_offload(n_layers: int, too_big: dict[Policy, Candidate], budget: float) -> Iterator[Policy]:
-    """Lazily, once the on-device policies are scored (``too_big`` filled with those that did
-    not fit): the fastest of those whose excess over the budget their activations could carry
-    to the host, each with the activations of its first quarter, half, three quarters and all
-    of its layers offloaded."""
-    if not AUTO_OFFLOADS_ACTIVATIONS:
-        return
-    grid = sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75, 1.0)})
-    host = host_budget_bytes()
-
-    def could_fit(c: Candidate) -> bool:
-        excess = c.memory.peak_reserved - budget
-        return excess <= min(c.memory.activations, host)
-
-    speed = {p: c.cost.tokens_per_s_per_gpu for p, c in too_big.items() if could_fit(c)}
-    fastest = sorted(speed, key=lambda p: -speed[p])[:OFFLOAD_TRIES]  # sorted() is stable
-    for policy in fastest:
-        for k in grid:
-            yield dataclasses.replace(policy, offload_layers=k)
+def _fewest_offloaded(policy: Policy, n_layers: int, score) -> None:
+    """Score ``policy`` with 1, 2, ... offloaded layers up to the first count that fits (the
+    time only grows with the bytes copied) or outgrows the host."""
+    for k in range(1, n_layers + 1):
+        cand = score(dataclasses.replace(policy, offload_layers=k))
+        if cand is None or cand.fits:
+            return
 
 
 def choose(
@@ -215,23 +210,13 @@ def choose(
     legal: dict = {}  # (loss chunk, offload) -> stage layout, or the trainer's refusal
     best: tuple[Policy, Candidate] | None = None
     smallest: Candidate | None = None
-    fitting = 0
-    scored = 0
-    too_big: dict[Policy, Candidate] = {}  # on-device policies that do not fit
-    order = itertools.chain(
-        (p for p in policies if not p.cpu_offload),
-        # (not under PP: with several microbatches in flight the previous block forward is
-        # not always the next backward, which the prefetch and the memory model assume)
-        _with_activation_offload(g.n_layers, too_big, _budget(gpu, headroom, margin)) if lay.pp == 1 else (),
-        (p for p in policies if p.cpu_offload),
-    )
-    for policy in order:
-        if policy.cpu_offload and best is not None and not best[0].cpu_offload:
-            break  # FSDP offload only when nothing else fits
-        if policy.offload_layers and best is not None and too_big[
-            dataclasses.replace(policy, offload_layers=0)
-        ].cost.tokens_per_s_per_gpu <= best[1].cost.tokens_per_s_per_gpu:
-            continue  # offload only adds time: it cannot beat the best from there
+    fitting = scored = 0
+    host = host_budget_bytes()
+
+    def score(policy: Policy) -> Candidate | None:
+        """The policy's prediction (None when the trainer would refuse it or, offloading
+        activations, it needs more pinned host memory than ``host``); keeps the tallies."""
+        nonlocal best, smallest, fitting, scored
         scored += 1
         pcfg, play = policy.apply(cfg), policy.layout(lay)
         key = (policy.loss_chunk, policy.cpu_offload)  # what the trainer's checks can refuse
@@ -244,19 +229,35 @@ def choose(
                 legal[key] = e  # e.g. loss chunks under TP (loss parallel)
         stages = legal[key]
         if isinstance(stages, Exception):
-            continue
+            return None
         cand = evaluate(pcfg, play, stages, g, gpu, headroom, margin)
-        if policy.offload_layers and cand.memory.host > host_budget_bytes():
-            continue  # pinned host memory is this machine's too
+        if policy.offload_layers and cand.memory.host > host:
+            return None  # pinned host memory is this machine's too
         if smallest is None or cand.memory.peak_reserved < smallest.memory.peak_reserved:
             smallest = cand
-        if not cand.fits:
-            if not policy.offload_layers and not policy.cpu_offload:
-                too_big[policy] = cand
-            continue
-        fitting += 1
-        if best is None or cand.cost.tokens_per_s_per_gpu > best[1].cost.tokens_per_s_per_gpu:
-            best = (policy, cand)
+        if cand.fits:
+            fitting += 1
+            if best is None or cand.cost.tokens_per_s_per_gpu > best[1].cost.tokens_per_s_per_gpu:
+                best = (policy, cand)
+        return cand
+
+    too_big: dict[Policy, Candidate] = {}  # on-device policies that do not fit
+    for policy in policies:
+        if not policy.cpu_offload and (cand := score(policy)) is not None and not cand.fits:
+            too_big[policy] = cand
+    # (not under PP: with several microbatches in flight the previous block forward is not
+    # always the next backward, which the prefetch and the memory model assume)
+    if AUTO_OFFLOADS_ACTIVATIONS and lay.pp == 1:
+        budget = _budget(gpu, headroom, margin)
+        movable = [p for p, c in too_big.items() if c.memory.peak_reserved - budget <= min(c.memory.activations, host)]
+        for policy in sorted(movable, key=lambda p: -too_big[p].cost.tokens_per_s_per_gpu):  # stable
+            if best is not None and too_big[policy].cost.tokens_per_s_per_gpu <= best[1].cost.tokens_per_s_per_gpu:
+                break  # offload only adds time: neither this one nor a slower one can win
+            _fewest_offloaded(policy, g.n_layers, score)
+    if best is None:  # FSDP offload only when nothing else fits
+        for policy in policies:
+            if policy.cpu_offload:
+                score(policy)
     budget = _budget(gpu, headroom, margin)
     if best is None:
         need = smallest.memory.peak_reserved / GIB if smallest is not None else float("nan")
