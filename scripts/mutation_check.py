@@ -228,8 +228,24 @@ MUTATIONS = [
         "torchtitan/distributed/activation_offload.py",
         "if group.copied is not None and group.tick <= self._tick - 2:",
         "if group.copied is not None and group.tick <= self._tick - 99:",
-        ("tests/unit/test_activation_offload.py::test_the_host_waits_for_the_copies_of_the_block_two_back",),
+        ("tests/unit/test_activation_offload.py::test_the_host_waits_for_the_copies_of_all_offloaded_blocks_but_the_last",),
         "the host never waits for the activation copies (it runs ahead and the device holds them all)",
+    ),
+    Mutation(
+        "offload_pool_never_reuses",
+        "torchtitan/distributed/activation_offload.py",
+        "        self.free.setdefault(buf.numel(), []).append(buf)",
+        "        pass",
+        ("tests/unit/test_activation_offload.py::test_host_buffers_are_exact_and_reused_from_step_to_step",),
+        "the pinned host buffers are never reused: every step pins as much again",
+    ),
+    Mutation(
+        "fused_clip_coefficient_dropped",
+        "torchtitan/trainer.py",
+        "grad_scale = clip_coef.reciprocal() if max_norm > 0 else None",
+        "grad_scale = None",
+        ("tests/unit/test_trainer.py::test_clipping_folded_into_the_fused_optimizer_equals_scaling_the_gradients",),
+        "with a fused optimizer the gradients are never clipped",
     ),
 ]
 

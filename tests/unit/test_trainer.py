@@ -179,3 +179,27 @@ def test_non_finite_step_is_skipped_in_both_guard_modes(tmp_path, monkeypatch, i
         assert stop.step_guard.last_good_step == 1 and stop.step == 1
     finally:
         stop.close(clean=False)
+
+
+def _params_after(tmp_path, *overrides) -> dict[str, torch.Tensor]:
+    trainer = Trainer(_config(tmp_path, "--training.steps", "2", "--lr_scheduler.warmup_steps", "1", *overrides))
+    try:
+        trainer.train()
+        return {k: v.detach().clone() for k, v in trainer.model_parts[0].named_parameters()}
+    finally:
+        trainer.close()
+
+
+def test_clipping_folded_into_the_fused_optimizer_equals_scaling_the_gradients(tmp_path):
+    """With a fused optimizer the clip coefficient reaches the kernel as ``grad_scale``
+    instead of a pass over the gradients; the weights must be those of scaling the gradients
+    first (the foreach optimizer's path). A norm this small makes Adam's eps matter, so a
+    coefficient dropped on either path changes the weights (checked against no clipping)."""
+    tiny = ("--training.max_norm", "1e-5")
+    fused = _params_after(tmp_path / "a", *tiny, "--optimizer.implementation", "fused")
+    scaled = _params_after(tmp_path / "b", *tiny, "--optimizer.implementation", "foreach")
+    unclipped = _params_after(tmp_path / "c", "--training.max_norm", "0", "--optimizer.implementation", "fused")
+    assert fused.keys() == scaled.keys() and len(fused) > 0
+    for name in fused:
+        torch.testing.assert_close(fused[name], scaled[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert max((fused[k] - unclipped[k]).abs().max().item() for k in fused) > 1e-4
