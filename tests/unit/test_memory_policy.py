@@ -325,3 +325,26 @@ def test_measured_auto_choices_were_predicted_within_10_percent_and_the_margin(n
     cand = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny_model(cfg, g.vocab))[1], g, GPUS["H200"], 0.0, MARGIN)
     assert cand.cost.tokens_per_s_per_gpu == pytest.approx(tps, rel=0.10)
     assert peak_gib * GIB <= cand.memory.peak_reserved * (1 + MARGIN)
+
+
+def test_host_budget_is_the_nodes_share_and_bounds_activation_offload(capsys):
+    """The pinned memory auto may use is half the node's over its ranks; a plan made on
+    another machine names the training node's (``--host_memory_gib``); a smaller budget never
+    gives a faster prediction, and the offloaded bytes always fit it."""
+    import torchtitan.planner.memory_policy as mp
+    from torchtitan.planner import cli
+
+    assert mp.host_budget_bytes(128 * GIB, 8) == 8 * GIB and mp.host_budget_bytes(64 * GIB, 1) == 32 * GIB
+    cfg = _cfg("3B", 1, 65536, "--training.device_memory_limit_gib", "79.1")
+    gpu = GPUS["H200"].with_overrides(memory_gib=79.1)
+    choices = [mp.choose(cfg, 1, gpu, capped=True, host_budget=b * GIB) for b in (0, 4, 16, 64)]
+    for budget, c in zip((0, 4, 16, 64), choices):
+        assert c.candidate.fits and c.candidate.memory.host <= budget * GIB
+    assert choices[0].policy.offload_layers == 0 and choices[-1].policy.offload_layers > 0
+    tps = [c.predicted_tps for c in choices]
+    assert tps == sorted(tps) and tps[-1] > tps[0]
+    opts, _ = cli.parse(["--world_size", "8", "--host_memory_gib", "256"])
+    assert opts.host_memory_gib == 256.0
+    with pytest.raises(SystemExit) as bad:
+        cli.main(["--world_size", "1", "--host_memory_gib", "-1"])
+    assert bad.value.code == 2 and "--host_memory_gib -1.0: must be >= 0" in capsys.readouterr().err

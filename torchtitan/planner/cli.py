@@ -55,6 +55,11 @@ class PlannerOptions:
     inter_node_gbps: float = _opt(0.0, "override network GB/s per GPU and direction; 0 = the table's")
     gpus_per_node: int = _opt(0, "override GPUs per node; 0 = the table's")
     hbm_tbps: float = _opt(0.0, "override the device memory bandwidth (TB/s); 0 = the table's")
+    host_memory_gib: float = _opt(
+        0.0,
+        "each training node's memory (GiB), of which activation_checkpoint.mode = auto may pin half, "
+        "shared by the node's ranks, for offloaded activations; 0 = this machine's",
+    )
     json: str = _opt("", "also write the dry run's report as JSON to this file")
 
     def validate(self) -> None:
@@ -78,6 +83,8 @@ class PlannerOptions:
             fail("headroom_gib", "must be >= 0, or -1 for the launch's reckoning")
         if not 0 <= self.margin < 1:
             fail("margin", "must be in [0, 1), e.g. 0.05")
+        if self.host_memory_gib < 0:
+            fail("host_memory_gib", "must be >= 0 (0 = this machine's)")
         for name in ("memory_gib", "tflops", "intra_node_gbps", "inter_node_gbps", "hbm_tbps"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0 (0 = the table's value)")
@@ -188,11 +195,13 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
     from torchtitan.planner import report
     from torchtitan.planner.dry_run import dry_run
-    from torchtitan.planner.hardware import headroom_gib
-    from torchtitan.planner.memory_policy import resolve_auto
+    from torchtitan.planner.hardware import GIB, headroom_gib
+    from torchtitan.planner.memory_policy import host_budget_bytes, resolve_auto
 
+    # the training nodes' host memory, shared by the ranks of a node (not this machine's ranks)
+    host = host_budget_bytes(opts.host_memory_gib * GIB or None, min(opts.world_size, gpu.gpus_per_node))
     try:  # activation_checkpoint.mode = auto: plan the policy the launch would choose
-        cfg, choice = resolve_auto(cfg, opts.world_size, gpu)
+        cfg, choice = resolve_auto(cfg, opts.world_size, gpu, host_budget=host)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0])
     if choice is not None:

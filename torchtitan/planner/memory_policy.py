@@ -170,13 +170,17 @@ def _budget(gpu: GpuSpec, headroom: float, margin: float) -> float:
     return (gpu.memory_gib - headroom) * GIB * (1 - margin)
 
 
-def host_budget_bytes() -> float:
-    """Host memory one rank's offloaded activations may take: ``HOST_SHARE`` of this
-    machine's physical memory over the ranks on it (``LOCAL_WORLD_SIZE``)."""
+def host_budget_bytes(total_bytes: float | None = None, local_ranks: int | None = None) -> float:
+    """Host memory one rank's offloaded activations may take: ``HOST_SHARE`` of the
+    machine's physical memory (``total_bytes``, this machine's by default) over the ranks on
+    it (``local_ranks``, ``LOCAL_WORLD_SIZE`` by default)."""
     import os
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total * HOST_SHARE / max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    if total_bytes is None:
+        total_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return total_bytes * HOST_SHARE / max(local_ranks, 1)
 
 
 def _fewest_offloaded(policy: Policy, n_layers: int, score) -> None:
@@ -195,10 +199,12 @@ def choose(
     headroom: float | None = None,
     margin: float | None = None,
     capped: bool = False,
+    host_budget: float | None = None,
 ) -> Choice:
     """The fastest predicted policy for ``cfg``'s layout that fits (see the module doc);
     ``capped``: ``gpu.memory_gib`` is an allocator cap; ``headroom`` (GiB) and ``margin``
-    default to ``headroom_gib`` and ``margin_for``. Raises ConfigError (one line) when the
+    default to ``headroom_gib`` and ``margin_for``, ``host_budget`` (bytes of pinned host
+    memory per rank) to ``host_budget_bytes()``. Raises ConfigError (one line) when the
     layout is illegal or no policy fits."""
     policies = candidate_policies(model_geometry(cfg).n_layers)
     base = policies[0].apply(cfg)
@@ -211,7 +217,7 @@ def choose(
     best: tuple[Policy, Candidate] | None = None
     smallest: Candidate | None = None
     fitting = scored = 0
-    host = host_budget_bytes()
+    host = host_budget_bytes() if host_budget is None else host_budget
 
     def score(policy: Policy) -> Candidate | None:
         """The policy's prediction (None when the trainer would refuse it or, offloading
@@ -270,16 +276,19 @@ def choose(
     return Choice(best[0], best[1], budget, scored, fitting, gpu, margin)
 
 
-def resolve_auto(cfg: JobConfig, world_size: int, gpu: GpuSpec) -> tuple[JobConfig, Choice | None]:
+def resolve_auto(
+    cfg: JobConfig, world_size: int, gpu: GpuSpec, host_budget: float | None = None
+) -> tuple[JobConfig, Choice | None]:
     """``cfg`` with ``mode = "auto"`` replaced by the chosen policy (the same config when
     another mode is set), and the choice. ``gpu`` is the launch's card; its memory is
-    capped by ``training.device_memory_limit_gib`` when that is set."""
+    capped by ``training.device_memory_limit_gib`` when that is set. ``host_budget``: as
+    for ``choose``."""
     if cfg.activation_checkpoint.mode != "auto":
         return cfg, None
     limit = cfg.training.device_memory_limit_gib
     if limit > 0:
         gpu = gpu.with_overrides(memory_gib=min(limit, gpu.memory_gib))
-    choice = choose(cfg, world_size, gpu, capped=limit > 0)
+    choice = choose(cfg, world_size, gpu, capped=limit > 0, host_budget=host_budget)
     return choice.policy.apply(cfg), choice
 
 
