@@ -59,7 +59,7 @@ def _run(ac: str, compiled: bool, offload_layers: int):
     if compiled:
         for name, block in list(model.layers.named_children()):
             model.layers.register_module(name, torch.compile(block, fullgraph=True))
-    apply_activation_offload(model, offload_layers, "cuda")
+    offload = apply_activation_offload(model, offload_layers, "cuda")
     x = torch.randn(TOKENS, DIM, device="cuda", generator=torch.Generator("cuda").manual_seed(1), requires_grad=True)
     grads = []
     for _ in range(2):  # the second step reuses the pinned buffers and the compiled graphs
@@ -77,6 +77,12 @@ def _run(ac: str, compiled: bool, offload_layers: int):
         grads = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
         x.grad = None
         model.zero_grad(set_to_none=True)
+    if offload is not None:  # exact-size pinned buffers, reused by the second step
+        per_step = offload.offloaded_bytes // 2
+        assert offload.pool.bytes == per_step > 0, (offload.pool.bytes, per_step)
+        buffers = [b for bufs in offload.pool.free.values() for b in bufs]
+        assert sum(b.numel() for b in buffers) == per_step and all(b.is_pinned() for b in buffers)
+        assert offload.pool.registered, "cudaHostRegister failed: torch's pinned allocator was used"
     return loss.detach(), grads, kept
 
 
