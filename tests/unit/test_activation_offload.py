@@ -261,3 +261,47 @@ def test_host_buffers_are_exact_and_reused_from_step_to_step() -> None:
         held.append(offload.pool.bytes)
         assert sum(b.numel() for bufs in offload.pool.free.values() for b in bufs) == offload.pool.bytes
     assert per_step > 0 and held == [per_step] * 3
+
+
+def test_pinned_buffers_register_whole_pages_of_their_own(monkeypatch) -> None:
+    """On CUDA each host buffer is registered as whole pages inside its own allocation (two
+    registrations overlapping a page would fail), exact in size; a failed registration stops
+    with one line naming the option. (A stand-in for the CUDA runtime records the calls.)"""
+    import os
+
+    from torchtitan.distributed.activation_offload import _PinnedPool
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    calls: list[tuple[str, int, int]] = []
+
+    class Runtime:
+        result = 0
+
+        def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (the runtime's name)
+            calls.append(("register", ptr, size))
+            return self.result
+
+        def cudaHostUnregister(self, ptr):  # noqa: N802
+            calls.append(("unregister", ptr, 0))
+            return 0
+
+    runtime = Runtime()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: runtime)
+    pool = _PinnedPool(pin=True)
+    sizes = [1000, 3 * page + 17, 5 * page, 1000]
+    bufs = [pool.take(n) for n in sizes]
+    assert [b.numel() for b in bufs] == sizes and pool.bytes == sum(sizes)
+    spans = sorted((ptr, ptr + size) for kind, ptr, size in calls if kind == "register")
+    assert len(spans) == len(sizes)
+    for (lo, hi), b in zip(sorted((c[1], c[1] + c[2]) for c in calls), sorted(bufs, key=lambda t: t.data_ptr())):
+        assert lo % page == 0 and (hi - lo) % page == 0 and lo == b.data_ptr() and hi - lo >= b.numel()
+        storage = b.untyped_storage()
+        assert storage.data_ptr() <= lo and hi <= storage.data_ptr() + storage.nbytes()  # its own allocation
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two overlap
+    pool.give(bufs[0])
+    assert pool.take(1000) is bufs[0] and len(calls) == len(sizes)  # reused, not registered again
+    del pool
+    assert sorted(c[1] for c in calls if c[0] == "unregister") == [s[0] for s in spans]
+    runtime.result = 2  # cudaErrorMemoryAllocation
+    with pytest.raises(RuntimeError, match="activation_checkpoint.cpu_offload_layers"):
+        _PinnedPool(pin=True).take(page)

@@ -38,6 +38,7 @@ chooser does not score offload under PP).
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,24 +70,34 @@ class _PinnedPool:
     """Exact-size host buffers, pinned with ``cudaHostRegister`` (plain memory on a CPU run),
     reused from step to step: a buffer comes back when the packed tensor holding it is
     dropped (its backward has run, or its graph was freed). Reuse needs no wait: every copy
-    into or out of a buffer runs on the offloader's one side stream, in order."""
+    into or out of a buffer runs on the offloader's one side stream, in order. Each buffer
+    registers whole pages inside its own allocation, so no two registrations overlap."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self.free: dict[int, list[torch.Tensor]] = {}
-        self.registered: list[torch.Tensor] = []  # kept alive until unregistered
+        self.registered: list[tuple[torch.Tensor, int]] = []  # (buffer, pinned address)
         self.bytes = 0  # held in all, in use or free
 
     def take(self, nbytes: int) -> torch.Tensor:
         free = self.free.get(nbytes)
         if free:
             return free.pop()
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        if self.pin:
-            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
-                self.registered.append(buf)
-            else:  # e.g. the locked-memory limit: torch's pinned allocator (rounds up)
-                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if not self.pin:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            page = os.sysconf("SC_PAGE_SIZE")
+            raw = torch.empty(nbytes + 2 * page, dtype=torch.uint8)
+            start = -raw.data_ptr() % page
+            buf = raw[start : start + nbytes]  # keeps ``raw`` alive
+            size = -(-nbytes // page) * page
+            err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0))
+            if err != 0:
+                raise RuntimeError(
+                    f"activation offload: pinning {size} bytes of host memory failed (CUDA error {err}); "
+                    "lower activation_checkpoint.cpu_offload_layers"
+                )
+            self.registered.append((buf, buf.data_ptr()))
         self.bytes += nbytes
         return buf
 
@@ -95,8 +106,8 @@ class _PinnedPool:
 
     def __del__(self) -> None:
         try:
-            for buf in self.registered:
-                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            for _, address in self.registered:
+                torch.cuda.cudart().cudaHostUnregister(address)
         except Exception:  # noqa: BLE001 (interpreter shutdown: the process frees it all)
             pass
 
