@@ -25,9 +25,9 @@ from handing the device memory out again before the copy has read it, and as eac
 block's forward begins the host waits for the copies of all offloaded blocks but the last
 one (``throttle``), so the memory the copies hold stays near the two blocks the planner
 counts. In backward the first ``unpack`` of a block (a compiled block unpacks all at once)
-also starts copying the previous offloaded block's tensors back on the side stream, into memory of the compute stream, so the
-next block's transfer overlaps this block's backward; the compute stream waits on an event
-for each tensor it takes. On a CPU the "host copy" is a plain copy (the path is the same;
+also starts copying the previous offloaded block's tensors back on the side stream, into
+memory of the compute stream, so the next block's transfer overlaps this block's backward;
+the compute stream waits on an event for each tensor it takes. On a CPU the "host copy" is a plain copy (the path is the same;
 tests use it). Measured on the H200 (3B, 65,536 tokens, 21 of 28 blocks offloaded, compile):
 8,879 tokens/s at 70.2 GiB, where the fastest policy that fits without offload ran 7,865.
 Under pipeline parallelism several microbatches' forwards are in flight, so the block packed
