@@ -76,7 +76,7 @@ class _PinnedPool:
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self.free: dict[int, list[torch.Tensor]] = {}
-        self.registered: list[tuple[torch.Tensor, int]] = []  # (buffer, pinned address)
+        self.registered: list[torch.Tensor] = []  # pinned from their first byte; alive until unregistered
         self.bytes = 0  # held in all, in use or free
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -97,7 +97,7 @@ class _PinnedPool:
                     f"activation offload: pinning {size} bytes of host memory failed (CUDA error {err}); "
                     "lower activation_checkpoint.cpu_offload_layers"
                 )
-            self.registered.append((buf, buf.data_ptr()))
+            self.registered.append(buf)
         self.bytes += nbytes
         return buf
 
@@ -106,8 +106,8 @@ class _PinnedPool:
 
     def __del__(self) -> None:
         try:
-            for _, address in self.registered:
-                torch.cuda.cudart().cudaHostUnregister(address)
+            for buf in self.registered:
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
         except Exception:  # noqa: BLE001 (interpreter shutdown: the process frees it all)
             pass
 
@@ -210,7 +210,7 @@ class ActivationOffload:
         p = _Packed(host, t.device, gid, t.stride(), copied, pool=self.pool, buffer=buffer)
         self.groups[gid].packed.append(weakref.ref(p))
         self.groups[gid].copied = copied
-        self.offloaded_bytes += t.numel() * t.element_size()
+        self.offloaded_bytes += nbytes
         return p
 
     def _fetch(self, p: _Packed) -> None:

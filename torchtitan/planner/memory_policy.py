@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torchtitan.config import ConfigError, JobConfig
@@ -69,6 +68,7 @@ class Policy:
     loss_chunk: int = 0
     cpu_offload: bool = False
     offload_layers: int = 0  # activation offload of N blocks, spread (activation_offload.offloaded_layers)
+    n_layers: int = dataclasses.field(default=0, compare=False)  # the model's, to name the offloaded ones
 
     def apply(self, cfg: JobConfig) -> JobConfig:
         """A copy of ``cfg`` running this policy (only the sections it changes are copied)."""
@@ -91,8 +91,6 @@ class Policy:
     def layout(self, lay: Layout) -> Layout:
         mode = self.ac if self.ac in ("none", "full") else "selective"
         return dataclasses.replace(lay, ac_mode=mode, ac_option="op" if mode != "selective" else self.ac)
-
-    n_layers: int = dataclasses.field(default=0, compare=False)  # the model's, to name the offloaded ones
 
     @property
     def _offloaded(self) -> str:
