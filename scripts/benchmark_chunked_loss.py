@@ -5,10 +5,12 @@
 Prints one markdown row per variant: milliseconds per forward + backward (median of
 ``--iters``), the peak memory above the inputs (the hidden states and the bf16 weight; their
 gradients count), and from the chunked variants' peaks the bytes per element of one chunk's logits
-(the slope of peak against chunk x vocab) and what does not grow with the chunk (the fp32
-weight-gradient accumulator and the gradients kept for backward): the figures behind the
-planner's loss terms (``planner/memory.py``, ``planner/cost.py``). Every variant is compiled
-as the trainer compiles it (``compile.components`` with ``loss``).
+(the slope of peak against chunk x vocab, over the sizes below ``--tokens``) and what does not
+grow with the chunk (the fp32 weight-gradient accumulator and the gradients kept for
+backward): the figures behind the planner's loss terms (``planner/memory.py``,
+``planner/cost.py``). A chunk of ``--tokens`` or more is one chunk (no accumulator). Every
+variant is compiled as the trainer compiles it (``compile.components`` with ``loss``), and
+``--eager`` adds the uncompiled chunks (the logits overwritten a block of rows at a time).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from torchtitan.components.chunked_loss import _chunk_loss_and_grad, chunked_cross_entropy
+from torchtitan.components.chunked_loss import _chunk_loss_and_grad, chunked_cross_entropy, compiled_chunk_fn
 
 GIB = 1024**3
 
@@ -52,17 +54,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="tokens per step (3B, local batch 2, seq 8192)")
     ap.add_argument("--dim", type=int, default=3072)
     ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--chunks", default="1024,2048,4096")
+    ap.add_argument("--chunks", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--eager", default="4096", help="chunk sizes to run uncompiled too ('' for none)")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
     torch.manual_seed(0)
     h = (torch.randn(args.tokens, args.dim, device="cuda") * 0.5).bfloat16().requires_grad_()
     w = (torch.randn(args.vocab, args.dim, device="cuda") * 0.02).bfloat16().requires_grad_()
     y = torch.randint(0, args.vocab, (args.tokens,), device="cuda")
-    chunk_fn = torch.compile(_chunk_loss_and_grad)
+    chunk_fn = compiled_chunk_fn()
     variants = {"plain (compiled)": torch.compile(_plain)}
     for c in (int(x) for x in args.chunks.split(",")):
         variants[f"chunks of {c}"] = (lambda c: lambda h, w, y: chunked_cross_entropy(h, w, y, c, chunk_fn))(c)
+    for c in (int(x) for x in args.eager.split(",") if x):
+        variants[f"eager chunks of {c}"] = (
+            lambda c: lambda h, w, y: chunked_cross_entropy(h, w, y, c, _chunk_loss_and_grad))(c)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {args.tokens} tokens, dim {args.dim}, "
           f"vocab {args.vocab}, bf16\n")
     print("| variant | ms (fwd + bwd) | peak above inputs (GiB) |")
@@ -70,7 +76,7 @@ def main() -> None:
     peaks = {}
     for name, fn in variants.items():
         ms, peak = _measure(fn, h, w, y, args.iters)
-        if name.startswith("chunks"):
+        if name.startswith("chunks") and int(name.split()[-1]) < args.tokens:
             peaks[int(name.split()[-1])] = peak
         print(f"| {name} | {ms:.2f} | {peak / GIB:.2f} |", flush=True)
     if len(peaks) > 1:

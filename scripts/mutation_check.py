@@ -240,6 +240,22 @@ MUTATIONS = [
         "the pinned host buffers are never reused: every step pins as much again",
     ),
     Mutation(
+        "chunked_loss_ignored_tokens_get_gradient",
+        "torchtitan/components/chunked_loss.py",
+        "    grad = (torch.exp(lf - lse) - onehot.float()) * valid",
+        "    grad = torch.exp(lf - lse) - onehot.float()",
+        ("tests/unit/test_chunked_loss.py",),
+        "tokens whose label is ignore_index still send a gradient through the loss chunks",
+    ),
+    Mutation(
+        "chunked_loss_block_not_written_back",
+        "torchtitan/components/chunked_loss.py",
+        "    logits.copy_(grad)",
+        "    pass",
+        ("tests/unit/test_chunked_loss.py",),
+        "the loss chunks leave the logits where their gradient should be written",
+    ),
+    Mutation(
         "fused_clip_coefficient_dropped",
         "torchtitan/trainer.py",
         "grad_scale = clip_coef.reciprocal() if max_norm > 0 else None",

@@ -249,3 +249,78 @@ def test_a_frozen_input_gets_no_gradient_and_the_other_the_plain_one(frozen: str
     assert (h.grad is None) == (frozen == "hidden") and (w.grad is None) == (frozen == "weight")
     got, want = (w.grad, w2.grad) if frozen == "hidden" else (h.grad, h2.grad)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+class _LargestVocabTemporary(TorchDispatchMode):
+    """Elements of the largest ``[..., VOCAB]`` tensor an op creates (views and in-place results
+    excepted), and the ``[VOCAB, DIM]`` matmuls by kind (``mm`` makes, ``addmm`` accumulates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.weight_matmuls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] == VOCAB
+                and out.untyped_storage().data_ptr() not in inputs and name != "mm"):
+            self.numel = max(self.numel, out.numel())
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == (VOCAB, DIM) and name in ("mm", "addmm"):
+            self.weight_matmuls.append(name)
+        return out
+
+
+@pytest.mark.parametrize("chunk_size", [8, 30, 64])
+def test_eager_chunks_overwrite_the_logits_in_blocks(monkeypatch, chunk_size: int) -> None:
+    """Eager, the logits' gradient is written over the logits 3 rows at a time, and without
+    gradients the loss is summed 3 rows at a time: no temporary over the vocabulary is
+    larger than a block; the results are the plain loss's."""
+    import torchtitan.components.chunked_loss as cl
+
+    monkeypatch.setattr(cl, "EAGER_BLOCK_ELEMENTS", 3 * VOCAB)
+    hidden, weight, labels = _data(ignore=True)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with _LargestVocabTemporary() as seen:
+        loss = chunked_cross_entropy(h, w, labels, chunk_size)
+    loss.backward()
+    assert seen.numel == 3 * VOCAB
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain = _plain(h2, w2, labels)
+    plain.backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), _LargestVocabTemporary() as seen:  # validation: the loss alone
+        loss = chunked_cross_entropy(hidden, weight, labels, chunk_size)
+    assert seen.numel == 3 * VOCAB
+    torch.testing.assert_close(loss, plain.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("chunk_size", "matmuls"), [(30, ["mm"]), (64, ["mm"]), (8, ["mm"] + 3 * ["addmm"])])
+def test_one_chunk_takes_the_weight_gradient_in_one_matmul(chunk_size: int, matmuls: list[str]) -> None:
+    """A chunk as large as the tokens (30) or larger needs no accumulator: one matmul makes
+    the weight's gradient; chunks of 8 make the first share and add three more into it."""
+    hidden, weight, labels = _data()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with _LargestVocabTemporary() as seen:
+        chunked_cross_entropy(h, w, labels, chunk_size).backward()
+    assert seen.weight_matmuls == matmuls
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    _plain(h2, w2, labels).backward()
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_inductor_writes_the_gradient_over_the_logits() -> None:
+    """Compiled by inductor (as the trainer compiles it), the chunk's gradient lands in the
+    logits' own buffer, equal to the eager blocks' result."""
+    from torchtitan.components.chunked_loss import _chunk_loss_and_grad, compiled_chunk_fn
+
+    hidden, weight, labels = _data(ignore=True)
+    h, w, y = hidden.flatten(0, 1), weight, labels.flatten()
+    loss, grad = compiled_chunk_fn("inductor")(h, w, y)
+    ref_loss, ref_grad = _chunk_loss_and_grad(h, w, y)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert grad.sum(-1).abs().max() < 1e-4  # softmax minus one-hot: rows sum to zero, not logits

@@ -488,10 +488,11 @@ def test_flops_and_params_match_the_model():
 
 
 def test_chunked_loss_adds_no_flops_and_one_weight_gradient_pass_per_chunk():
-    """The loss chunks make their gradients in the forward (no matmul added); each chunk
-    reads and writes the fp32 weight gradient once: 8·vocab·dim bytes at the HBM rate."""
+    """The loss chunks make their gradients in the forward (no matmul added); they cost
+    LOSS_CHUNK_BYTES_PER_LOGIT bytes per logit and, for each chunk after the first,
+    LOSS_CHUNK_ACCUMULATE_BYTES per weight-gradient element, at the HBM rate."""
     from torchtitan.models import get_model_args
-    from torchtitan.planner.cost import step_cost
+    from torchtitan.planner.cost import LOSS_CHUNK_ACCUMULATE_BYTES, LOSS_CHUNK_BYTES_PER_LOGIT, step_cost
     from torchtitan.planner.layout import Layout
 
     g = Geometry.from_model_args(get_model_args("llama3", "1B"))
@@ -499,12 +500,16 @@ def test_chunked_loss_adds_no_flops_and_one_weight_gradient_pass_per_chunk():
                  seq=8192, ac_mode="selective", ac_option="op_all")
     gpu = get_gpu("H100")
     plain = step_cost(g, lay, gpu, compiled=True)
-    for chunk, n in ((1024, 32), (4096, 8), (5000, 7)):
+    rate = gpu.hbm_tbps * 1e12 * gpu.hbm_efficiency
+    times = []
+    for chunk, n in ((1024, 32), (4096, 8), (5000, 7), (32768, 1), (65536, 1)):
         chunked = step_cost(g, lay, gpu, compiled=True, loss_chunk=chunk)
         assert chunked.compute_s == plain.compute_s
-        extra_s = n * 8 * g.vocab * g.dim / (gpu.hbm_tbps * 1e12 * gpu.hbm_efficiency)
-        assert chunked.memory_s == pytest.approx(plain.memory_s + extra_s)
+        extra = (LOSS_CHUNK_BYTES_PER_LOGIT * 32768 + LOSS_CHUNK_ACCUMULATE_BYTES * (n - 1) * g.dim) * g.vocab
+        assert chunked.memory_s == pytest.approx(plain.memory_s + extra / rate)
         assert chunked.mfu < plain.mfu
+        times.append(chunked.step_s)
+    assert times[:3] == sorted(times[:3], reverse=True) and times[3] == times[4] < times[2]
 
 
 # Measured tokens/s/GPU on 2x H200 capped at 79.1 GiB (docs/performance.md, 2026-12-01;

@@ -3,15 +3,18 @@
 For Llama 3 the logits are ``tokens × 128K`` floats: 4 GiB in fp32 for 8192 tokens, the
 largest activation of the step. Here the tokens are cut into chunks, and each chunk's
 gradients are computed in the *forward*: its logits, the summed cross-entropy, the gradient
-of that sum with respect to the logits (softmax minus the one-hot label), and from it the
-chunk's share of the hidden states' gradient and of the weight's (accumulated in fp32), after
-which the chunk's logits are dropped. Backward only scales the two saved gradients by the
-incoming one. Compared with the plain loss no matmul is added (the earlier version
-recomputed each chunk's projection in backward: one more output-projection forward, ~4% of
-a 3B step at 8k tokens); compared with keeping the logits, the memory is one chunk's logits
-plus the weight's gradient. The result equals the plain token-mean cross-entropy: the same
-matmuls and the same fp32 log-softmax, summed per chunk and divided by the token count once.
-Without gradients (validation, ``torch.no_grad``) only the loss is computed.
+of that sum with respect to the logits (softmax minus the one-hot label) written over the
+logits themselves, and from it the chunk's share of the hidden states' gradient and of the
+weight's, after which the chunk's buffer is dropped. Backward only scales the two saved
+gradients by the incoming one. Compared with the plain loss no matmul is added and the
+logits' gradient needs no second buffer: a chunk costs 2 bytes per bf16 logit (compiled:
+one fused kernel; eager: a block of rows at a time), so the chunks can be large. One chunk
+(``loss_chunk_size`` >= the tokens of a microbatch) takes the weight's gradient in one matmul,
+half the plain loss's memory at its speed; with more, the chunks' shares of the weight's
+gradient are added in fp32 (a read and a write of ``vocab × dim`` floats per chunk). The
+result equals the plain token-mean cross-entropy: the same matmuls and the same fp32
+log-softmax, summed per chunk and divided by the token count once. Without gradients
+(validation, ``torch.no_grad``) only the loss is computed.
 
 Integration without editing the model: :func:`apply_chunked_loss` turns ``model.output``
 (an ``nn.Linear``) into :class:`ChunkedLossLinear` — same parameters and state-dict keys.
@@ -31,6 +34,7 @@ returns the microbatch loss and the schedule's loss function passes it through.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -47,44 +51,88 @@ __all__ = [
 
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: labels equal to it add no loss
+EAGER_BLOCK_ELEMENTS = 1 << 25  # eager: fp32 temporaries of this many elements at a time (128 MiB)
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
+    """One chunk's summed cross-entropy without gradients, its fp32 work a block of rows at a
+    time (validation runs beside the training state: no temporary beyond the chunk's logits)."""
+    logits = F.linear(hidden, weight)
+    rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[-1])
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], rows):
+        block = logits[start : start + rows].float()
+        total += F.cross_entropy(block, labels[start : start + rows], reduction="sum", ignore_index=IGNORE_INDEX)
+    return total
+
+
+def _loss_and_logits_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of ``logits`` and its gradient with respect to them (in the
+    logits' dtype): ``softmax(logits) - onehot(labels)``, zero on ignored tokens. Every
+    element's arithmetic is fp32 and pointwise, the one-hot a comparison: compiled, one fused
+    kernel reads the logits and writes the gradient into their buffer (no fp32 copy)."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    valid = (labels != IGNORE_INDEX).unsqueeze(-1)
+    target = labels.clamp(min=0).unsqueeze(-1)
+    loss = ((lse - lf.gather(-1, target)) * valid).sum()
+    onehot = torch.arange(lf.shape[-1], device=lf.device) == target
+    grad = (torch.exp(lf - lse) - onehot.float()) * valid
+    return loss, grad.to(logits.dtype)
+
+
+def _overwrite_with_grad(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Write the logits' gradient over them and return their summed cross-entropy. The form
+    to compile: the logits are the graph's input, so inductor's one fused kernel stores the
+    gradient into their buffer (as an intermediate, it may allocate another)."""
+    loss, grad = _loss_and_logits_grad(logits, labels)
+    logits.copy_(grad)
+    return loss
 
 
 def _chunk_loss_and_grad(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    overwrite: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk's summed cross-entropy and its gradient with respect to the logits (in the
-    hidden states' dtype): ``softmax(logits) - onehot(labels)``, zero on ignored tokens."""
-    logits = F.linear(hidden, weight).float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    valid = (labels != IGNORE_INDEX).unsqueeze(-1)
-    target = labels.clamp(min=0).unsqueeze(-1)
-    loss = ((lse - logits.gather(-1, target)) * valid).sum()
-    grad = torch.exp(logits - lse).scatter_add(-1, target, torch.full_like(lse, -1.0))
-    return loss, (grad * valid).to(hidden.dtype)
+    """One chunk's summed cross-entropy and logits gradient, the gradient written over the
+    logits (2 bytes per element in bf16): by ``overwrite`` (a compiled
+    :func:`_overwrite_with_grad`) for the whole chunk at once, else eagerly a block of rows at
+    a time, so the fp32 temporaries stay small whatever the chunk."""
+    logits = F.linear(hidden, weight)
+    if overwrite is not None:
+        return overwrite(logits, labels), logits
+    rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[-1])
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], rows):
+        total += _overwrite_with_grad(logits[start : start + rows], labels[start : start + rows])
+    return total, logits
 
 
-_FP32_OUT_MATMUL = True  # cleared when this torch's addmm has no out_dtype variant
+def compiled_chunk_fn(backend: str = "inductor") -> Callable:
+    """The chunk function with its loss and gradient compiled (one fused kernel per chunk)."""
+    return functools.partial(_chunk_loss_and_grad, overwrite=torch.compile(_overwrite_with_grad, backend=backend))
 
 
-def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with an fp32 ``acc`` and bf16 ``a``, ``b``: on CUDA one GEMM whose
-    epilogue adds into fp32 (``addmm``'s ``out_dtype``); elsewhere a bf16 product added."""
+_FP32_OUT_MATMUL = True  # cleared when this torch's mm/addmm have no out_dtype variant
+
+
+def _matmul_into_fp32(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b`` in fp32 (``acc`` is None) or ``acc += a @ b``, for bf16 ``a``, ``b``: on CUDA
+    one GEMM that writes, or adds into, fp32 in its epilogue (``out_dtype``); elsewhere the
+    product in the inputs' dtype, then converted or added."""
     global _FP32_OUT_MATMUL
-    if acc.dtype == a.dtype:
-        torch.addmm(acc, a, b, out=acc)
-        return
-    if acc.is_cuda and _FP32_OUT_MATMUL:
+    if a.dtype == torch.float32:
+        return a @ b if acc is None else torch.addmm(acc, a, b, out=acc)
+    if a.is_cuda and _FP32_OUT_MATMUL:
         try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
+            if acc is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         except (RuntimeError, TypeError):
             _FP32_OUT_MATMUL = False
-    acc += a @ b
+    return (a @ b).float() if acc is None else acc.add_(a @ b)
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -95,15 +143,20 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]  # a frozen output weight needs no gradient
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # one chunk: a single matmul in the weight's dtype; more: fp32 accumulated
+        single = hidden.shape[0] <= chunk_size
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             loss, grad_logits = chunk_fn(h, weight, labels[start : start + chunk_size])
             total += loss
             if grad_h is not None:
                 torch.mm(grad_logits, weight, out=grad_h[start : start + chunk_size])
-            if grad_w is not None:
-                _add_matmul(grad_w, grad_logits.t(), h)
+            if need_w:
+                if single:
+                    grad_w = grad_logits.t() @ h
+                else:
+                    grad_w = _matmul_into_fp32(grad_logits.t(), h, grad_w)
+            del loss, grad_logits  # freed before the next chunk's logits take their place
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
@@ -135,8 +188,8 @@ def chunked_cross_entropy(
     ``hidden`` ``[..., dim]``, ``weight`` ``[vocab, dim]``, ``labels`` ``hidden.shape[:-1]``;
     ``chunk_size`` tokens per chunk. Equals
     ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten())``.
-    ``chunk_fn`` computes one chunk's summed loss and logits gradient (a compiled
-    ``_chunk_loss_and_grad``, say).
+    ``chunk_fn`` computes one chunk's summed loss and logits gradient (``compiled_chunk_fn()``,
+    say; by default the eager form, in blocks of rows).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -193,7 +246,7 @@ def apply_chunked_loss(model: nn.Module, chunk_size: int, compile_backend: str |
     output.__class__ = ChunkedLossLinear
     output.chunk_size = chunk_size
     if compile_backend is not None:
-        output.chunk_fn = torch.compile(_chunk_loss_and_grad, backend=compile_backend)
+        output.chunk_fn = compiled_chunk_fn(compile_backend)
     return model
 
 

@@ -23,8 +23,8 @@ The model, per GPU and step (all assumptions in ``hardware.py`` and docs/plannin
 - MoE memory-bound work (``memory_s``) at the HBM rate x ``hbm_efficiency``: the optimizer
   step, clipping and autocast casts of the experts a token does not use (the dense
   efficiencies already contain this work for the active parameters), and the permutation
-  and combination of the routed copies (``_routing_bytes``); the loss chunks' fp32 weight-
-  gradient accumulation (``vocab x dim`` read and written once per chunk).
+  and combination of the routed copies (``_routing_bytes``); the loss chunks' time over the
+  plain loss, as bytes per logit and per chunk after the first (``LOSS_CHUNK_*``, measured).
 - FSDP CPU offload (``host_s``): every gather copies the rank's fp32 shards host -> device and
   every reduce-scatter its gradient shards back, over the host link (overlapped with compute
   like FSDP traffic); the optimizer steps on the host (28 bytes a parameter at the host
@@ -42,6 +42,13 @@ from torchtitan.config import JobConfig
 from torchtitan.planner.hardware import GpuSpec
 from torchtitan.planner.layout import Layout
 from torchtitan.planner.memory import OP_AC_OPTIONS, Geometry
+
+# The loss chunks' time over the compiled plain loss, as device-memory bytes at the HBM rate
+# (scripts/benchmark_chunked_loss.py on the H200, 2026-12-03, 16,384 tokens, 3B's output
+# layer: +4.5 ms for one chunk of 16,384 or two of 8,192, +6.7 ms for eight of 2,048): per
+# token x vocab logit, and per vocab x dim weight-gradient element for each chunk after the first.
+LOSS_CHUNK_BYTES_PER_LOGIT = 7
+LOSS_CHUNK_ACCUMULATE_BYTES = 3
 
 __all__ = [
     "StepCost",
@@ -271,8 +278,8 @@ def step_cost(
     offload_bytes: float = 0.0,
 ) -> StepCost:
     """The cost of one step of ``lay`` (see the module docstring). ``loss_chunk``: tokens
-    per loss chunk (0: the plain loss); each chunk adds one fp32 pass over the output
-    projection's weight gradient."""
+    per loss chunk (0: the plain loss); chunks cost their extra passes over the logits and,
+    after the first, their fp32 weight-gradient accumulation."""
     flops_tok = model_flops_per_token(g, lay.seq)
     tokens_dp = lay.local_batch * lay.seq * lay.grad_accum  # per data-parallel rank and step
     tokens_gpu = tokens_dp / (lay.tp * lay.cp * lay.pp)  # work-equivalent tokens per GPU
@@ -291,9 +298,8 @@ def step_cost(
     a = 2
     whole, op = _recomputed_share(g, lay.ac_mode, lay.ac_option, op_layers, later)  # AC reruns
     layers = g.n_layers / lay.pp
-    micro = lay.n_microbatches if lay.pp > 1 else 1
-    forwards = micro * lay.grad_accum  # forward passes per step on this rank
-    tokens_fwd = lay.local_batch // micro * lay.seq / lay.cp  # tokens of one forward
+    forwards = lay.n_microbatches * lay.grad_accum  # forward passes per step on this rank
+    tokens_fwd = lay.forward_tokens
     tp_span, cp_span = lay.tp, lay.tp * lay.cp
     fsdp_span = lay.tp * lay.cp * lay.dp_shard
     rep_span = fsdp_span * lay.dp_replicate
@@ -314,7 +320,7 @@ def step_cost(
     pp_s = 0.0
     if lay.pp > 1:  # hidden states forward and their gradients backward, per stage boundary
         hidden = tokens_fwd * g.dim * a / lay.tp
-        pp_s = 2 * hidden * micro * stages_per_rank * lay.grad_accum / _bandwidth(gpu, pp_span)
+        pp_s = 2 * hidden * stages_per_rank * forwards / _bandwidth(gpu, pp_span)
 
     ep_s = 0.0
     if lay.ep > 1 and g.moe:
@@ -362,9 +368,10 @@ def step_cost(
         r = 4 if autocast else 2
         for n, moe in zip(_n_moe(g), (False, True)):
             nbytes += op * n / lay.pp * _op_cheap_rerun_bytes(g, r, moe) * tokens_fwd * forwards / lay.tp
-    if loss_chunk > 0:  # last stage: each chunk adds its weight gradient into fp32 (read + write)
-        chunks = -(-int(tokens_fwd) // loss_chunk) * forwards
-        nbytes += chunks * 8 * g.vocab * g.dim
+    if loss_chunk > 0:  # last stage: the loss chunks' extra passes over their logits, and
+        # each chunk after the first adds its weight-gradient share into the fp32 accumulator
+        chunks = -(-int(tokens_fwd) // loss_chunk)
+        nbytes += (LOSS_CHUNK_BYTES_PER_LOGIT * tokens_fwd + LOSS_CHUNK_ACCUMULATE_BYTES * (chunks - 1) * g.dim) * g.vocab * forwards
     # activation offload: its copies read the bytes out of device memory and write them back,
     # and the hooks and the host's waits cost time too; in all as OFFLOAD_BYTE_COST bytes of
     # device-memory traffic per byte offloaded

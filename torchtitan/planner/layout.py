@@ -52,6 +52,11 @@ class Layout:
             return 1
         return self.microbatches or self.local_batch // self.microbatch_size
 
+    @property
+    def forward_tokens(self) -> float:
+        """Tokens of one forward on one rank (a microbatch, its share of the sequence)."""
+        return self.local_batch // self.n_microbatches * self.seq / self.cp
+
     @classmethod
     def from_config(cls, cfg: JobConfig, world_size: int) -> Layout:
         from torchtitan.distributed.layout import validate_layout

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from torchtitan.components.chunked_loss import EAGER_BLOCK_ELEMENTS
 from torchtitan.distributed.activation_offload import offloaded_layers
 from torchtitan.planner.geometry import Geometry
 
@@ -531,16 +532,17 @@ def estimate_memory(g: Geometry, w: Workload, states: StateBytes) -> MemoryEstim
         boundary = (w.residual_bytes * g.dim * s + 4 * s + extra + a * g.dim) * T
         vocab = g.vocab / w.tp if (w.tp > 1 and w.loss_parallel) else g.vocab
         if w.loss_chunk > 0:
-            # one chunk's logits, fp32 softmax and their gradient, the fp32 weight-gradient
-            # accumulator and the hidden states' gradient, made in the forward; backward
-            # starts with the two gradients kept (the weight's scaled copy is counted with
-            # the gradients)
+            # one chunk's logits, their gradient written over them, the fp32 weight-gradient
+            # accumulator (more than one chunk) and the hidden states' gradient, made in the
+            # forward; backward starts with the two gradients kept (the weight's scaled copy
+            # is counted with the gradients)
             head = a * T * g.dim + a * vocab * g.dim
-            # per chunk x vocab element: compiled, 8 bytes (measured on the H200 by
-            # scripts/benchmark_chunked_loss.py: the bf16 logits and gradient, fp32 row
-            # statistics); eager, the fp32 copy and softmax as well
-            per = 8 if w.compile_loss else 12 + 2 * a
-            loss = min(w.loss_chunk, T) * vocab * per + 4 * vocab * g.dim + head
+            chunk = min(w.loss_chunk, T)
+            # per chunk x vocab element, the logits in their dtype; eager, fp32 temporaries
+            # for EAGER_BLOCK_ELEMENTS of them at a time (copy, softmax, gradient, ~16 bytes)
+            temps = 0 if w.compile_loss else 16 * min(chunk * vocab, EAGER_BLOCK_ELEMENTS)
+            acc = 4 * vocab * g.dim if chunk < T else 0
+            loss = chunk * vocab * a + temps + acc + head
         elif w.compile_loss:
             loss = 2 * a * T * vocab
         else:

@@ -10,7 +10,8 @@ the budget wins. A policy is, per layer, one of
 - per-op AC on the first layers and full AC, attention-only op AC or no AC on the later
   ones (``op_ac_layers`` + ``later_layers``), for each split point;
 
-times the loss chunk size (none, 4096, 2048, 1024 tokens); then, fastest first, each policy
+times the loss chunk size (none; one chunk of a microbatch's tokens; 32768 ... 1024 tokens,
+halving, below them); then, fastest first, each policy
 that does not fit with the fewest layers whose saved activations, in host memory, make it
 fit (``activation_checkpoint.cpu_offload_layers``, spread over the model:
 ``activation_offload.offloaded_layers``; not under pipeline parallelism, and no more than
@@ -53,7 +54,7 @@ __all__ = ["CONTEXT_GIB", "NCCL_GIB", "MARGIN", "headroom_gib", "margin_for", "P
 AUTO_OFFLOADS_ACTIVATIONS = True
 HOST_SHARE = 0.5  # of this machine's memory, per local rank, that offloaded activations may pin
 MARGIN = 0.05  # the memory model's stated accuracy (docs/planning.md)
-LOSS_CHUNKS = (0, 4096, 2048, 1024)
+LOSS_CHUNKS = (0, 32768, 16384, 8192, 4096, 2048, 1024)
 _OP_NAMES = {"op_all": "op AC saving every matmul", "op": "op AC saving every other matmul",
              "op_attn": "op AC saving attention only"}
 
@@ -117,8 +118,18 @@ class Policy:
         return text
 
 
-def candidate_policies(n_layers: int) -> list[Policy]:
-    """Every policy ``choose`` scores, in tie-break order (see the module docstring)."""
+def loss_chunks(tokens: float) -> list[int]:
+    """The loss chunk sizes worth scoring for ``tokens`` per forward: none, then of
+    ``LOSS_CHUNKS`` those under ``tokens`` and the smallest one that is not (one chunk: the
+    larger ones are the same)."""
+    sizes = [c for c in LOSS_CHUNKS if c]
+    one = [c for c in sizes if c >= tokens]
+    return [0] + ([min(one)] if one else []) + [c for c in sizes if c < tokens]
+
+
+def candidate_policies(n_layers: int, tokens: float = float("inf")) -> list[Policy]:
+    """Every policy ``choose`` scores, in tie-break order (see the module docstring);
+    ``tokens``: of one forward, which bounds the loss chunks (``loss_chunks``)."""
     ac: list[Policy] = [Policy("none"), Policy("op_all"), Policy("op"), Policy("op_attn"), Policy("full")]
     ac += [Policy(str(n)) for n in (2, 3, 4) if n <= n_layers]
     for op in ("op_all", "op", "op_attn"):
@@ -126,7 +137,7 @@ def candidate_policies(n_layers: int) -> list[Policy]:
             if op == "op_attn" and later == "attention":
                 continue  # the same as op_attn everywhere
             ac += [Policy(op, k, later) for k in range(1, n_layers)]
-    out = [dataclasses.replace(p, loss_chunk=c, n_layers=n_layers) for c in LOSS_CHUNKS for p in ac]
+    out = [dataclasses.replace(p, loss_chunk=c, n_layers=n_layers) for c in loss_chunks(tokens) for p in ac]
     return out + [dataclasses.replace(p, cpu_offload=True) for p in out]
 
 
@@ -204,9 +215,8 @@ def choose(
     default to ``headroom_gib`` and ``margin_for``, ``host_budget`` (bytes of pinned host
     memory per rank) to ``host_budget_bytes()``. Raises ConfigError (one line) when the
     layout is illegal or no policy fits."""
-    policies = candidate_policies(model_geometry(cfg).n_layers)
-    base = policies[0].apply(cfg)
-    lay = Layout.from_config(base, world_size)
+    lay = Layout.from_config(Policy("none").apply(cfg), world_size)  # policies[0]'s
+    policies = candidate_policies(model_geometry(cfg).n_layers, lay.forward_tokens)
     headroom = headroom_gib(world_size, capped) if headroom is None else headroom
     margin = margin_for(lay) if margin is None else margin
     g = model_geometry(cfg)
