@@ -432,7 +432,7 @@ class Training(Section):
         0,
         "tokens per chunk of the output projection + cross-entropy, so full fp32 logits are "
         "never materialised (same loss and gradients; a chunk's gradient is written over its bf16 "
-        "logits, so one chunk of a microbatch's tokens halves the plain loss's memory); 0 = off. Works with PP (the last stage "
+        "logits; a size >= a microbatch's tokens is one chunk); 0 = off. Works with PP (the last stage "
         "returns the loss); not with TP (loss parallel shards the logits by vocabulary)",
     )
     device_memory_limit_gib: float = _opt(
