@@ -59,12 +59,16 @@ def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """One chunk's summed cross-entropy without gradients, its fp32 work a block of rows at a
     time (validation runs beside the training state: no temporary beyond the chunk's logits)."""
     logits = F.linear(hidden, weight)
-    rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[-1])
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], rows):
-        block = logits[start : start + rows].float()
-        total += F.cross_entropy(block, labels[start : start + rows], reduction="sum", ignore_index=IGNORE_INDEX)
+    for rows in _row_blocks(logits):
+        total += F.cross_entropy(logits[rows].float(), labels[rows], reduction="sum", ignore_index=IGNORE_INDEX)
     return total
+
+
+def _row_blocks(logits: torch.Tensor) -> Iterator[slice]:
+    """Slices of ``logits``' rows holding ``EAGER_BLOCK_ELEMENTS`` elements or fewer (one row at least)."""
+    rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[-1])
+    return (slice(start, start + rows) for start in range(0, logits.shape[0], rows))
 
 
 def _loss_and_logits_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +108,9 @@ def _chunk_loss_and_grad(
     logits = F.linear(hidden, weight)
     if overwrite is not None:
         return overwrite(logits, labels), logits
-    rows = max(1, EAGER_BLOCK_ELEMENTS // logits.shape[-1])
     total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, logits.shape[0], rows):
-        total += _overwrite_with_grad(logits[start : start + rows], labels[start : start + rows])
+    for rows in _row_blocks(logits):
+        total += _overwrite_with_grad(logits[rows], labels[rows])
     return total, logits
 
 
