@@ -19,8 +19,15 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# With CUDA_VISIBLE_DEVICES set and empty no GPU is visible: skip the probes (a torch import, ~2 s).
+no_gpu=0
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ] && [ -z "${CUDA_VISIBLE_DEVICES}" ]; then no_gpu=1; fi
 if [ -z "${NGPU:-}" ]; then
-  NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+  if [ "$no_gpu" = "1" ]; then
+    NGPU=1
+  else
+    NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+  fi
 fi
 CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
@@ -33,8 +40,11 @@ fi
 
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # One intra-op thread per CPU process unless told otherwise, so ranks do not oversubscribe cores.
-if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
+# (The CUDA probe only matters when OMP_NUM_THREADS is unset.)
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  if [ "$no_gpu" = "1" ] || ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    export OMP_NUM_THREADS=$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))
+  fi
 fi
 
 exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \

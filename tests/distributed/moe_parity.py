@@ -10,6 +10,7 @@ run of the same config; a failure prints the numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tempfile
 import time
@@ -45,6 +46,19 @@ def _clean(name: str) -> str:
 
 # The flavor's MoE, plus one shared expert (so the shared experts' TP plan is exercised).
 MOE_OVERRIDES = {"num_shared_experts": 1}
+# The flavor's depth, experts and routing, at a quarter of its width (dim 64, 4 query / 2
+# key-value heads of 16, experts of 64): what is compared does not depend on the width, and
+# at 256 the steps and the full-tensor gathers were most of the launch.
+SHAPE_OVERRIDES = {"dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "hidden_dim": 192, "moe_inter_dim": 64}
+
+
+def use_test_flavor() -> None:
+    """This rank process only: ``debugmodel_moe`` as the tests want it."""
+    from torchtitan.models.qwen3 import qwen3_configs
+
+    flavor = dataclasses.replace(qwen3_configs["debugmodel_moe"], **SHAPE_OVERRIDES)
+    flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
+    qwen3_configs["debugmodel_moe"] = flavor
 
 
 def ep_round_trip() -> dict[str, Any]:
@@ -94,18 +108,13 @@ def run_layouts(
             round_trip_result = ep_round_trip()
         except Exception:
             round_trip_result = {"error": traceback.format_exc()}
-    import dataclasses
-
     from small_trainer import small_trainer_args
 
     from torchtitan.config import ConfigManager
     from torchtitan.models.common.moe import MoE
-    from torchtitan.models.qwen3 import qwen3_configs
     from torchtitan.trainer import Trainer
 
-    # This rank process only: the flavor as the tests want it.
-    flavor = qwen3_configs["debugmodel_moe"]
-    flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
+    use_test_flavor()
 
     from harness import layout_scope
 
@@ -175,17 +184,13 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
 def reshard_across_ep(workdir: str, save_args: list[str], load_layouts: list[tuple[str, list[str]]]) -> dict:
     """Train 1 step under ``save_args`` and checkpoint; load that checkpoint under each of
     ``load_layouts``; return every snapshot (rank 0's) for the pytest side to compare."""
-    import dataclasses
-
     import torch.distributed as dist
     from small_trainer import small_trainer_args
 
     from torchtitan.config import ConfigManager
-    from torchtitan.models.qwen3 import qwen3_configs
     from torchtitan.trainer import Trainer
 
-    flavor = qwen3_configs["debugmodel_moe"]
-    flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
+    use_test_flavor()
     ckpt = ["--training.steps", "1", "--checkpoint.enable", "--checkpoint.interval", "1"]
 
     def config(extra: list[str]) -> Any:

@@ -1,7 +1,8 @@
 """Qwen3-MoE under expert parallelism equals one process, with the real trainer, on CPU/gloo.
 
 ``debugmodel_moe`` (4 MoE blocks, 8 experts, top 2, aux-loss-free bias updates on) with one
-shared expert added (moe_parity.MOE_OVERRIDES), fp32,
+shared expert added (moe_parity.MOE_OVERRIDES), at a quarter of its width (dim 64, 4 / 2
+heads, experts of 64: moe_parity.SHAPE_OVERRIDES), fp32,
 3 AdamW steps with clipping active on every step, the same global batch of 4 x 32 tokens in
 every layout (``training.dataset_shards``). Three launches (moe_parity.py): one process (the
 reference), 2 ranks, 4 ranks running five layouts one after the other. Compared with the
@@ -16,9 +17,11 @@ update, a sign, unchanged); EP 2 x TP 2; PP 2 x EP 2 (1F1B); CP 2 x EP 2; HSDP 2
 In the 4-rank launch also: a checkpoint saved under EP 2 x FSDP 2 after 1 step loads under
 EP 4 and under EP 1 (FSDP 4) with identical parameters, expert biases and optimizer state.
 
-Measured errors (2026-12-02): losses <= 1.4e-7, parameters <= 3.3e-6 (experts' w3), biases
-identical, gradient norms 0.8-1.1e-4 (see GRAD_NORM_TOL). 95-115 s on 2 cores shared with
-other work (three launches; the layouts take 4-24 s each, the first of a launch the most).
+Measured errors (2026-12-03, dim 64): losses <= 1.5e-7, parameters <= 7.6e-7, biases
+identical, gradient norms 1.6-2.2e-5 (see GRAD_NORM_TOL); at the flavor's full width (dim
+256) they were losses <= 1.4e-7, parameters <= 3.3e-6, gradient norms 0.8-1.1e-4, and the
+module took twice as long. ~25 s alone on 2 cores (three launches; the layouts take 1-4 s
+each, the first of a launch the most; the reshard 5-6 s).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ pytestmark = pytest.mark.slow
 
 TOL = 1e-5
 # The trainer's gradient norm on CPU is itself off by up to ~1.6e-4 relative in fp32 (the
-# CPU norm kernel over the 577k-element output-layer gradient, measured against a float64
-# norm, in one process and sharded alike); a wrongly scaled or twice-counted expert gradient
-# moves it by percents.
+# CPU norm kernel over the 577k-element output-layer gradient of the full-width flavor,
+# measured against a float64 norm, in one process and sharded alike; ~2e-5 at dim 64); a
+# wrongly scaled or twice-counted expert gradient moves it by percents.
 GRAD_NORM_TOL = 1e-3
 
 TWO_RANKS = {

@@ -3,10 +3,10 @@
 Faults are injected at chosen ranks and steps through TORCHTITAN_FAULT_INJECT
 (torchtitan/components/fault_tolerance.py):
 
-- One 4-rank FSDP job under MAX_RESTARTS=5 (run_train.sh, torchrun) suffers, one per
-  attempt, SIGKILLs of a rank at four seeded-random steps (one before the first
-  checkpoint, one on the step right after a checkpoint, every rank killed once)
-  and a SIGTERM at a step that is no checkpoint step. After each, torchrun restarts the
+- One 4-rank FSDP job under MAX_RESTARTS=3 (run_train.sh, torchrun) suffers, one per
+  attempt, SIGKILLs of a rank at two seeded-random steps (one before the first
+  checkpoint, one on the step right after a checkpoint; rank 0 and another rank killed)
+  and a SIGTERM at a step that is no checkpoint step (``_fault_plan``). After each, torchrun restarts the
   job by itself and it resumes from the newest complete checkpoint (the SIGTERM's: every
   rank stopped after that step, which was checkpointed, exit code 3). It finishes, and
   its final model and optimizer state equal, bit for bit, those of an uninterrupted
