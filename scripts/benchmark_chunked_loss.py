@@ -11,6 +11,8 @@ backward): the figures behind the planner's loss terms (``planner/memory.py``,
 ``planner/cost.py``). A chunk of ``--tokens`` or more is one chunk (no accumulator). Every
 variant is compiled as the trainer compiles it (``compile.components`` with ``loss``), and
 ``--eager`` adds the uncompiled chunks (the logits overwritten a block of rows at a time).
+``--profile`` then prints each variant's GPU kernels (one forward + backward, the longest
+first): where a variant's time goes beside the three GEMMs.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="1024,2048,4096,8192,16384")
     ap.add_argument("--eager", default="4096", help="chunk sizes to run uncompiled too ('' for none)")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="print each variant's GPU kernel times")
     args = ap.parse_args()
     torch.manual_seed(0)
     h = (torch.randn(args.tokens, args.dim, device="cuda") * 0.5).bfloat16().requires_grad_()
@@ -85,6 +88,24 @@ def main() -> None:
         fixed = peaks[lo] - per * lo * args.vocab
         print(f"\nchunked: {per:.1f} bytes per chunk x vocab element; {fixed / GIB:.2f} GiB besides "
               f"({fixed / (args.vocab * args.dim):.1f} bytes per vocab x dim element)")
+    if args.profile:
+        for name, fn in variants.items():
+            _print_kernels(name, fn, h, w, y)
+
+
+def _print_kernels(name: str, fn, h, w, y) -> None:
+    """One warm forward + backward of ``fn`` under the profiler: its GPU kernels, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    h.grad = w.grad = None
+    fn(h, w, y).backward()
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(h, w, y).backward()
+        torch.cuda.synchronize()
+    print(f"\n{name}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ class MetricsProcessor:
         self.last_step = 0
         self.total_tokens = 0
         self.peak_reserved = (0.0, 0.0)  # GiB, % of the device
+        self.peak_active = 0.0  # GiB: the allocator's peak of allocated bytes, for the same windows
 
     def should_log(self, step: int) -> bool:
         """Whether to log after ``step`` (the trainer asks once per step): the first, every
@@ -191,6 +192,7 @@ class MetricsProcessor:
         mem_active, mem_active_pct, mem_reserved, mem_reserved_pct = self.memory.peak()
         if mem_reserved > self.peak_reserved[0]:
             self.peak_reserved = (mem_reserved, mem_reserved_pct)
+        self.peak_active = max(self.peak_active, mem_active)
         data_pct = 100 * self.window.data_loading_s / elapsed
         metrics = {
             "loss_metrics/global_avg_loss": loss,

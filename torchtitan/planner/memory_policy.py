@@ -300,10 +300,14 @@ def resolve_auto(
     return choice.policy.apply(cfg), choice
 
 
-def prediction_gap(choice: Choice, measured_tps: float, measured_peak_bytes: float) -> tuple[str, bool]:
+def prediction_gap(
+    choice: Choice, measured_tps: float, measured_peak_bytes: float, measured_active_bytes: float = 0.0
+) -> tuple[str, bool]:
     """The end-of-run line comparing the choice's prediction with the measured mean
     tokens/s and reserved peak, and whether memory exceeded the prediction by more than
-    the margin (the model was wrong in the direction that can run out of memory)."""
+    the margin (the model was wrong in the direction that can run out of memory). The
+    allocated peak beside it, when given, tells the model's error from the allocator's
+    cached-but-free blocks (which a capped device fills up to its cap)."""
     tps_gap = measured_tps / choice.predicted_tps - 1 if choice.predicted_tps > 0 else 0.0
     line = (
         f"auto memory policy ({choice.policy.label()}): predicted {choice.predicted_tps:,.0f} tokens/s "
@@ -314,6 +318,10 @@ def prediction_gap(choice: Choice, measured_tps: float, measured_peak_bytes: flo
     mem_gap = measured_peak_bytes / choice.predicted_peak - 1
     over = mem_gap > choice.margin
     line += f" and {measured_peak_bytes / GIB:.1f} GiB ({mem_gap:+.1%})"
+    if measured_active_bytes > 0:
+        predicted_active = choice.candidate.memory.peak_active
+        line += (f"; allocated at most {measured_active_bytes / GIB:.1f} GiB "
+                 f"(predicted {predicted_active / GIB:.1f}, {measured_active_bytes / predicted_active - 1:+.1%})")
     if over:
         line += f": memory exceeded the prediction by more than the {choice.margin:.0%} margin"
     return line, over
@@ -337,8 +345,9 @@ def log_prediction_gap(choice: Choice, metrics) -> bool:
     """Log ``prediction_gap`` for a finished run's ``MetricsProcessor``; a warning when the
     memory exceeded the prediction by more than the margin. Returns that verdict."""
     gib, _ = metrics.peak_reserved
+    active = metrics.peak_active
     if metrics.device.type != "cuda":  # the host's memory is not what the model predicts
-        gib = 0.0
-    line, over = prediction_gap(choice, metrics.mean_tokens_per_s(), gib * GIB)
+        gib = active = 0.0
+    line, over = prediction_gap(choice, metrics.mean_tokens_per_s(), gib * GIB, active * GIB)
     (logger.warning if over else logger.info)(line)
     return over
