@@ -318,8 +318,8 @@ def prediction_gap(
     mem_gap = measured_peak_bytes / choice.predicted_peak - 1
     over = mem_gap > choice.margin
     line += f" and {measured_peak_bytes / GIB:.1f} GiB ({mem_gap:+.1%})"
-    if measured_active_bytes > 0:
-        predicted_active = choice.candidate.memory.peak_active
+    predicted_active = choice.candidate.memory.peak_active
+    if measured_active_bytes > 0 and predicted_active > 0:
         line += (f"; allocated at most {measured_active_bytes / GIB:.1f} GiB "
                  f"(predicted {predicted_active / GIB:.1f}, {measured_active_bytes / predicted_active - 1:+.1%})")
     if over:
