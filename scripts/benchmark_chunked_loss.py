@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--eager", default="4096", help="chunk sizes to run uncompiled too ('' for none)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="print each variant's GPU kernel times")
+    ap.add_argument("--inductor_option", action="append", default=[], metavar="KEY=VALUE",
+                    help="also run the chunks compiled with this inductor option (repeatable; "
+                         "e.g. triton.prefer_nd_tiling=True)")
     args = ap.parse_args()
     torch.manual_seed(0)
     h = (torch.randn(args.tokens, args.dim, device="cuda") * 0.5).bfloat16().requires_grad_()
@@ -69,6 +72,12 @@ def main() -> None:
     variants = {"plain (compiled)": torch.compile(_plain)}
     for c in (int(x) for x in args.chunks.split(",")):
         variants[f"chunks of {c}"] = (lambda c: lambda h, w, y: chunked_cross_entropy(h, w, y, c, chunk_fn))(c)
+    if args.inductor_option:
+        options = dict(_parse_option(o) for o in args.inductor_option)
+        tuned_fn = compiled_chunk_fn(options=options)
+        for c in (int(x) for x in args.chunks.split(",")):
+            variants[f"{', '.join(args.inductor_option)}: chunks of {c}"] = (
+                lambda c: lambda h, w, y: chunked_cross_entropy(h, w, y, c, tuned_fn))(c)
     for c in (int(x) for x in args.eager.split(",") if x):
         variants[f"eager chunks of {c}"] = (
             lambda c: lambda h, w, y: chunked_cross_entropy(h, w, y, c, _chunk_loss_and_grad))(c)
@@ -91,6 +100,19 @@ def main() -> None:
     if args.profile:
         for name, fn in variants.items():
             _print_kernels(name, fn, h, w, y)
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE a Python literal (True, 2, 'x') or else a string."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--inductor_option {text!r}: expected KEY=VALUE")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _print_kernels(name: str, fn, h, w, y) -> None:

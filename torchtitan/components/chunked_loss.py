@@ -114,9 +114,11 @@ def _chunk_loss_and_grad(
     return total, logits
 
 
-def compiled_chunk_fn(backend: str = "inductor") -> Callable:
-    """The chunk function with its loss and gradient compiled (one fused kernel per chunk)."""
-    return functools.partial(_chunk_loss_and_grad, overwrite=torch.compile(_overwrite_with_grad, backend=backend))
+def compiled_chunk_fn(backend: str = "inductor", options: dict | None = None) -> Callable:
+    """The chunk function with its loss and gradient compiled (one fused kernel per chunk);
+    ``options``: inductor's, for measuring kernel choices (``scripts/benchmark_chunked_loss.py``)."""
+    compiled = torch.compile(_overwrite_with_grad, backend=backend, options=options)
+    return functools.partial(_chunk_loss_and_grad, overwrite=compiled)
 
 
 _FP32_OUT_MATMUL = True  # cleared when this torch's mm/addmm have no out_dtype variant
