@@ -11,8 +11,8 @@ logits' gradient needs no second buffer: a chunk costs 2 bytes per bf16 logit (c
 one fused kernel; eager: a block of rows at a time), so the chunks can be large. One chunk
 (``loss_chunk_size`` >= the tokens of a microbatch) takes the weight's gradient in one matmul;
 with more, the chunks' shares of the weight's gradient are added in fp32 (a read and a write
-of ``vocab × dim`` floats per chunk). Measured on an H200 (docs/performance.md), chunks cost
-~8% more time than the compiled plain loss at 16K tokens, for their memory. The
+of ``vocab × dim`` floats per chunk). Measured on H200s (docs/performance.md), chunks cost
+1-8% more time than the compiled plain loss at 16K tokens (by machine), for their memory. The
 result equals the plain token-mean cross-entropy: the same matmuls and the same fp32
 log-softmax, summed per chunk and divided by the token count once. Without gradients
 (validation, ``torch.no_grad``) only the loss is computed.
