@@ -263,6 +263,30 @@ MUTATIONS = [
         ("tests/unit/test_trainer.py::test_clipping_folded_into_the_fused_optimizer_equals_scaling_the_gradients",),
         "with a fused optimizer the gradients are never clipped",
     ),
+    Mutation(
+        "auto_takes_a_policy_that_does_not_fit",
+        "torchtitan/planner/memory_policy.py",
+        "        if cand.fits:\n            fitting += 1",
+        "        if True:\n            fitting += 1",
+        ("tests/unit/test_memory_policy.py",),
+        "activation_checkpoint.mode = auto takes the fastest policy whether or not it fits",
+    ),
+    Mutation(
+        "auto_takes_the_slowest_policy",
+        "torchtitan/planner/memory_policy.py",
+        "if best is None or cand.cost.tokens_per_s_per_gpu > best[1].cost.tokens_per_s_per_gpu:",
+        "if best is None or cand.cost.tokens_per_s_per_gpu < best[1].cost.tokens_per_s_per_gpu:",
+        ("tests/unit/test_memory_policy.py",),
+        "activation_checkpoint.mode = auto takes the slowest policy that fits",
+    ),
+    Mutation(
+        "loss_chunk_memory_without_logits",
+        "torchtitan/planner/memory.py",
+        "loss = chunk * vocab * a + temps + acc + head",
+        "loss = temps + acc + head",
+        ("tests/unit/test_memory_policy.py",),
+        "the memory model leaves a loss chunk's logits out",
+    ),
 ]
 
 

@@ -337,6 +337,27 @@ def test_measured_auto_choices_were_predicted_within_10_percent_and_the_margin(n
     assert within != (name in OVER_MARGIN)
 
 
+# scripts/benchmark_chunked_loss.py on an H200 (docs/performance.md, sessions 14 and 15):
+# 16,384 tokens through 3B's output layer, compiled; GiB above the hidden states and the
+# weight at the peak of forward + backward, by loss chunk size (16,384: one chunk).
+MEASURED_LOSS_GIB = {16384: 4.74, 8192: 3.52, 4096: 2.54, 2048: 2.30}
+
+
+@pytest.mark.parametrize("chunk", list(MEASURED_LOSS_GIB))
+def test_loss_chunk_memory_covers_the_measured_peak(chunk):
+    """The memory model's loss term for 16,384 tokens of 3B is never below what the chunked
+    loss measured, and above it by at most the weight gradient's bf16 copy: counted at the
+    chunks' peak, it is made after the last chunk is freed (a conservative 0.73 GiB)."""
+    cfg = _cfg("3B", 2, 8192, "--training.device_memory_limit_gib", "79.1")
+    pcfg = Policy("op_all", loss_chunk=chunk).apply(cfg)
+    lay = Layout.from_config(pcfg, 1)
+    g = model_geometry(cfg)
+    cand = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny_model(cfg, g.vocab))[1], g, GPUS["H200"], 0.0, MARGIN)
+    predicted, measured = cand.memory.loss / GIB, MEASURED_LOSS_GIB[chunk]
+    bf16_weight_grad = 2 * g.vocab * g.dim / GIB if chunk < 16384 else 0.0
+    assert measured - 0.01 <= predicted <= measured + bf16_weight_grad + 0.01, (predicted, measured)
+
+
 def test_host_budget_is_the_nodes_share_and_bounds_activation_offload(capsys):
     """The pinned memory auto may use is half the node's over its ranks; a plan made on
     another machine names the training node's (``--host_memory_gib``); a smaller budget never
