@@ -287,6 +287,22 @@ MUTATIONS = [
         ("tests/unit/test_memory_policy.py",),
         "the memory model leaves a loss chunk's logits out",
     ),
+    Mutation(
+        "offload_working_blocks_not_counted",
+        "torchtitan/planner/memory.py",
+        "        per_stage.append(sum(kept) + (2 * max(moved) if moved else 0.0))",
+        "        per_stage.append(sum(kept))",
+        ("tests/unit/test_memory_policy.py", "tests/unit/test_activation_offload.py"),
+        "the memory model counts nothing on the device for offloaded blocks (the two being copied)",
+    ),
+    Mutation(
+        "offload_traffic_not_charged",
+        "torchtitan/planner/cost.py",
+        "    nbytes += OFFLOAD_BYTE_COST * offload_bytes * forwards",
+        "    nbytes += 0",
+        ("tests/unit/test_memory_policy.py", "tests/unit/test_activation_offload.py"),
+        "the cost model charges activation offload no device-memory traffic",
+    ),
 ]
 
 

@@ -358,6 +358,33 @@ def test_loss_chunk_memory_covers_the_measured_peak(chunk):
     assert measured - 0.01 <= predicted <= measured + bf16_weight_grad + 0.01, (predicted, measured)
 
 
+@pytest.mark.parametrize("k", [4, 16])
+def test_activation_offload_in_the_memory_and_cost_models(k):
+    """k of 3B's identical blocks (op AC on every one, 65,536 tokens) offloaded: the device
+    still holds two blocks' worth in flight (one copied out while the next is packed; in
+    backward, one in use while the one before is fetched), so the predicted peak drops by
+    k - 2 blocks; and the step pays ``OFFLOAD_BYTE_COST`` bytes of device-memory traffic per
+    byte offloaded (the copies, hooks and waits, as measured)."""
+    from torchtitan.planner.cost import OFFLOAD_BYTE_COST
+
+    cfg = _cfg("3B", 1, 65536, "--training.device_memory_limit_gib", "79.1")
+    g = model_geometry(cfg)
+    tiny = tiny_model(cfg, g.vocab)
+    res = {}
+    for n in (0, k):
+        pcfg = Policy("op_all", loss_chunk=16384, offload_layers=n).apply(cfg)
+        lay = Layout.from_config(pcfg, 1)
+        res[n] = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny)[1], g, GPUS["H200"], 0.0, MARGIN)
+    moved = res[k].memory.offloaded
+    block = moved / k
+    assert moved > 0 and res[0].memory.offloaded == 0
+    assert res[0].memory.peak_reserved - res[k].memory.peak_reserved == pytest.approx(moved - 2 * block, rel=1e-9)
+    hbm = GPUS["H200"].hbm_tbps * 1e12 * GPUS["H200"].hbm_efficiency
+    extra_s = res[k].cost.memory_s - res[0].cost.memory_s
+    assert extra_s == pytest.approx(OFFLOAD_BYTE_COST * moved / hbm, rel=1e-9)
+    assert res[k].cost.tokens_per_s_per_gpu < res[0].cost.tokens_per_s_per_gpu
+
+
 def test_host_budget_is_the_nodes_share_and_bounds_activation_offload(capsys):
     """The pinned memory auto may use is half the node's over its ranks; a plan made on
     another machine names the training node's (``--host_memory_gib``); a smaller budget never
