@@ -208,9 +208,11 @@ def test_sigkill_and_sigterm_restarts_resume_and_match_uninterrupted_run(referen
     attempts = [line for line in log.splitlines() if line.startswith("[rank0]:") and "training 10 steps" in line]
     assert len(attempts) == len(plan) + 1, log[-3000:]
     # (A killed rank's peers may fail first, on the broken connection, and be the one torchrun
-    # names, with exit code 1: once, in the full suite under load, no "-9" was logged.)
+    # names, with exit code 1: once, in the full suite under load, no "-9" was logged. And a
+    # peer still running when torchrun tears the attempt down ends on its SIGTERM, -15: seen
+    # once in the full suite. The SIGTERM fault must still end its attempt with 3.)
     codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", log)}
-    assert 3 in codes and codes <= {-9, 1, 3} and {-9, 1} & codes, (codes, log[-3000:])
+    assert 3 in codes and codes <= {-15, -9, 1, 3} and {-9, 1} & codes, (codes, log[-3000:])
     # Each restart resumed from the newest complete checkpoint before its fault.
     loaded = [int(m) for m in re.findall(r"^\[rank0\]:.* - INFO - loaded .* from \S+/checkpoint/step-(\d+)", log, re.M)]
     assert loaded == [c for c in _expected_resumes(plan) if c > 0], (plan, loaded)
