@@ -19,15 +19,20 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# With CUDA_VISIBLE_DEVICES set and empty no GPU is visible: skip the probes (a torch import, ~2 s).
-no_gpu=0
-if [ -n "${CUDA_VISIBLE_DEVICES+set}" ] && [ -z "${CUDA_VISIBLE_DEVICES}" ]; then no_gpu=1; fi
-if [ -z "${NGPU:-}" ]; then
-  if [ "$no_gpu" = "1" ]; then
-    NGPU=1
+# The GPUs this host shows: asked of torch (an import, ~2 s) once, only when an answer needs
+# it, and not at all when CUDA_VISIBLE_DEVICES is set and empty.
+visible_gpus=""
+probe_gpus() {
+  [ -n "$visible_gpus" ] && return 0
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ] && [ -z "${CUDA_VISIBLE_DEVICES}" ]; then
+    visible_gpus=0
   else
-    NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+    visible_gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   fi
+}
+if [ -z "${NGPU:-}" ]; then
+  probe_gpus
+  NGPU=$(( visible_gpus > 0 ? visible_gpus : 1 ))
 fi
 CONFIG_FILE=${CONFIG_FILE:-./train_configs/debug_model.toml}
 LOG_RANK=${LOG_RANK:-0}
@@ -40,9 +45,9 @@ fi
 
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 # One intra-op thread per CPU process unless told otherwise, so ranks do not oversubscribe cores.
-# (The CUDA probe only matters when OMP_NUM_THREADS is unset.)
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  if [ "$no_gpu" = "1" ] || ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  probe_gpus
+  if [ "$visible_gpus" = "0" ]; then
     export OMP_NUM_THREADS=$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))
   fi
 fi

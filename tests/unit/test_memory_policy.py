@@ -41,6 +41,14 @@ def _cfg(flavor: str, batch: int, seq: int, *extra: str):
     ])
 
 
+def _evaluate(cfg, policy: Policy, gpu=GPUS["H200"], headroom: float = 0.0):
+    """The planner's prediction for ``policy`` applied to ``cfg`` on one rank."""
+    g = model_geometry(cfg)
+    pcfg = policy.apply(cfg)
+    lay = Layout.from_config(pcfg, 1)
+    return evaluate(pcfg, lay, check_legal(pcfg, lay, tiny_model(cfg, g.vocab))[1], g, gpu, headroom, MARGIN)
+
+
 def _score_all(cfg, gpu):
     """Every candidate policy scored independently of ``choose``: (policy, tps, peak, fits)."""
     g = model_geometry(cfg)
@@ -145,13 +153,7 @@ def test_prediction_gap_flags_memory_beyond_the_margin():
 
 def test_offload_costs_host_time_and_frees_device_memory():
     cfg = _cfg("3B", 1, 8192)
-    g = model_geometry(cfg)
-    tiny = tiny_model(cfg, g.vocab)
-    res = {}
-    for o in (False, True):
-        pcfg = Policy("full", cpu_offload=o).apply(cfg)
-        lay = Layout.from_config(pcfg, 1)
-        res[o] = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny)[1], g, H100, headroom_gib(1, False), MARGIN)
+    res = {o: _evaluate(cfg, Policy("full", cpu_offload=o), H100, headroom_gib(1, False)) for o in (False, True)}
     assert res[True].cost.host_s > 0 == res[False].cost.host_s
     assert res[True].cost.tokens_per_s_per_gpu < res[False].cost.tokens_per_s_per_gpu
     assert res[True].memory.host > 0 and res[True].memory.peak_reserved < res[False].memory.peak_reserved
@@ -327,10 +329,7 @@ def test_measured_auto_choices_were_predicted_within_10_percent_and_the_margin(n
     the prediction."""
     (flavor, batch, seq), policy, tps, peak_gib = MEASURED_AUTO[name]
     cfg = _cfg(flavor, batch, seq, "--training.device_memory_limit_gib", str(CAP_GIB))
-    pcfg = policy.apply(cfg)
-    lay = Layout.from_config(pcfg, 1)
-    g = model_geometry(cfg)
-    cand = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny_model(cfg, g.vocab))[1], g, GPUS["H200"], 0.0, MARGIN)
+    cand = _evaluate(cfg, policy)
     assert cand.cost.tokens_per_s_per_gpu == pytest.approx(tps, rel=0.10)
     assert peak_gib < CAP_GIB
     within = peak_gib * GIB <= cand.memory.peak_reserved * (1 + MARGIN)
@@ -349,10 +348,8 @@ def test_loss_chunk_memory_covers_the_measured_peak(chunk):
     loss measured, and above it by at most the weight gradient's bf16 copy: counted at the
     chunks' peak, it is made after the last chunk is freed (a conservative 0.73 GiB)."""
     cfg = _cfg("3B", 2, 8192, "--training.device_memory_limit_gib", "79.1")
-    pcfg = Policy("op_all", loss_chunk=chunk).apply(cfg)
-    lay = Layout.from_config(pcfg, 1)
     g = model_geometry(cfg)
-    cand = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny_model(cfg, g.vocab))[1], g, GPUS["H200"], 0.0, MARGIN)
+    cand = _evaluate(cfg, Policy("op_all", loss_chunk=chunk))
     predicted, measured = cand.memory.loss / GIB, MEASURED_LOSS_GIB[chunk]
     bf16_weight_grad = 2 * g.vocab * g.dim / GIB if chunk < 16384 else 0.0
     assert measured - 0.01 <= predicted <= measured + bf16_weight_grad + 0.01, (predicted, measured)
@@ -368,13 +365,7 @@ def test_activation_offload_in_the_memory_and_cost_models(k):
     from torchtitan.planner.cost import OFFLOAD_BYTE_COST
 
     cfg = _cfg("3B", 1, 65536, "--training.device_memory_limit_gib", "79.1")
-    g = model_geometry(cfg)
-    tiny = tiny_model(cfg, g.vocab)
-    res = {}
-    for n in (0, k):
-        pcfg = Policy("op_all", loss_chunk=16384, offload_layers=n).apply(cfg)
-        lay = Layout.from_config(pcfg, 1)
-        res[n] = evaluate(pcfg, lay, check_legal(pcfg, lay, tiny)[1], g, GPUS["H200"], 0.0, MARGIN)
+    res = {n: _evaluate(cfg, Policy("op_all", loss_chunk=16384, offload_layers=n)) for n in (0, k)}
     moved = res[k].memory.offloaded
     block = moved / k
     assert moved > 0 and res[0].memory.offloaded == 0
