@@ -35,7 +35,8 @@ def _one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Train (or plan); the exit code once training has ended. Bad input exits 2 from here."""
     init_logger()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -44,14 +45,14 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e))
     if cfg.comm.mode == "fake_backend":
         _plan(argv)
-        return
+        return 0
     from torch.distributed.elastic.multiprocessing.errors import record
 
     # a rank's uncaught exception goes to torchrun's failure summary, with the rank
-    record(_train)(cfg)
+    return record(_train)(cfg)
 
 
-def _train(cfg: JobConfig) -> None:
+def _train(cfg: JobConfig) -> int:
     from torchtitan.components.checkpoint import CheckpointError
     from torchtitan.components.fault_tolerance import EXIT_NON_FINITE, NonFiniteError, Preempted
     from torchtitan.components.data import DataConfigError, EmptyShardError
@@ -112,8 +113,27 @@ def _train(cfg: JobConfig) -> None:
         trainer.close(clean=clean)
     if error is not None:
         print(f"torchtitan: error: {error}", file=sys.stderr)
-    if exit_code:
-        sys.exit(exit_code)
+    return exit_code
+
+
+def _exit_now(code: int) -> None:
+    """End the process once training has ended and the process groups are gone, without
+    the interpreter's finalization. That takes ~1 s with torch loaded, and the ranks of a
+    job finish at different moments inside it: torchrun tears down the slower ones with
+    SIGTERM (-15) as soon as the first exits, and a gloo worker thread freed during
+    finalization can abort its rank (-6, seen once in 4-rank CI runs) before the expected
+    code (0, or the preemption code) is seen. Everything the run writes is closed by then;
+    only the output streams need flushing."""
+    import logging
+
+    for handler in logging.getLogger().handlers + logger.handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _resolve_memory_policy(cfg: JobConfig, world_size: int, rank: int):
@@ -267,4 +287,4 @@ def __getattr__(name: str) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    _exit_now(main())
