@@ -316,6 +316,7 @@ class Trainer:
             self.checkpointer.save_seed()
             return []
         self.checkpointer.load()
+        self.optimizers.init_state()  # where a resume's load puts them: before any activation
         gc.disable()  # collect on our schedule, identically on every rank
         gc.collect(1)
         self.preemption.install()
