@@ -428,6 +428,6 @@ class Trainer:
         if torch.distributed.is_initialized():
             if clean:
                 torch.distributed.barrier()
-                torch.distributed.destroy_process_group()
+                dist_utils.destroy_process_group()
             else:
                 dist_utils.abandon_process_groups()

@@ -10,10 +10,10 @@ def pg():
     """A 1-rank process group, as the trainer always has."""
     import torch.distributed as dist
 
-    from torchtitan.distributed.utils import init_single_process_group
+    from torchtitan.distributed.utils import destroy_process_group, init_single_process_group
 
     created = not dist.is_initialized()
     init_single_process_group("cpu")
     yield
     if created and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_process_group()  # and DTensor's caches of its meshes

@@ -116,6 +116,16 @@ def test_dry_run_accepts_what_the_trainer_builds(cpu_trainer, tmp_path):
     assert sum(sum(r.stage_layers) for r in plan.ranks) == plan.geometry.n_layers
 
 
+def test_a_trainer_builds_after_a_dry_run_in_the_same_process(cpu_trainer, tmp_path):
+    """A dry run leaves nothing of its fake world behind: DTensor's sharding caches key on
+    meshes by shape and names, so a cached spec of the dry run's TP mesh used to reach the
+    next world's model ("Could not resolve the process group registered under the name N")."""
+    dry_run(_cfg(tmp_path, "--parallelism.tensor_parallel_degree", "2"), 8, H100)
+    cfg = _cfg(tmp_path, "--parallelism.tensor_parallel_degree", "2", "--parallelism.pipeline_parallel_degree", "2",
+               "--training.local_batch_size", "4")
+    assert _trainer_error(cfg, 8) is None
+
+
 # ---- state bytes ------------------------------------------------------------------------
 def _storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (DTensors: their local shards)."""

@@ -27,6 +27,8 @@ __all__ = [
     "device_module",
     "init_distributed",
     "init_single_process_group",
+    "destroy_process_group",
+    "abandon_process_groups",
     "set_pg_timeout",
     "set_determinism",
     "clip_grad_norm_",
@@ -165,6 +167,35 @@ def set_pg_timeout(timeout_seconds: int, world_mesh: DeviceMesh | None = None) -
         dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
+def destroy_process_group() -> None:
+    """``dist.destroy_process_group()``, and forget what DTensor cached about its meshes.
+
+    DTensor's sharding-propagation caches (the C++ dispatch fast path's and Python's) key
+    on meshes by shape and dim names, not by process group: after one world is destroyed,
+    a new world with an equal mesh gets cached output specs that still name the old
+    world's groups ("Could not resolve the process group registered under the name N"
+    when the model is materialised). One process meets that when it builds twice: a dry
+    run on a fake world then a ``Trainer``, or tests."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    from torch.distributed.tensor import debug as dtensor_debug
+    from torch.distributed.tensor import _redistribute
+
+    clear = getattr(dtensor_debug, "_clear_sharding_prop_cache", None)
+    if clear is not None:
+        clear()
+    else:  # older torch: the Python cache, and the C++ one where it exists
+        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+        fast = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+        if fast is not None:
+            fast()
+    getattr(_redistribute, "clear_redistribute_planner_cache", lambda: None)()
+
+
 def abandon_process_groups() -> None:
     """Leave the process groups after this rank failed. ``destroy_process_group`` under NCCL
     waits for the rank's outstanding operations, e.g. a pipeline send a dead peer will never
@@ -180,7 +211,7 @@ def abandon_process_groups() -> None:
             return
         except Exception as e:  # fall back to the normal path
             logger.warning(f"aborting the NCCL process groups failed ({e}); destroying them")
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def set_determinism(

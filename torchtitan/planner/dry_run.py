@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchtitan.config import JobConfig
+from torchtitan.distributed.utils import destroy_process_group
 from torchtitan.planner.cost import StepCost, model_flops_per_token, step_cost_for_config
 from torchtitan.planner.hardware import GIB, GpuSpec
 from torchtitan.planner.layout import Layout, rank_workload
@@ -99,7 +100,7 @@ def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()  # and DTensor's caches of this world's meshes
 
 
 @contextlib.contextmanager
