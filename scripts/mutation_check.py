@@ -303,6 +303,38 @@ MUTATIONS = [
         ("tests/unit/test_memory_policy.py", "tests/unit/test_activation_offload.py"),
         "the cost model charges activation offload no device-memory traffic",
     ),
+    Mutation(
+        "early_optimizer_state_keeps_its_step",
+        "torchtitan/components/optimizer.py",
+        "                    if isinstance(value, torch.Tensor):\n                        value.zero_()",
+        "                    if isinstance(value, torch.Tensor):\n                        pass",
+        ("tests/unit/test_optimizer.py",),
+        "the moments created before the first step keep the zero step's count and decay",
+    ),
+    Mutation(
+        "early_optimizer_state_steps_at_the_real_lr",
+        "torchtitan/components/optimizer.py",
+        'g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0',
+        'g["lr"] = g["lr"]',
+        ("tests/unit/test_optimizer.py",),
+        "creating the moments before the first step updates the weights (weight decay at the real lr)",
+    ),
+    Mutation(
+        "dtensor_caches_outlive_their_world",
+        "torchtitan/distributed/utils.py",
+        "        dist.destroy_process_group()\n    _clear_dtensor_caches()",
+        "        dist.destroy_process_group()",
+        ("tests/unit/test_planner.py::test_a_trainer_builds_after_a_dry_run_in_the_same_process",),
+        "a destroyed world's meshes stay in DTensor's sharding caches",
+    ),
+    Mutation(
+        "preemption_exit_code_lost",
+        "torchtitan/train.py",
+        "        print(f\"torchtitan: error: {error}\", file=sys.stderr)\n    return exit_code",
+        "        print(f\"torchtitan: error: {error}\", file=sys.stderr)\n    return 0",
+        ("tests/distributed/test_resilience.py",),
+        "a launched trainer exits 0 after a preemption checkpoint or a non-finite stop",
+    ),
 ]
 
 
