@@ -242,6 +242,65 @@ def test_matches_transformers_qwen3_moe_block(norm_topk_prob):
         torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("biased", [False, True])
+def test_group_limited_routing_matches_transformers_deepseek_v3_moe(biased):
+    """V3's routing: sigmoid, groups scored by their two best experts (bias included), the
+    best groups only, renormalised and scaled weights; one shared expert. Experts are drawn
+    so that the group limit changes the choice of some tokens (checked), i.e. it is exercised."""
+    modeling = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    from transformers import DeepseekV3Config
+
+    experts, groups, limited, k = 16, 4, 2, 3
+    cfg = DeepseekV3Config(
+        hidden_size=DIM, moe_intermediate_size=HIDDEN, n_routed_experts=experts, num_experts_per_tok=k,
+        n_group=groups, topk_group=limited, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    )
+    torch.manual_seed(0)
+    hf = modeling.DeepseekV3MoE(cfg).float()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+        if biased:
+            hf.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    args = dict(num_experts=experts, top_k=k, score_func="sigmoid", route_norm=True, route_scale=2.5,
+                num_shared_experts=1)
+    ours = MoE(MoEArgs(**args, num_expert_groups=groups, num_limited_groups=limited), DIM, HIDDEN)
+    ungrouped = MoE(MoEArgs(**args), DIM, HIDDEN)
+    for moe in (ours, ungrouped):
+        moe.init_weights(0.02)
+        with torch.no_grad():
+            moe.router.gate.weight.copy_(hf.gate.weight)
+            moe.expert_bias.copy_(hf.gate.e_score_correction_bias)
+            moe.experts.w1.copy_(hf.experts.gate_up_proj[:, :HIDDEN])
+            moe.experts.w3.copy_(hf.experts.gate_up_proj[:, HIDDEN:])
+            moe.experts.w2.copy_(hf.experts.down_proj)
+            for ours_name, hf_name in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj")):
+                getattr(moe.shared_experts, ours_name).weight.copy_(getattr(hf.shared_experts, hf_name).weight)
+    x = torch.randn(2, 16, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
+        chosen = ours.router(x.view(-1, DIM), ours.expert_bias)[1].sort(-1).values
+        free = ungrouped.router(x.view(-1, DIM), ungrouped.expert_bias)[1].sort(-1).values
+    assert (chosen != free).any(dim=-1).sum() >= 3  # the limit mattered for several tokens
+    # every chosen expert lies in one of the token's `limited` groups
+    assert all(len(set((row // (experts // groups)).tolist())) <= limited for row in chosen)
+
+
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        (dict(num_expert_groups=4), "go together"),
+        (dict(num_expert_groups=3, num_limited_groups=1), "divide num_experts"),
+        (dict(num_expert_groups=8, num_limited_groups=2), "at least 2 experts"),
+        (dict(num_expert_groups=4, num_limited_groups=5), "num_limited_groups"),
+        (dict(num_expert_groups=4, num_limited_groups=1, top_k=3), "at least top_k"),
+    ],
+)
+def test_group_limited_routing_arguments_are_checked(kw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        MoEArgs(**{"num_experts": 8, "top_k": 2, **kw})
+
+
 def test_validate_moe_config():
     def job(ep):
         return SimpleNamespace(parallelism=SimpleNamespace(expert_parallel_degree=ep))

@@ -35,7 +35,7 @@ def error_of(tmp_path, text: str, *argv: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("name", ["debug_model", "llama3_8b", "llama3_70b", "llama3_405b", "all_keys"])
+@pytest.mark.parametrize("name", ["debug_model", "llama3_8b", "llama3_70b", "llama3_405b", "deepseek_v3_16b", "all_keys"])
 def test_every_torchtitan_style_file_parses(name):
     cfg = parse("--job.config_file", str(STYLE / f"{name}.toml"))
     assert cfg.model.tokenizer_path == cfg.model.hf_assets_path  # the folder is the tokenizer
@@ -111,6 +111,7 @@ def test_two_names_of_one_option_must_agree(tmp_path):
         ('[model]\nconverters = ["quantize.linear.mx"]\n', "MX (mxfp8) training is not built here"),
         ('[model]\nconverters = ["quantize.grouped_mm.float8"]\n', "grouped GEMMs"),
         ('[quantize.grouped_mm.float8]\nfqns = ["experts"]\n', "grouped GEMMs for MoE experts"),
+        ('[float8]\nmoe_fqns = ["experts"]\n', "grouped GEMMs for MoE experts"),
         ('[quantize.linear.mx]\nrecipe_name = "mxfp8_cutlass"\n', "MX (mxfp8)"),
         ('[comm]\nmode = "local_tensor"\n', "LocalTensor simulation is not built here"),
         ('[comm]\nsave_traces_file_prefix = "a/b"\n', "without '/'"),

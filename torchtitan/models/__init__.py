@@ -63,11 +63,13 @@ def check_model_config(job_config) -> None:
 
 
 def _register_builtin_models() -> None:
+    from torchtitan.models.deepseek_v3 import deepseek_v3_spec
     from torchtitan.models.llama3 import llama3_spec
     from torchtitan.models.qwen3 import qwen3_spec
 
     register_model_spec(llama3_spec)
     register_model_spec(qwen3_spec)
+    register_model_spec(deepseek_v3_spec)
 
 
 _register_builtin_models()

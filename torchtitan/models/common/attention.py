@@ -72,12 +72,13 @@ class ScaledDotProductAttention(nn.Module):
     head counts.
     """
 
-    def __init__(self, native_gqa: bool = True, backend: str = "auto") -> None:
+    def __init__(self, native_gqa: bool = True, backend: str = "auto", scale: float | None = None) -> None:
         super().__init__()
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
         self.native_gqa = native_gqa
         self.backend = backend
+        self.scale = scale  # softmax scale; None = 1/sqrt(query head dim)
 
     def prepare_for_cp(self) -> None:
         """Context parallelism's hook (``prepare_model_for_cp``): ring attention passes
@@ -99,9 +100,10 @@ class ScaledDotProductAttention(nn.Module):
         n_rep = n_heads // n_kv_heads
         with self._kernel_context(q):
             if n_rep > 1 and self.native_gqa and q.is_cuda and q.dtype in _HALF_DTYPES:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
     def extra_repr(self) -> str:
-        return f"native_gqa={self.native_gqa}, backend={self.backend}"
+        scale = "" if self.scale is None else f", scale={self.scale:g}"
+        return f"native_gqa={self.native_gqa}, backend={self.backend}{scale}"

@@ -8,7 +8,7 @@ One MoE layer, for ``T`` tokens of width ``dim`` and ``E`` routed experts:
 
 1. **Route** (``TokenChoiceTopKRouter``): ``scores = softmax|sigmoid(gate(x))`` in fp32; each
    token picks the ``top_k`` experts of ``scores + expert_bias`` (the bias steers selection
-   only) and weighs them with the *unbiased* scores, optionally renormalised to sum to 1
+   only; with expert groups, among the best groups only) and weighs them with the *unbiased* scores, optionally renormalised to sum to 1
    (``route_norm``) and multiplied by ``route_scale``.
 2. **Dispatch** (dropless, token choice, no capacity factor): the ``T * top_k`` token copies
    are sorted by expert (a stable sort, so each expert sees its tokens in token order) and
@@ -74,6 +74,11 @@ class MoEArgs:
     aux_loss_alpha: float = 0.0
     # torch._grouped_mm for the experts; False = an exact per-expert loop.
     use_grouped_mm: bool = True
+    # Group-limited routing (DeepSeek-V3's node-limited routing): the experts form
+    # num_expert_groups equal groups, a group scores the sum of its two best experts, and a
+    # token picks its top_k among the num_limited_groups best groups only. None = off.
+    num_expert_groups: int | None = None
+    num_limited_groups: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -84,6 +89,20 @@ class MoEArgs:
             raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if (self.num_expert_groups is None) != (self.num_limited_groups is None):
+            raise ValueError("num_expert_groups and num_limited_groups go together: set both or neither")
+        if self.num_expert_groups is not None:
+            groups, limited = self.num_expert_groups, self.num_limited_groups
+            if groups < 1 or self.num_experts % groups or self.num_experts // groups < 2:
+                raise ValueError(
+                    f"num_expert_groups ({groups}) must divide num_experts ({self.num_experts}) into "
+                    "groups of at least 2 experts"
+                )
+            if not 1 <= limited <= groups or self.top_k > limited * (self.num_experts // groups):
+                raise ValueError(
+                    f"num_limited_groups ({limited}) must be in [1, num_expert_groups={groups}] and its "
+                    f"groups must hold at least top_k ({self.top_k}) experts"
+                )
 
 
 # ---- experts ----------------------------------------------------------------------------
@@ -242,7 +261,15 @@ class TokenChoiceTopKRouter(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_experts: int, top_k: int, score_func: str, route_norm: bool, route_scale: float
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        score_func: str,
+        route_norm: bool,
+        route_scale: float,
+        num_expert_groups: int | None = None,
+        num_limited_groups: int | None = None,
     ) -> None:
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
@@ -251,6 +278,17 @@ class TokenChoiceTopKRouter(nn.Module):
         self.score_func = score_func
         self.route_norm = route_norm
         self.route_scale = route_scale
+        self.num_expert_groups = num_expert_groups
+        self.num_limited_groups = num_limited_groups
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """``choice`` with the experts outside each token's best groups set to -inf; a
+        group's score is the sum of its two best experts' choice scores."""
+        groups = choice.view(choice.shape[0], self.num_expert_groups, -1)
+        group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
+        best = group_scores.topk(self.num_limited_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return groups.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
     def forward(
         self, x: torch.Tensor, expert_bias: torch.Tensor | None = None
@@ -260,9 +298,12 @@ class TokenChoiceTopKRouter(nn.Module):
             scores = F.softmax(logits, dim=-1, dtype=torch.float32)
         else:
             scores = torch.sigmoid(logits.to(torch.float32))
-        if expert_bias is not None:
-            # The bias picks the experts; the weights stay the unbiased scores.
-            _, top_experts = torch.topk(scores + expert_bias, self.top_k, dim=-1)
+        if expert_bias is not None or self.num_expert_groups is not None:
+            # The bias (and the group limit) pick the experts; the weights stay the unbiased scores.
+            choice = scores + expert_bias if expert_bias is not None else scores
+            if self.num_expert_groups is not None:
+                choice = self._limit_to_groups(choice)
+            _, top_experts = torch.topk(choice, self.top_k, dim=-1)
             top_weights = scores.gather(-1, top_experts)
         else:
             top_weights, top_experts = torch.topk(scores, self.top_k, dim=-1)
@@ -355,6 +396,8 @@ class MoE(nn.Module):
             moe_args.score_func,
             moe_args.route_norm,
             moe_args.route_scale,
+            moe_args.num_expert_groups,
+            moe_args.num_limited_groups,
         )
         self.experts = GroupedExperts(dim, hidden_dim, moe_args.num_experts, moe_args.use_grouped_mm)
         self.shared_experts = (

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (RoPE) with Llama 3.1 frequency scaling.
+"""Rotary position embeddings (RoPE) with Llama 3.1 or YaRN frequency scaling.
 
 The rotary table is a complex64 tensor ``[positions, head_dim // 2]``: entry ``(p, i)`` is
 ``exp(1j * p * freq_i)``. Queries and keys are rotated by viewing adjacent pairs of their last
@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoPEScalingArgs", "apply_rope_scaling", "precompute_freqs_cis", "apply_rotary_emb"]
+__all__ = [
+    "RoPEScalingArgs",
+    "YaRNScalingArgs",
+    "apply_rope_scaling",
+    "apply_rotary_emb",
+    "apply_yarn_scaling",
+    "precompute_freqs_cis",
+    "yarn_mscale",
+]
 
 
 @dataclass
@@ -53,11 +61,53 @@ def apply_rope_scaling(freqs: torch.Tensor, scaling: RoPEScalingArgs) -> torch.T
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
+@dataclass
+class YaRNScalingArgs:
+    """YaRN rope scaling (DeepSeek-V2/V3; Hugging Face's ``rope_type = "yarn"``).
+
+    Frequencies whose wavelength fits ``beta_fast`` times into the original context are
+    kept, those fitting fewer than ``beta_slow`` times are divided by ``factor``, with a
+    linear ramp over the dimensions in between. The rotary table is multiplied by
+    ``yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)`` and the softmax
+    scale by ``yarn_mscale(factor, mscale_all_dim) ** 2`` (the model's business).
+    """
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term ``0.1 * mscale * ln(factor) + 1`` (1 when not stretched)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def apply_yarn_scaling(freqs: torch.Tensor, dim: int, theta: float, scaling: YaRNScalingArgs) -> torch.Tensor:
+    """YaRN's frequencies for a rotary head dimension ``dim`` (``freqs`` = ``theta ** -(2i/dim)``)."""
+
+    def correction_dim(rotations: float) -> float:
+        # the dimension whose wavelength fits ``rotations`` times into the original context
+        return dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta)
+        )
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of one step
+    ramp = ((torch.arange(dim // 2, dtype=freqs.dtype, device=freqs.device) - low) / (high - low)).clamp(0, 1)
+    # ramp 0: keep the frequency (extrapolate); ramp 1: divide it by factor (interpolate)
+    return freqs / scaling.factor * ramp + freqs * (1 - ramp)
+
+
 def precompute_freqs_cis(
     dim: int,
     end: int,
     theta: float = 10000.0,
-    scaling: RoPEScalingArgs | None = None,
+    scaling: RoPEScalingArgs | YaRNScalingArgs | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Rotary table ``[end, dim // 2]`` (complex64) for a head dimension ``dim``.
@@ -69,11 +119,15 @@ def precompute_freqs_cis(
         raise ValueError(f"rotary head dimension must be even, got {dim}")
     exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
     freqs = 1.0 / (theta**exponents)
-    if scaling is not None:
+    magnitude = 1.0
+    if isinstance(scaling, YaRNScalingArgs):
+        freqs = apply_yarn_scaling(freqs, dim, theta, scaling)
+        magnitude = yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    elif scaling is not None:
         freqs = apply_rope_scaling(freqs, scaling)
     positions = torch.arange(end, dtype=torch.float64, device=device)
     angles = torch.outer(positions, freqs)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+    return torch.polar(torch.full_like(angles, magnitude), angles).to(torch.complex64)
 
 
 def _broadcast_freqs(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
