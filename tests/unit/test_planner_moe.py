@@ -53,18 +53,31 @@ def _meta_model(args):
 
 
 # ---- parameters and FLOPs --------------------------------------------------------------
-@pytest.mark.parametrize("flavor", ["debugmodel_moe", "30B-A3B", "235B-A22B", "0.6B"])
-def test_parameters_and_active_flops_equal_the_models(flavor):
-    args = _args(flavor)
-    model = _meta_model(args)
+@pytest.mark.parametrize(
+    "family, flavor",
+    [("qwen3", "debugmodel_moe"), ("qwen3", "30B-A3B"), ("qwen3", "235B-A22B"), ("qwen3", "0.6B"),
+     ("deepseek_v3", "debugmodel"), ("deepseek_v3", "debugmodel_lora"), ("deepseek_v3", "16B"),
+     ("deepseek_v3", "671B")],
+)
+def test_parameters_and_active_flops_equal_the_models(family, flavor):
+    from torchtitan.models import get_model_args, get_model_spec
+
+    args = get_model_args(family, flavor)
+    if args.vocab_size <= 0:
+        args.vocab_size = 2000
+    with torch.device("meta"):
+        model = get_model_spec(family).model_cls(args)
     nparams, flops = args.get_nparams_and_flops(model, 4096)
     g = Geometry.from_model_args(args)
     assert g.nparams == nparams == sum(p.numel() for p in model.parameters())
     assert model_flops_per_token(g, 4096) == flops
-    block = model.layers["0"]
-    assert g.block_params == sum(p.numel() for p in block.parameters())
-    names = [n for n, _ in block.named_parameters()]
-    assert sorted(names) == sorted(f"{n}.weight" if "experts." not in n else n for n, _, _ in g.block_shapes())
+    for layer in {0, g.n_layers - 1}:  # DeepSeek-V3: dense first blocks, MoE last
+        block = model.layers[str(layer)]
+        moe = g.is_moe_layer(layer)
+        assert g.block_numel(moe) == sum(p.numel() for p in block.parameters())
+        names = [n for n, _ in block.named_parameters()]
+        expected = [n if n.startswith("moe.experts.") else f"{n}.weight" for n, _, _ in g.block_shapes(moe)]
+        assert sorted(names) == sorted(expected)
     if g.moe:  # the routed experts count top_k / num_experts of their size
         routed = g.n_moe_layers * g.routed_params
         assert g.active_layers_params == g.layers_params - routed + routed * g.top_k // g.num_experts

@@ -38,6 +38,12 @@ class ModelShape:
     top_k: int = 0
     moe_hidden: int = 0
     shared_hidden: int = 0
+    # Multi-head latent attention (DeepSeek); kv_lora_rank 0 = ordinary attention. head_dim is
+    # then a query/key head's width (non-rotary + rotary parts), n_kv_heads = n_heads.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
 
 class BaseModelArgs(Protocol):
@@ -70,7 +76,8 @@ class ModelSpec:
       loss_fn)`` cuts it into pipeline stages -> (schedule, parts, has_first, has_last).
     - ``build_loss_fn``: the loss (``None``: the default cross-entropy).
     - ``state_dict_adapter``: a class built from the args with ``to_hf(state)``,
-      ``from_hf(hf_state)``, ``hf_config()`` and a static ``args_from_hf_config(config)``.
+      ``from_hf(hf_state)``, ``hf_config()`` and a static ``args_from_hf_config(config)``;
+      optionally ``ignores_hf_key(key)``: stored tensors the model leaves out by design.
     - ``validate_fn(job_config, model_args)``: checks that need the family's args (e.g. the
       expert count against the expert-parallel degree); raises ``ConfigError``. Run before
       anything is built, by the trainer and the planner alike.

@@ -101,8 +101,9 @@ def _params_no_embedding(g: Geometry) -> int:
 
 def model_flops_per_token(g: Geometry, seq: int) -> float:
     """The trainer's FLOPs per token (the family's ``get_nparams_and_flops``):
-    6 x active non-embedding parameters + 12 x layers x heads x head_dim x seq."""
-    return 6 * _params_no_embedding(g) + 12 * g.n_layers * g.n_heads * g.head_dim * seq
+    6 x active non-embedding parameters + 12 x layers x heads x head_dim x seq (head_dim: the
+    mean of the query/key and value widths, ``Geometry.attention_head_dim``)."""
+    return 6 * _params_no_embedding(g) + 12 * g.n_layers * g.n_heads * g.attention_head_dim * seq
 
 
 def _recomputed_share(
@@ -226,7 +227,7 @@ def attention_flops_per_token(
     forward 2·heads·head_dim·seq per layer (half of the non-causal 4), backward 2.5x the
     forward (it recomputes the scores), plus the forwards full AC reruns (per-op AC saves
     the attention output). The trainer's MFU counts 12·heads·head_dim·seq instead."""
-    forward = 2 * g.n_heads * g.head_dim * seq * g.n_layers
+    forward = 2 * g.n_heads * g.attention_head_dim * seq * g.n_layers
     whole, _ = _recomputed_share(g, ac_mode, ac_option, op_layers, later)
     if later == "attention" and ac_option in OP_AC_OPTIONS:
         whole = 0.0  # the layers after op_layers keep attention's output
@@ -315,7 +316,7 @@ def step_cost(
         tp_s = volume / _bandwidth(gpu, tp_span) * ((1 - ASYNC_TP_HIDDEN) if async_tp else 1.0)
     cp_s = 0.0
     if lay.cp > 1:  # all-gather K and V (repeated to the query heads) forward, again + RS backward
-        kv = 2 * tokens_fwd * lay.cp * g.n_heads * g.head_dim / lay.tp * a
+        kv = 2 * tokens_fwd * lay.cp * g.n_heads * g.attention_head_dim / lay.tp * a
         cp_s = 3 * layers * _ring(kv, lay.cp) * forwards / _bandwidth(gpu, cp_span)
     pp_s = 0.0
     if lay.pp > 1:  # hidden states forward and their gradients backward, per stage boundary

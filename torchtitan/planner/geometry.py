@@ -36,6 +36,13 @@ class Geometry(ModelShape):
     def moe(self) -> bool:
         return self.n_moe_layers > 0
 
+    @property
+    def attention_head_dim(self) -> float:
+        """The mean of a query/key head's and a value head's widths: the scores cost
+        2·head_dim and their weighted sum 2·v_head_dim FLOPs per head, key and query (equal
+        widths but under latent attention)."""
+        return (self.head_dim + (self.v_head_dim or self.head_dim)) / 2
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer`` (global index) is an MoE block (the last n_moe_layers)."""
         return layer >= self.n_layers - self.n_moe_layers
@@ -56,12 +63,14 @@ class Geometry(ModelShape):
         """
         moe = self.moe if moe is None else moe
         d, q, kv, h = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.hidden
-        shapes: list[tuple[str, tuple[int, ...], str]] = [
-            ("attention.wq", (q, d), "col"),
-            ("attention.wk", (kv, d), "col"),
-            ("attention.wv", (kv, d), "col"),
-            ("attention.wo", (d, q), "row"),
-        ]
+        shapes: list[tuple[str, tuple[int, ...], str]] = (
+            self._latent_attention_shapes() if self.kv_lora_rank else [
+                ("attention.wq", (q, d), "col"),
+                ("attention.wk", (kv, d), "col"),
+                ("attention.wv", (kv, d), "col"),
+                ("attention.wo", (d, q), "row"),
+            ]
+        )
         if self.qk_norm:
             shapes += [("attention.q_norm", (self.head_dim,), "rep"), ("attention.k_norm", (self.head_dim,), "rep")]
         if moe:
@@ -85,6 +94,23 @@ class Geometry(ModelShape):
                 ("feed_forward.w3", (h, d), "col"),
             ]
         return shapes + [("attention_norm", (d,), "rep"), ("ffn_norm", (d,), "rep")]
+
+    def _latent_attention_shapes(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """Multi-head latent attention's parameters: the latents (and their norms) are
+        replicated over TP, the per-head expansions column-, the output row-parallel."""
+        d, heads, ql, kvl = self.dim, self.n_heads, self.q_lora_rank, self.kv_lora_rank
+        nope = self.head_dim - self.qk_rope_head_dim
+        q = heads * self.head_dim
+        shapes: list[tuple[str, tuple[int, ...], str]] = (
+            [("attention.wq_a", (ql, d), "rep"), ("attention.q_norm", (ql,), "rep"), ("attention.wq_b", (q, ql), "col")]
+            if ql else [("attention.wq", (q, d), "col")]
+        )
+        return shapes + [
+            ("attention.wkv_a", (kvl + self.qk_rope_head_dim, d), "rep"),
+            ("attention.kv_norm", (kvl,), "rep"),
+            ("attention.wkv_b", (heads * (nope + self.v_head_dim), kvl), "col"),
+            ("attention.wo", (d, heads * self.v_head_dim), "row"),
+        ]
 
     def block_numel(self, moe: bool | None = None) -> int:
         return sum(math.prod(shape) for _, shape, _ in self.block_shapes(moe))

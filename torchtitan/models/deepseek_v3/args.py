@@ -119,9 +119,8 @@ class DeepSeekV3ModelArgs:
         return nparams, 6 * active + attention
 
     def model_shape(self) -> ModelShape:
-        """For the planner: MLA as multi-head attention with ``qk_head_dim``-wide heads (training
-        expands the latent into every head's keys and values; values are narrower, so the
-        planner's attention terms are an upper bound)."""
+        """For the planner: the latent attention's ranks, and its heads as ``n_heads`` query/key
+        heads of ``qk_head_dim`` (training expands the latent into every head's keys)."""
         moe = self.moe_args
         n_moe = self.n_layers - self.n_dense_layers
         return ModelShape(
@@ -137,6 +136,10 @@ class DeepSeekV3ModelArgs:
             top_k=moe.top_k if n_moe else 0,
             moe_hidden=self.moe_inter_dim if n_moe else 0,
             shared_hidden=moe.num_shared_experts * self.moe_inter_dim if n_moe else 0,
+            kv_lora_rank=self.kv_lora_rank,
+            q_lora_rank=self.q_lora_rank,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
         )
 
 
