@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--checkpoint", required=True, help="DCP checkpoint directory")
     parser.add_argument(
         "--model.name", "--model", dest="model_name", default="llama3",
-        help="model family the checkpoint was trained with (model.name: llama3, qwen3)",
+        help="model family the checkpoint was trained with (model.name: llama3, qwen3, deepseek_v3)",
     )
     parser.add_argument("--flavor", required=True, help="model flavor the checkpoint was trained with")
     parser.add_argument(

@@ -43,8 +43,13 @@ _MAX_PIECE_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 _RUNS = re.compile(r"\s+|\S+")
 
-# Hugging Face repository of a model family's flavor, for the download hint.
-_HF_REPOS = {"llama3": "meta-llama/Llama-3.1-{flavor}", "qwen3": "Qwen/Qwen3-{flavor}"}
+# Hugging Face repository of a model family's flavor, for the download hint: a pattern, or
+# one repository per flavor where the names do not follow the flavors'.
+_HF_REPOS: dict[str, str | dict[str, str]] = {
+    "llama3": "meta-llama/Llama-3.1-{flavor}",
+    "qwen3": "Qwen/Qwen3-{flavor}",
+    "deepseek_v3": {"16B": "deepseek-ai/DeepSeek-V2-Lite", "671B": "deepseek-ai/DeepSeek-V3"},
+}
 _ORGS = {"llama": "meta-llama", "qwen": "Qwen", "mistral": "mistralai", "gemma": "google"}
 
 
@@ -303,7 +308,8 @@ def check_tokenizer_fits(
     choice. ``allow_small`` (model.allow_small_tokenizer) is the deliberate opt-in."""
     if allow_small or model_vocab_size <= 2 * tokenizer.vocab_size:
         return
-    repo = _HF_REPOS.get(family, "").format(flavor=flavor) or None
+    repos = _HF_REPOS.get(family, "")
+    repo = (repos.get(flavor, "") if isinstance(repos, dict) else repos.format(flavor=flavor)) or None
     folder = f"./assets/hf/{repo.split('/')[1]}" if repo else "./assets/hf/<model>"
     raise TokenizerError(
         f"model {family} {flavor} has a {model_vocab_size:,}-token vocabulary but the tokenizer {path} has "

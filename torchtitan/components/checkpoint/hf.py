@@ -234,7 +234,12 @@ def load_hf(path: str, model_parts: list[nn.Module], adapter: Any) -> None:
     missing = {k for k in template if k not in stored}
     for hf_key in missing:
         del template[hf_key]
-    extra = {k for k in stored if k not in template and k not in missing and not k.endswith(_IGNORED_HF_KEYS)}
+    # Tensors the model has no place for by design (DeepSeek-V3's multi-token-prediction layer).
+    ignored = getattr(adapter, "ignores_hf_key", lambda key: False)
+    extra = {
+        k for k in stored
+        if k not in template and k not in missing and not k.endswith(_IGNORED_HF_KEYS) and not ignored(k)
+    }
     # PP: a rank holds its stages only; a stored key is unexpected if no rank wants it.
     reports = _gather_union((problem, extra), distributed)
     problem = next((p for p, _ in reports if p is not None), None)

@@ -416,8 +416,9 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bs, slen, dim = x.shape
         x = x.reshape(-1, dim)
-        bias = self.expert_bias if self.load_balance_coeff is not None else None
-        top_weights, top_experts, scores = self.router(x, bias)
+        # The bias steers selection even when it is not updated (a loaded DeepSeek-V3 bias, or
+        # zeros: the same choice as none).
+        top_weights, top_experts, scores = self.router(x, self.expert_bias)
 
         flat_experts = top_experts.reshape(-1)
         # A fixed-size count (bincount's size depends on the data: no full graph under
