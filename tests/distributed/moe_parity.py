@@ -1,4 +1,5 @@
-"""Rank-side code of the MoE parity tests: the real ``Trainer`` on Qwen3 ``debugmodel_moe``
+"""Rank-side code of the MoE parity tests: the real ``Trainer`` on an MoE debug flavor
+(Qwen3 ``debugmodel_moe``, or DeepSeek-V3 ``debugmodel`` / ``debugmodel_lora``: ``MODELS``)
 under several layouts, one after the other in one launch.
 
 Each layout trains a few steps from the same seed on the same global batch (the
@@ -21,8 +22,6 @@ from torch.distributed.tensor import DTensor
 
 STEPS = 3
 COMMON = [
-    "--model.name", "qwen3",
-    "--model.flavor", "debugmodel_moe",
     "--training.steps", str(STEPS),
     "--training.seq_len", "32",
     "--training.global_batch_size", "4",
@@ -50,15 +49,43 @@ MOE_OVERRIDES = {"num_shared_experts": 1}
 # key-value heads of 16, experts of 64): what is compared does not depend on the width, and
 # at 256 the steps and the full-tensor gathers were most of the launch.
 SHAPE_OVERRIDES = {"dim": 64, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "hidden_dim": 192, "moe_inter_dim": 64}
+# DeepSeek-V3's debug flavors (1 dense + 3 MoE blocks, 8 experts in 4 groups, top 2 of the
+# best 2 groups, one shared expert) at a quarter of their width: 4 heads, a key/value latent
+# of 32, query/key heads of 16 + 8 (rotary), value heads of 16; low-rank queries of 24.
+DEEPSEEK_V3_SHAPE_OVERRIDES = {
+    "dim": 64, "n_heads": 4, "inter_dim": 192, "moe_inter_dim": 64,
+    "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+}
+# model name -> (the flavor a layout gets unless its arguments name another, the flavors
+# use_test_flavor resizes and how)
+MODELS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "qwen3": ("debugmodel_moe", {"debugmodel_moe": SHAPE_OVERRIDES}),
+    "deepseek_v3": (
+        "debugmodel",
+        {
+            "debugmodel": DEEPSEEK_V3_SHAPE_OVERRIDES,
+            "debugmodel_lora": {**DEEPSEEK_V3_SHAPE_OVERRIDES, "q_lora_rank": 24},
+        },
+    ),
+}
 
 
-def use_test_flavor() -> None:
-    """This rank process only: ``debugmodel_moe`` as the tests want it."""
-    from torchtitan.models.qwen3 import qwen3_configs
+def use_test_flavor(model: str = "qwen3") -> None:
+    """This rank process only: ``model``'s debug flavors as the tests want them (``MODELS``;
+    Qwen3's with one shared expert added)."""
+    from torchtitan.models import get_model_spec
 
-    flavor = dataclasses.replace(qwen3_configs["debugmodel_moe"], **SHAPE_OVERRIDES)
-    flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
-    qwen3_configs["debugmodel_moe"] = flavor
+    flavors = get_model_spec(model).flavors
+    for name, overrides in MODELS[model][1].items():
+        flavor = dataclasses.replace(flavors[name], **overrides)
+        if model == "qwen3":
+            flavor.moe_args = dataclasses.replace(flavor.moe_args, **MOE_OVERRIDES)
+        flavors[name] = flavor
+
+
+def model_args(model: str) -> list[str]:
+    """The options naming ``model`` and its default test flavor (a layout may name another)."""
+    return ["--model.name", model, "--model.flavor", MODELS[model][0]]
 
 
 def ep_round_trip() -> dict[str, Any]:
@@ -93,10 +120,14 @@ def ep_round_trip() -> dict[str, Any]:
 
 
 def run_layouts(
-    layouts: list[tuple[str, list[str]]], reshard: dict | None = None, round_trip: bool = False
+    layouts: list[tuple[str, list[str]]],
+    reshard: dict | None = None,
+    round_trip: bool = False,
+    model: str = "qwen3",
 ) -> dict[str, dict[str, Any]]:
-    """Train each ``(name, extra_args)`` layout; return name -> {losses, grad_norms,
-    params, biases} (arrays by value: a rank exits before the launcher reads them).
+    """Train each ``(name, extra_args)`` layout of ``model`` (``MODELS``); return name ->
+    {losses, grad_norms, params, biases} (arrays by value: a rank exits before the launcher
+    reads them).
     ``reshard``: also run :func:`reshard_across_ep` with these arguments (result under
     "reshard"), in the same launch; ``round_trip``: :func:`ep_round_trip` first (under
     "round_trip"; its error as text if it raised, so the layouts still run)."""
@@ -114,7 +145,7 @@ def run_layouts(
     from torchtitan.models.common.moe import MoE
     from torchtitan.trainer import Trainer
 
-    use_test_flavor()
+    use_test_flavor(model)
 
     from harness import layout_scope
 
@@ -122,7 +153,7 @@ def run_layouts(
     for name, extra in layouts:
         t0 = time.perf_counter()
         with layout_scope(name), tempfile.TemporaryDirectory() as dump:
-            cfg = ConfigManager().parse_args(small_trainer_args(dump, *COMMON, *extra))
+            cfg = ConfigManager().parse_args(small_trainer_args(dump, *model_args(model), *COMMON, *extra))
             trainer = Trainer(cfg)
             grad_norms: list[float] = []
             step = trainer.train_step
@@ -194,7 +225,7 @@ def reshard_across_ep(workdir: str, save_args: list[str], load_layouts: list[tup
     ckpt = ["--training.steps", "1", "--checkpoint.enable", "--checkpoint.interval", "1"]
 
     def config(extra: list[str]) -> Any:
-        return ConfigManager().parse_args(small_trainer_args(workdir, *COMMON, *extra, *ckpt))
+        return ConfigManager().parse_args(small_trainer_args(workdir, *model_args("qwen3"), *COMMON, *extra, *ckpt))
 
     trainer = Trainer(config(save_args))
     trainer.train()

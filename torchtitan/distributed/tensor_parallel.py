@@ -36,13 +36,21 @@ from torchtitan.config import ConfigError
 __all__ = ["apply_tp", "check_async_tp", "check_tp_divisibility"]
 
 
+def _head_counts(attention: nn.Module) -> tuple[int, int]:
+    """(query heads, key/value heads) of a block's attention: ``wq``/``wk`` of ``head_dim``-wide
+    heads, or multi-head latent attention's ``wkv_b`` (DeepSeek), which expands the shared
+    latent into every head's key and value part (as many heads as queries)."""
+    if hasattr(attention, "wkv_b"):
+        n_heads = attention.wkv_b.out_features // (attention.qk_nope_head_dim + attention.v_head_dim)
+        return n_heads, n_heads
+    head_dim = attention.head_dim
+    return attention.wq.out_features // head_dim, attention.wk.out_features // head_dim
+
+
 def check_tp_divisibility(model: nn.Module, tp_degree: int) -> None:
     """Each rank must own whole query and key/value heads."""
     for name, block in model.layers.named_children():
-        attention = block.get_submodule("attention")
-        head_dim = attention.head_dim
-        n_heads = attention.wq.out_features // head_dim
-        n_kv_heads = attention.wk.out_features // head_dim
+        n_heads, n_kv_heads = _head_counts(block.get_submodule("attention"))
         if n_kv_heads % tp_degree != 0 or n_heads % tp_degree != 0:
             raise ConfigError(
                 f"parallelism.tensor_parallel_degree {tp_degree} must divide the model's "

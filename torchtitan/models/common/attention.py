@@ -98,11 +98,20 @@ class ScaledDotProductAttention(nn.Module):
                 f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads})"
             )
         n_rep = n_heads // n_kv_heads
+        # Values narrower than queries and keys (DeepSeek's MLA): the CPU's flash kernel, and
+        # so ring attention under CP, takes equal head dims only, and without it SDPA falls
+        # back to the math kernel (the whole [seq, seq] scores kept for backward). Zero
+        # channels change nothing: their output is cut off and they pass no gradient. CUDA's
+        # kernels get the values as they are (the memory-efficient one takes them).
+        pad = q.shape[-1] - v.shape[-1] if not q.is_cuda else 0
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         with self._kernel_context(q):
             if n_rep > 1 and self.native_gqa and q.is_cuda and q.dtype in _HALF_DTYPES:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return out[..., : out.shape[-1] - pad] if pad > 0 else out
 
     def extra_repr(self) -> str:
         scale = "" if self.scale is None else f", scale={self.scale:g}"
