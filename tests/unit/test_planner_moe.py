@@ -155,17 +155,25 @@ AC = {
 }
 
 
+@pytest.mark.parametrize(
+    "family, flavor", [("qwen3", "debugmodel_moe"), ("deepseek_v3", "debugmodel"), ("deepseek_v3", "debugmodel_lora")]
+)
 @pytest.mark.parametrize("key", list(AC))
-def test_moe_saved_bytes_match_memtracker(key):
-    """A real fp32 forward of a 2-block debugmodel_moe on this CPU against the memory model's
-    CPU path (keys/values repeated, rms_norm decomposed, no group padding): exact."""
+def test_moe_saved_bytes_match_memtracker(key, family, flavor):
+    """A real fp32 forward of a 2-block MoE model on this CPU against the memory model's CPU
+    path (keys/values repeated, rms_norm decomposed, no group padding, narrower values
+    padded): exact. DeepSeek-V3's blocks: one dense, one MoE, latent attention (with
+    low-rank queries in debugmodel_lora, which flips which matmuls per-op AC saves)."""
     from torchtitan.distributed.activation_checkpoint import apply_ac
-    from torchtitan.models import get_model_spec
+    from torchtitan.models import get_model_args, get_model_spec
 
     mode, option, saved = AC[key]
-    args = _args("debugmodel_moe", n_layers=2, max_seq_len=64)
+    args = get_model_args(family, flavor)
+    args.vocab_size, args.n_layers, args.max_seq_len = 2000, 2, 64
+    if family == "deepseek_v3":
+        args.n_dense_layers = 1
     torch.manual_seed(0)
-    model = get_model_spec("qwen3").model_cls(args)
+    model = get_model_spec(family).model_cls(args)
     model.init_weights()
     if mode != "none":
         apply_ac(model, mode, option, saved)
@@ -174,8 +182,8 @@ def test_moe_saved_bytes_match_memtracker(key):
     g = Geometry.from_model_args(args)
     w = Workload(stage_layers=(2,), microbatch=2, seq=64, ac_mode=mode,
                  ac_option=key if key in ("op", "op_all", "op_attn") else option,
-                 compute_bytes=4, residual_bytes=4, repeat_kv=True, composite_rmsnorm=True, group_align=1,
-                 loss_parallel=False)
+                 compute_bytes=4, residual_bytes=4, repeat_kv=True, composite_rmsnorm=True, pad_values=True,
+                 group_align=1, loss_parallel=False)
     states = StateBytes(params=0, grads=0, optimizer=0, block_params=g.block_params, output_params=g.vocab * g.dim)
     predicted = estimate_memory(g, w, states).activations + 4 * w.tokens * g.vocab  # + the fp32 logits
     assert measured == predicted
@@ -263,6 +271,37 @@ def test_compiled_moe_block_saves_what_the_model_says(key):
     assert acts == block_saved_per_token(g, w, key) * 192
     linear = g.block_params - 2 * g.dim - 2 * g.head_dim  # bf16 copies of every weight but the norms'
     assert copies == (2 * linear if key == "none" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor, key", [("debugmodel", "op"), ("debugmodel_lora", "op"), ("debugmodel_lora", "none")])
+def test_compiled_latent_attention_block_saves_what_the_model_says(flavor, key):
+    """A DeepSeek-V3 dense block (latent attention) through inductor's partitioner, bf16
+    autocast: exact with per-op AC (both matmul parities), within 32 bytes per token (of
+    ~11 KB) without AC."""
+    from test_planner import _inductor_saved
+
+    from torchtitan.distributed.activation_checkpoint import apply_ac
+    from torchtitan.models import get_model_args
+    from torchtitan.models.common.rope import precompute_freqs_cis
+    from torchtitan.models.deepseek_v3.model import TransformerBlock
+
+    mode, option, saved = AC[key]
+    args = get_model_args("deepseek_v3", flavor)
+    args.vocab_size, args.max_seq_len = 2000, 128
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleDict({"0": TransformerBlock(0, args)})  # layer 0: dense
+    holder.layers["0"].init_weights()
+    if mode != "none":
+        apply_ac(holder, mode, option, saved)
+    x = torch.randn(2, 96, args.dim, requires_grad=True)
+    freqs = precompute_freqs_cis(args.qk_rope_head_dim, 128, args.rope_theta, args.rope_scaling)
+    acts, _ = _inductor_saved(holder.layers["0"], x, freqs)
+    w = Workload(microbatch=2, seq=96, compute_bytes=2, residual_bytes=4, autocast=True, compile_model=True,
+                 repeat_kv=True, composite_rmsnorm=True, pad_values=True, group_align=1)
+    predicted = block_saved_per_token(Geometry.from_model_args(args), w, key, moe=False) * 192
+    assert 0 <= predicted - acts <= (32 * 192 if key == "none" else 0)
 
 
 @pytest.mark.slow

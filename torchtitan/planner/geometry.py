@@ -43,6 +43,13 @@ class Geometry(ModelShape):
         widths but under latent attention)."""
         return (self.head_dim + (self.v_head_dim or self.head_dim)) / 2
 
+    @property
+    def odd_attention_matmuls(self) -> bool:
+        """Whether a block's attention runs an odd number of matmuls (latent attention with
+        low-rank queries: wq_a, wq_b, wkv_a, wkv_b, wo): per-op AC, which saves every other
+        matmul's output counting through the block, then saves the feed-forward's other half."""
+        return bool(self.kv_lora_rank and self.q_lora_rank)
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer`` (global index) is an MoE block (the last n_moe_layers)."""
         return layer >= self.n_layers - self.n_moe_layers

@@ -237,6 +237,7 @@ def rank_workload(
         offload_layers=cfg.activation_checkpoint.cpu_offload_layers,
         repeat_kv=layout.cp > 1 or not gpu_path,
         composite_rmsnorm=not gpu_path,
+        pad_values=not gpu_path,
         ep=layout.ep,
         group_align=16 // (2 if bf16 else 4) if gpu_path else 1,
         stage_moe_layers=tuple(stage_moe_layers),

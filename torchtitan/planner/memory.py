@@ -81,6 +81,7 @@ class Workload:
     offload_layers: int = 0  # activation offload: N blocks (offloaded_layers) keep their saved tensors on the host
     repeat_kv: bool = False  # keys/values repeated to the query heads (CPU path, CP)
     composite_rmsnorm: bool = False  # CPU: rms_norm decomposes and also keeps x * rstd
+    pad_values: bool = False  # CPU: values narrower than queries (latent attention) padded for SDPA
     ep: int = 1  # expert parallel degree (routed token copies exchanged by all-to-all)
     # rows each expert's group is padded to for the grouped GEMMs: 16 bytes (CUDA), 1 (CPU)
     group_align: int = 8
@@ -174,7 +175,14 @@ def block_saved_per_token(g: Geometry, w: Workload, mode: str, moe: bool | None 
 
 
 def _dense_block_saved(g: Geometry, w: Workload, mode: str) -> float:
-    """A Llama block (attention without q/k norms, SwiGLU feed-forward)."""
+    """A Llama block (attention without q/k norms, SwiGLU feed-forward); with latent
+    attention (DeepSeek) its attention terms are ``_latent_attention_saved``'s."""
+    if g.kv_lora_rank:
+        r, s = w.residual_bytes, (1.0 / w.tp if w.tp > 1 else 1.0)
+        ffn_norm = 0.0  # its input (the residual), statistics and the decomposed norm's extra
+        if mode == "none":
+            ffn_norm = 4 * s + (0.0 if w.compile_model else r * g.dim * s * (2 if w.composite_rmsnorm else 1))
+        return r * g.dim * s + _latent_attention_saved(g, w, mode) + ffn_norm + _dense_ffn_saved(g, w, mode)
     a, r, tp = w.compute_bytes, w.residual_bytes, w.tp
     s = 1.0 / tp if tp > 1 else 1.0
     d = g.dim
@@ -217,17 +225,69 @@ def _dense_block_saved(g: Geometry, w: Workload, mode: str) -> float:
 
 def _dense_ffn_saved(g: Geometry, w: Workload, mode: str) -> float:
     """The dense feed-forward's share of ``_dense_block_saved`` (after its norm): what an
-    MoE block has instead."""
+    MoE block has instead. Under per-op AC after an odd number of attention matmuls
+    (``Geometry.odd_attention_matmuls``) w1 and w2 are rerun and w3 saved instead."""
     a, tp, d, h = w.compute_bytes, w.tp, g.dim, g.hidden / w.tp
     s = 1.0 / tp if tp > 1 else 1.0
     eager_w2 = 0.0 if w.compile_model else a * d + (a * d * s if tp > 1 else 0.0)  # w2 out, its reduce-scatter
-    return {
+    if mode == "op" and g.odd_attention_matmuls:
+        return a * h + (a * d * s if tp > 1 and not w.compile_model else 0.0)
+    ffn = {
         "full": 0.0,
         "op_attn": 0.0,
         "op": a * h + eager_w2,
         "op_all": 2 * a * h + eager_w2,
         "none": a * d + (3 if w.compile_model else 4) * a * h,
     }[mode]
+    return ffn
+
+
+def _latent_attention_saved(g: Geometry, w: Workload, mode: str) -> float:
+    """What multi-head latent attention (DeepSeek) keeps per token, after its block input.
+
+    Per-head terms shrink with tp, the latents (computed whole on every TP rank) do not. No
+    AC (eager, measured on this CPU to the byte): the norm's statistics and normed input,
+    the kv latent ``a (kv_lora + rope)`` (kept by its norm, whose output ``a kv_lora`` is
+    ``wkv_b``'s input; the query latent likewise), the concatenated queries and keys
+    ``a H qk`` each, the values (the CPU's padded copy ``a H qk``, on GPUs ``wkv_b``'s output
+    ``a H (nope + v)`` which they view), the attention output and its log-sum-exp (the CPU
+    pads it to ``qk`` and copies the cut for ``wo``). Per-op AC saves the outputs of every
+    other matmul in the order wq (or wq_a, wq_b), wkv_a, wkv_b, wo, and attention's.
+    Compiled (inductor's partition on this CPU, dense blocks): the same but for the
+    decomposed norms' extra tensors, within 32 bytes per token without AC."""
+    a, tp = w.compute_bytes, w.tp
+    s = 1.0 / tp if tp > 1 else 1.0
+    d, heads, ql, kvl = g.dim, g.n_heads / tp, g.q_lora_rank, g.kv_lora_rank
+    qk, rope, v = g.head_dim, g.qk_rope_head_dim, g.v_head_dim
+    nope = qk - rope
+    q_heads, v_heads, kv_heads = heads * qk, heads * v, heads * (nope + v)
+    lse = 4 * heads
+    values = q_heads if w.pad_values else kv_heads
+    out = (q_heads + v_heads) if w.pad_values else v_heads  # padded output and wo's input copy
+    if mode == "full":
+        return 0.0
+    if mode == "op_attn":
+        return a * (q_heads if w.pad_values else v_heads) + lse
+    latent_out = a * (kvl + rope)
+    if mode == "op_all":
+        query = a * (ql + q_heads) if ql else a * q_heads
+        return query + latent_out + a * kv_heads + a * (q_heads if w.pad_values else v_heads) + lse + a * d
+    if mode == "op":
+        attention = a * (q_heads if w.pad_values else v_heads) + lse
+        if ql:  # wq_a, wkv_a and wo saved (compiled too: rerunning the feed-forward's w1 reads it)
+            return a * ql + latent_out + attention + a * d
+        return a * q_heads + a * kv_heads + attention  # wq and wkv_b
+    if mode != "none":
+        raise ValueError(f"unknown block mode {mode!r}")
+    composite = a if (w.composite_rmsnorm and not w.compile_model) else 0.0
+    norm = 4 * s + (w.residual_bytes * d * s if composite else 0.0)
+    latents = latent_out + 4 + composite * kvl + a * kvl
+    if ql:
+        latents += a * ql + 4 + composite * ql + a * ql
+    saved = norm + a * d + latents + 2 * a * q_heads + a * values + a * out + lse
+    if w.compile_model:
+        saved += a * d * s  # wo's output
+    return saved
 
 
 def _qk_norm_saved(g: Geometry, w: Workload, mode: str) -> float:
@@ -277,6 +337,9 @@ def _moe_saved_per_token(g: Geometry, w: Workload, mode: str) -> float:
     sh = g.shared_hidden / w.tp
     pad = e * (w.group_align - 1) / w.tokens if w.group_align > 1 else 0.0
     c = k + pad
+    if mode == "op" and g.odd_attention_matmuls:
+        # the parity flipped: the gate and w3 rerun, w1 and w2 (read by the weighting) saved
+        return a * m * c + a * d * c + (a * sh if sh else 0.0)
     if mode == "op":
         saved = a * e + a * m * c
         if sh:
