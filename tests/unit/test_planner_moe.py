@@ -475,3 +475,37 @@ def test_mixed_dense_and_moe_layers():
     assert first.stage_params == 3 * dense_block + 2 * moe_block + g.vocab * g.dim
     assert second.stage_params == 5 * moe_block + g.vocab * g.dim + g.dim
     assert first.block_params == second.block_params == max(dense_block, moe_block)
+
+
+@pytest.mark.parametrize("flavor", ["debugmodel", "debugmodel_lora"])
+def test_latent_attention_op_ac_rerun_flops_equal_flop_counter(flavor):
+    """The matmul FLOPs per-op AC reruns in a DeepSeek-V3 dense and MoE block (both matmul
+    parities) against torch's FlopCounterMode over forward + backward with and without AC
+    (which does not count grouped GEMMs: the experts' share is added by hand)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torchtitan.distributed.activation_checkpoint import apply_ac
+    from torchtitan.models import get_model_args
+    from torchtitan.models.common.rope import precompute_freqs_cis
+    from torchtitan.models.deepseek_v3.model import TransformerBlock
+    from torchtitan.planner.cost import _op_matmul_rerun
+
+    args = get_model_args("deepseek_v3", flavor)
+    args.vocab_size, args.max_seq_len = 2000, 64
+    g = Geometry.from_model_args(args)
+    freqs = precompute_freqs_cis(args.qk_rope_head_dim, 64, args.rope_theta, args.rope_scaling)
+    for layer in (0, 1):  # dense, MoE
+        flops = {}
+        for ac in ("none", "op"):
+            torch.manual_seed(0)
+            holder = torch.nn.Module()
+            holder.layers = torch.nn.ModuleDict({"0": TransformerBlock(layer, args)})
+            holder.layers["0"].init_weights()
+            if ac == "op":
+                apply_ac(holder, "selective", "op", "every_other")
+            x = torch.randn(2, 64, args.dim, requires_grad=True)
+            with FlopCounterMode(display=False) as counter:
+                holder.layers["0"](x, freqs).sum().backward()
+            flops[ac] = counter.get_total_flops()
+        grouped_rerun = (1 if g.odd_attention_matmuls else 2) * 2 * g.top_k * g.moe_hidden * g.dim if layer else 0
+        assert (flops["op"] - flops["none"]) / 128 == _op_matmul_rerun(g, "op", moe=bool(layer)) - grouped_rerun

@@ -142,9 +142,32 @@ def _op_matmul_rerun(g: Geometry, ac_option: str, moe: bool = False) -> float:
         return 0.0
     if ac_option == "op_attn":
         return 2 * _active_block(g, moe)
+    if g.kv_lora_rank:
+        return 2 * (_latent_attention_rerun(g) + _ffn_rerun(g, moe, flipped=g.odd_attention_matmuls))
+    return 2 * (kv * d + d * q + _ffn_rerun(g, moe, flipped=False))
+
+
+def _ffn_rerun(g: Geometry, moe: bool, flipped: bool) -> float:
+    """Multiply-adds per token of the feed-forward matmuls per-op AC reruns: w3 (MoE: the
+    experts' w1 and w2, the shared w3); ``flipped`` (after an odd number of attention
+    matmuls) the others: w1 (not w2, the block's last matmul, whose output backward does
+    not read: the recompute stops before it), MoE: the gate, the experts' w3, the shared w1
+    and w2 (counted with FlopCounterMode on this CPU, grouped GEMMs aside)."""
+    d, k, m, sh = g.dim, g.top_k, g.moe_hidden, g.shared_hidden
     if not moe:
-        return 2 * (kv * d + d * q + h * d)
-    return 2 * (kv * d + d * q + 2 * g.top_k * g.moe_hidden * d + g.shared_hidden * d)
+        return g.hidden * d
+    if flipped:
+        return g.num_experts * d + k * m * d + 2 * sh * d
+    return 2 * k * m * d + sh * d
+
+
+def _latent_attention_rerun(g: Geometry) -> float:
+    """Multiply-adds per token of the latent-attention matmuls per-op AC reruns: wkv_a and
+    wo (queries straight from dim), or wq_b and wkv_b (low-rank queries)."""
+    d, heads, qk, v = g.dim, g.n_heads, g.head_dim, g.v_head_dim
+    if g.q_lora_rank:
+        return g.q_lora_rank * heads * qk + g.kv_lora_rank * heads * (qk - g.qk_rope_head_dim + v)
+    return d * (g.kv_lora_rank + g.qk_rope_head_dim) + heads * v * d
 
 
 def _op_cheap_rerun_bytes(g: Geometry, residual_bytes: int, moe: bool = False) -> float:
