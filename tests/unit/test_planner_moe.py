@@ -274,13 +274,17 @@ def test_compiled_moe_block_saves_what_the_model_says(key):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flavor, key", [("debugmodel", "op"), ("debugmodel_lora", "op"), ("debugmodel_lora", "none")])
-def test_compiled_latent_attention_block_saves_what_the_model_says(flavor, key):
-    """A DeepSeek-V3 dense block (latent attention) through inductor's partitioner, bf16
-    autocast: exact with per-op AC (both matmul parities), within 32 bytes per token (of
-    ~11 KB) without AC."""
-    from test_planner import _inductor_saved
-
+@pytest.mark.parametrize(
+    "flavor, key, layer",
+    [("debugmodel", "op", 0), ("debugmodel_lora", "op", 0), ("debugmodel_lora", "none", 0),
+     ("debugmodel", "op", 1), ("debugmodel_lora", "op", 1)],
+)
+def test_compiled_latent_attention_block_saves_what_the_model_says(flavor, key, layer):
+    """DeepSeek-V3 blocks (latent attention; layer 0 dense, 1 MoE) through inductor's
+    partitioner, bf16 autocast: exact with per-op AC (both matmul parities), within 32 bytes
+    per token (of ~11 KB) for the dense block without AC. (An MoE block without AC keeps
+    less than the model says: inductor recomputes more across latent attention and the
+    experts; the model is conservative there, docs/planning.md.)"""
     from torchtitan.distributed.activation_checkpoint import apply_ac
     from torchtitan.models import get_model_args
     from torchtitan.models.common.rope import precompute_freqs_cis
@@ -291,7 +295,7 @@ def test_compiled_latent_attention_block_saves_what_the_model_says(flavor, key):
     args.vocab_size, args.max_seq_len = 2000, 128
     torch.manual_seed(0)
     holder = torch.nn.Module()
-    holder.layers = torch.nn.ModuleDict({"0": TransformerBlock(0, args)})  # layer 0: dense
+    holder.layers = torch.nn.ModuleDict({"0": TransformerBlock(layer, args)})
     holder.layers["0"].init_weights()
     if mode != "none":
         apply_ac(holder, mode, option, saved)
@@ -300,7 +304,7 @@ def test_compiled_latent_attention_block_saves_what_the_model_says(flavor, key):
     acts, _ = _inductor_saved(holder.layers["0"], x, freqs)
     w = Workload(microbatch=2, seq=96, compute_bytes=2, residual_bytes=4, autocast=True, compile_model=True,
                  repeat_kv=True, composite_rmsnorm=True, pad_values=True, group_align=1)
-    predicted = block_saved_per_token(Geometry.from_model_args(args), w, key, moe=False) * 192
+    predicted = block_saved_per_token(Geometry.from_model_args(args), w, key, moe=bool(layer)) * 192
     assert 0 <= predicted - acts <= (32 * 192 if key == "none" else 0)
 
 
