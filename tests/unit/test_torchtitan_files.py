@@ -238,7 +238,7 @@ def test_the_debug_file_trains_on_the_cpu_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, world_size", [("llama3_8b", 8), ("llama3_70b", 64), ("llama3_405b", 128)]
+    "name, world_size", [("llama3_8b", 8), ("llama3_70b", 64), ("llama3_405b", 128), ("deepseek_v3_16b", 8)]
 )
 def test_the_big_files_plan_unchanged(name, world_size, capsys):
     """DRY_RUN=1 ./run_train.sh is scripts/plan.py --world_size NGPU: the files' tokenizer

@@ -33,7 +33,14 @@ from torch.distributed.tensor.parallel import (
 
 from torchtitan.config import ConfigError
 
-__all__ = ["apply_tp", "check_async_tp", "check_tp_divisibility"]
+__all__ = [
+    "apply_outer_tp",
+    "apply_tp",
+    "check_async_tp",
+    "check_tp_divisibility",
+    "feed_forward_plan",
+    "float8_tensorwise",
+]
 
 
 def _head_counts(attention: nn.Module) -> tuple[int, int]:
@@ -91,26 +98,12 @@ def apply_tp(
     collectives with the matmuls (CUDA + compile only).
     """
     check_tp_divisibility(model, tp_mesh.size())
-
-    top_plan = {}
-    if getattr(model, "tok_embeddings", None) is not None:
-        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if getattr(model, "norm", None) is not None:
-        top_plan["norm"] = SequenceParallel()
-    if getattr(model, "output", None) is not None:
-        top_plan["output"] = ColwiseParallel(
-            input_layouts=Shard(1),
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
-        )
-    if top_plan:
-        parallelize_module(model, tp_mesh, top_plan)
+    apply_outer_tp(model, tp_mesh, loss_parallel)
 
     for block in model.layers.values():
         # Float8 plans only where every linear they touch was converted (the float8
         # converter skips some, e.g. dims not multiples of 16); the others keep plain plans.
         attn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("attention")))
-        ffn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("feed_forward")))
         block_plan = {
             "attention_norm": SequenceParallel(),
             # attention(x, freqs_cis): gather the sequence of x, leave freqs_cis alone.
@@ -122,10 +115,7 @@ def apply_tp(
             "attention.wv": attn[0](),
             "attention.wo": attn[1](output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": ffn[2](input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ffn[0](),
-            "feed_forward.w2": ffn[1](output_layouts=Shard(1)),
-            "feed_forward.w3": ffn[0](),
+            **feed_forward_plan(block, enable_float8_tensorwise_tp),
         }
         parallelize_module(block, tp_mesh, block_plan)
 
@@ -135,6 +125,49 @@ def apply_tp(
         torch._inductor.config._micro_pipeline_tp = True
         enable_symm_mem_for_group(tp_mesh.get_group().group_name)
     return model
+
+
+def apply_outer_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """The plan outside the blocks: the embedding row-wise (vocabulary-sharded) emitting
+    sequence-sharded activations, the final norm sequence-parallel, the output column-wise
+    (logits sharded on the vocabulary under loss parallel). Any of the three may be None on
+    a pipeline stage. An output tied to the embedding is refused: they shard differently."""
+    tok, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if tok is not None and out is not None and out.weight is tok.weight:
+        raise ConfigError(
+            "parallelism.tensor_parallel_degree > 1 with a flavor that ties the output layer to the "
+            "embedding is not supported (they are sharded differently); use an untied flavor"
+        )
+    top_plan = {}
+    if tok is not None:
+        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if getattr(model, "norm", None) is not None:
+        top_plan["norm"] = SequenceParallel()
+    if out is not None:
+        top_plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if top_plan:
+        parallelize_module(model, tp_mesh, top_plan)
+
+
+def feed_forward_plan(block: nn.Module, enable_float8_tensorwise_tp: bool) -> dict:
+    """A dense block's SwiGLU (``feed_forward``), relative to the block: gathered input,
+    ``w1``/``w3`` column-wise, ``w2`` row-wise reduce-scattered back to the sequence shard."""
+    ffn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("feed_forward")))
+    return {
+        "feed_forward": ffn[2](input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ffn[0](),
+        "feed_forward.w2": ffn[1](output_layouts=Shard(1)),
+        "feed_forward.w3": ffn[0](),
+    }
+
+
+def float8_tensorwise(job_config) -> bool:
+    """Whether the float8 converter's recipe lets TP all-gather in float8 (tensorwise scales)."""
+    return "float8" in job_config.model.converters and job_config.float8.recipe_name in (None, "tensorwise")
 
 
 def check_async_tp(enabled: bool, compile_model: bool, device_type: str) -> None:

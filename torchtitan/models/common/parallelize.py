@@ -4,8 +4,9 @@ One legal order: EP -> TP (+SP, loss parallel) -> activation checkpointing -> co
 block) -> FSDP / HSDP (the routed experts as their own units over the data ranks EP
 leaves), or DDP when only ``data_parallel_replicate_degree`` > 1. What differs between the
 families is the attention's TP plan only: a family passes its ``apply_tp`` (see
-:data:`ApplyTP`) and may reuse the plan pieces every family shares here (the embedding, the
-final norm and the output; the dense SwiGLU; the MoE block). Also:
+:data:`ApplyTP`) and may reuse the plan pieces every family shares (re-exported here from
+``distributed/tensor_parallel.py``: the embedding, the final norm and the output; the dense
+SwiGLU; the MoE block). Also:
 
 - the sequence-level auxiliary loss (if on) enters backward divided by what each forward's
   main loss is divided by (gradient accumulation steps x pipeline microbatches);
@@ -19,12 +20,9 @@ imports ``torchtitan.distributed``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
 
 from torchtitan.components.chunked_loss import apply_chunked_loss
 from torchtitan.config import ConfigError, JobConfig
@@ -35,7 +33,12 @@ from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.expert_parallel import apply_ep, expert_modules, ignore_profiler_ops_in_op_sac
 from torchtitan.distributed.fsdp import apply_data_parallel
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.distributed.tensor_parallel import _all_float8, _plan_classes, check_async_tp
+from torchtitan.distributed.tensor_parallel import (  # noqa: F401 - the families' plan pieces
+    apply_outer_tp,
+    check_async_tp,
+    feed_forward_plan,
+    float8_tensorwise,
+)
 from torchtitan.tools.logging import logger
 
 __all__ = ["ApplyTP", "apply_outer_tp", "feed_forward_plan", "float8_tensorwise", "parallelize_decoder"]
@@ -43,49 +46,6 @@ __all__ = ["ApplyTP", "apply_outer_tp", "feed_forward_plan", "float8_tensorwise"
 # apply_tp(model, tp_mesh, loss_parallel, enable_float8_tensorwise_tp) -> model: a family's
 # TP plan for its blocks (and, through apply_outer_tp, the rest of the model).
 ApplyTP = Callable[[nn.Module, DeviceMesh, bool, bool], nn.Module]
-
-
-def apply_outer_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
-    """The plan outside the blocks, as Llama 3's: the embedding row-wise (vocabulary-sharded)
-    emitting sequence-sharded activations, the final norm sequence-parallel, the output
-    column-wise (logits sharded on the vocabulary under loss parallel). Any of the three may
-    be None on a pipeline stage."""
-    tok, out = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
-    if tok is not None and out is not None and out.weight is tok.weight:
-        raise ConfigError(
-            "parallelism.tensor_parallel_degree > 1 with a flavor that ties the output layer to the "
-            "embedding is not supported (they are sharded differently); use an untied flavor"
-        )
-    top_plan = {}
-    if tok is not None:
-        top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if getattr(model, "norm", None) is not None:
-        top_plan["norm"] = SequenceParallel()
-    if out is not None:
-        top_plan["output"] = ColwiseParallel(
-            input_layouts=Shard(1),
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
-        )
-    if top_plan:
-        parallelize_module(model, tp_mesh, top_plan)
-
-
-def feed_forward_plan(block: nn.Module, enable_float8_tensorwise_tp: bool) -> dict[str, Any]:
-    """A dense block's SwiGLU (``feed_forward``), relative to the block: gathered input,
-    ``w1``/``w3`` column-wise, ``w2`` row-wise reduce-scattered back to the sequence shard."""
-    ffn = _plan_classes(enable_float8_tensorwise_tp and _all_float8(block.get_submodule("feed_forward")))
-    return {
-        "feed_forward": ffn[2](input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ffn[0](),
-        "feed_forward.w2": ffn[1](output_layouts=Shard(1)),
-        "feed_forward.w3": ffn[0](),
-    }
-
-
-def float8_tensorwise(job_config: JobConfig) -> bool:
-    """Whether the float8 converter's recipe lets TP all-gather in float8 (tensorwise scales)."""
-    return "float8" in job_config.model.converters and job_config.float8.recipe_name in (None, "tensorwise")
 
 
 def _compile_around_experts(model: nn.Module, backend: str) -> None:

@@ -18,15 +18,11 @@ from torchtitan.distributed.compile import apply_compile
 from torchtitan.distributed.context_parallel import prepare_model_for_cp
 from torchtitan.distributed.fsdp import apply_data_parallel
 from torchtitan.distributed.parallel_dims import ParallelDims
-from torchtitan.distributed.tensor_parallel import apply_tp, check_async_tp
+from torchtitan.distributed.tensor_parallel import apply_tp, check_async_tp, float8_tensorwise
 from torchtitan.distributed.utils import device_type
 from torchtitan.tools.logging import logger
 
 __all__ = ["parallelize_llama"]
-
-
-def _float8_tensorwise(job_config: JobConfig) -> bool:
-    return "float8" in job_config.model.converters and job_config.float8.recipe_name in (None, "tensorwise")
 
 
 def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig) -> nn.Module:
@@ -49,7 +45,7 @@ def parallelize_llama(model: nn.Module, parallel_dims: ParallelDims, job_config:
             parallel_dims.get_mesh("tp"),
             loss_parallel=parallel_dims.loss_parallel_enabled,
             enable_async_tp=p.enable_async_tensor_parallel,
-            enable_float8_tensorwise_tp=_float8_tensorwise(job_config),
+            enable_float8_tensorwise_tp=float8_tensorwise(job_config),
         )
         logger.info(
             f"applied tensor parallelism (degree {parallel_dims.tp}, loss parallel "
