@@ -5,13 +5,10 @@ Names: ours are TorchTitan's (``layers.0.attention.wkv_a.weight``); Hugging Face
 permuted: our interleaved rotary layout is the one DeepSeek's checkpoints use (transformers'
 ``rope_interleave``), so every tensor only changes name, except the experts.
 
-MoE experts: ours are stacked, ``moe.experts.w1``/``w3`` ``[E, hidden, dim]`` and ``w2``
-``[E, dim, hidden]``. The checkpoints on the Hub hold one tensor per expert,
-``mlp.experts.{j}.gate_proj.weight`` (w1), ``up_proj`` (w3), ``down_proj`` (w2): what
-:meth:`DeepSeekV3StateDictAdapter.to_hf` writes. transformers 5 fuses them when it loads
-(``mlp.experts.gate_up_proj`` ``[E, 2*hidden, dim]``, gate rows first, and
-``mlp.experts.down_proj``): ``to_hf(..., fused_experts=True)`` gives that in-memory layout,
-and :meth:`~DeepSeekV3StateDictAdapter.from_hf` reads either.
+MoE experts: :mod:`torchtitan.models.common.hf_experts` converts them, one tensor per expert
+as on the Hub from :meth:`DeepSeekV3StateDictAdapter.to_hf`, transformers 5's fused in-memory
+layout with ``to_hf(..., fused_experts=True)``; :meth:`~DeepSeekV3StateDictAdapter.from_hf`
+reads either.
 
 Two Hugging Face architectures, chosen by the routing (transformers runs each one way):
 sigmoid scores are ``DeepseekV3ForCausalLM`` (its router is always sigmoid, group-limited,
@@ -33,6 +30,14 @@ from typing import Any
 
 import torch
 
+from torchtitan.models.common.hf_experts import (
+    EXPERT_KEYS,
+    PerExpert,
+    add_zero_expert_bias,
+    experts_from_hf,
+    experts_to_hf,
+    stack_experts,
+)
 from torchtitan.models.common.moe import MoEArgs
 from torchtitan.models.common.rope import YaRNScalingArgs
 from torchtitan.models.deepseek_v3.args import DeepSeekV3ModelArgs
@@ -61,7 +66,6 @@ _LAYER_KEYS = {
     "moe.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
 }
 _BIAS_KEY = ("moe.expert_bias", "mlp.gate.e_score_correction_bias")
-_EXPERT_KEYS = {"moe.experts.w1": "gate_proj", "moe.experts.w3": "up_proj", "moe.experts.w2": "down_proj"}
 _TOP_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -69,7 +73,6 @@ _TOP_KEYS = {
 }
 _OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class DeepSeekV3StateDictAdapter:
@@ -103,15 +106,8 @@ class DeepSeekV3StateDictAdapter:
                 if self._bias_in_hf:
                     out[prefix + _BIAS_KEY[1]] = value.contiguous()
                 continue
-            if name in _EXPERT_KEYS:
-                if not fused_experts:
-                    for j, expert in enumerate(value.unbind(0)):
-                        out[f"{prefix}mlp.experts.{j}.{_EXPERT_KEYS[name]}.weight"] = expert.contiguous()
-                elif name == "moe.experts.w2":
-                    out[f"{prefix}mlp.experts.down_proj"] = value.contiguous()
-                elif name == "moe.experts.w1":  # w3 joins it below
-                    w3 = state[f"layers.{layer}.moe.experts.w3"]
-                    out[f"{prefix}mlp.experts.gate_up_proj"] = torch.cat([value, w3], dim=1)
+            if name in EXPERT_KEYS:
+                out.update(experts_to_hf(state, layer, name, value, fused_experts))
                 continue
             if name not in _LAYER_KEYS:
                 raise KeyError(f"no Hugging Face name for parameter {key!r}")
@@ -133,10 +129,9 @@ class DeepSeekV3StateDictAdapter:
         ``expert_bias``. Works on any subset of the keys (one layer, one tensor).
         """
         out: dict[str, torch.Tensor] = {}
-        experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        per_expert: PerExpert = {}
         ours_by_hf = {hf: ours for ours, hf in _LAYER_KEYS.items()}
         ours_by_hf[_BIAS_KEY[1]] = _BIAS_KEY[0]
-        expert_name = {hf: ours for ours, hf in _EXPERT_KEYS.items()}
         top_by_hf = {hf: ours for ours, hf in _TOP_KEYS.items()}
         for hf_key, value in hf_state.items():
             if hf_key.endswith("rotary_emb.inv_freq") or self.ignores_hf_key(hf_key):
@@ -153,38 +148,16 @@ class DeepSeekV3StateDictAdapter:
             if match is None:
                 raise KeyError(f"Hugging Face tensor {hf_key!r} has no DeepSeek-V3 counterpart")
             layer, name = match.groups()
-            prefix = f"layers.{layer}."
-            expert = _HF_EXPERT.match(name)
-            if expert is not None:
-                experts.setdefault((layer, expert_name[expert.group(2)]), {})[int(expert.group(1))] = value
-            elif name == "mlp.experts.gate_up_proj":
-                w1, w3 = value.chunk(2, dim=1)
-                out[prefix + "moe.experts.w1"] = w1.contiguous()
-                out[prefix + "moe.experts.w3"] = w3.contiguous()
-            elif name == "mlp.experts.down_proj":
-                out[prefix + "moe.experts.w2"] = value.contiguous()
+            experts = experts_from_hf(layer, name, value, per_expert)
+            if experts is not None:
+                out.update(experts)
             elif name in ours_by_hf:
-                out[prefix + ours_by_hf[name]] = value.contiguous()
+                out[f"layers.{layer}.{ours_by_hf[name]}"] = value.contiguous()
             else:
                 raise KeyError(f"Hugging Face tensor {hf_key!r} has no DeepSeek-V3 counterpart")
-        for (layer, name), per_expert in experts.items():
-            n = len(per_expert)
-            if sorted(per_expert) != list(range(n)):
-                raise ValueError(f"layer {layer} {name}: experts {sorted(per_expert)} are not 0..{n - 1}")
-            out[f"layers.{layer}.{name}"] = torch.stack([per_expert[j] for j in range(n)])
-        self._add_expert_bias(out)
+        out.update(stack_experts(per_expert))
+        add_zero_expert_bias(out, self.args.moe_args.num_experts, self.args.n_dense_layers)
         return out
-
-    def _add_expert_bias(self, out: dict[str, torch.Tensor]) -> None:
-        """A zero ``expert_bias`` for every MoE layer ``out`` has a tensor of and no bias.
-        Cheap: the checkpoint code calls ``from_hf`` key by key."""
-        layers = {int(m.group(1)) for k in out if (m := _OURS_LAYER.match(k))}
-        for layer in layers:
-            if layer >= self.args.n_dense_layers:
-                out.setdefault(
-                    f"layers.{layer}.moe.expert_bias",
-                    torch.zeros(self.args.moe_args.num_experts, dtype=torch.float32),
-                )
 
     def check(self, state: Mapping[str, torch.Tensor]) -> None:
         """Raise a one-line ValueError unless ``state`` has exactly this model's names and

@@ -9,14 +9,10 @@ are reordered within each head (even rows first, then odd) and so are the ``head
 entries of ``q_norm``/``k_norm``: the per-head RMS does not depend on the order, so the
 permuted model computes the same attention scores. Every other tensor only changes name.
 
-MoE experts: ours are stacked, ``moe.experts.w1``/``w3`` ``[E, hidden, dim]`` and ``w2``
-``[E, dim, hidden]``. The checkpoints on the Hub (safetensors) hold one tensor per expert,
-``mlp.experts.{j}.gate_proj.weight`` (w1), ``up_proj`` (w3), ``down_proj`` (w2); that is what
-:meth:`Qwen3StateDictAdapter.to_hf` writes. transformers 5 fuses them when it loads
-(``mlp.experts.gate_up_proj`` ``[E, 2*hidden, dim]``, gate rows first, and
-``mlp.experts.down_proj`` ``[E, dim, hidden]``): ``to_hf(..., fused_experts=True)`` gives
-that in-memory layout, and :meth:`~Qwen3StateDictAdapter.from_hf` reads either. The router
-is ``moe.router.gate.weight`` <-> ``mlp.gate.weight``. The MoE's load-balancing buffers
+MoE experts: :mod:`torchtitan.models.common.hf_experts` converts them, one tensor per expert
+as on the Hub from :meth:`Qwen3StateDictAdapter.to_hf`, transformers 5's fused in-memory
+layout with ``to_hf(..., fused_experts=True)``; :meth:`~Qwen3StateDictAdapter.from_hf` reads
+either. The router is ``moe.router.gate.weight`` <-> ``mlp.gate.weight``. The MoE's load-balancing buffers
 (expert bias, token counts) have no Hugging Face counterpart: ``to_hf`` drops them and
 ``from_hf`` returns a zero ``expert_bias`` (no bias: the routing of the published models).
 
@@ -32,6 +28,14 @@ from typing import Any
 
 import torch
 
+from torchtitan.models.common.hf_experts import (
+    EXPERT_KEYS,
+    PerExpert,
+    add_zero_expert_bias,
+    experts_from_hf,
+    experts_to_hf,
+    stack_experts,
+)
 from torchtitan.models.model_spec import check_state_shapes
 from torchtitan.models.qwen3.args import Qwen3ModelArgs
 
@@ -52,7 +56,6 @@ _LAYER_KEYS = {
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "moe.router.gate.weight": "mlp.gate.weight",
 }
-_EXPERT_KEYS = {"moe.experts.w1": "gate_proj", "moe.experts.w3": "up_proj", "moe.experts.w2": "down_proj"}
 _TOP_KEYS = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -62,7 +65,6 @@ _TOP_KEYS = {
 _MOE_BUFFERS = ("moe.expert_bias", "moe.tokens_per_expert")
 _OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def interleaved_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -117,15 +119,8 @@ class Qwen3StateDictAdapter:
                 raise KeyError(f"no Hugging Face name for parameter {key!r}")
             layer, name = match.groups()
             prefix = f"model.layers.{layer}."
-            if name in _EXPERT_KEYS:
-                if not fused_experts:
-                    for j, expert in enumerate(value.unbind(0)):
-                        out[f"{prefix}mlp.experts.{j}.{_EXPERT_KEYS[name]}.weight"] = expert.contiguous()
-                elif name == "moe.experts.w2":
-                    out[f"{prefix}mlp.experts.down_proj"] = value.contiguous()
-                elif name == "moe.experts.w1":  # w3 joins it below
-                    w3 = state[f"layers.{layer}.moe.experts.w3"]
-                    out[f"{prefix}mlp.experts.gate_up_proj"] = torch.cat([value, w3], dim=1)
+            if name in EXPERT_KEYS:
+                out.update(experts_to_hf(state, layer, name, value, fused_experts))
                 continue
             if name not in _LAYER_KEYS:
                 raise KeyError(f"no Hugging Face name for parameter {key!r}")
@@ -143,9 +138,8 @@ class Qwen3StateDictAdapter:
         a zero ``expert_bias``. Works on any subset of the keys (one layer, one tensor).
         """
         out: dict[str, torch.Tensor] = {}
-        experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        per_expert: PerExpert = {}
         ours_by_hf = {hf: ours for ours, hf in _LAYER_KEYS.items()}
-        expert_name = {hf: ours for ours, hf in _EXPERT_KEYS.items()}
         for hf_key, value in hf_state.items():
             if hf_key.endswith("rotary_emb.inv_freq"):  # a buffer some old exports contain
                 continue
@@ -157,44 +151,24 @@ class Qwen3StateDictAdapter:
             if match is None:
                 raise KeyError(f"Hugging Face tensor {hf_key!r} has no Qwen3 counterpart")
             layer, name = match.groups()
-            prefix = f"layers.{layer}."
-            expert = _HF_EXPERT.match(name)
-            if expert is not None:
-                experts.setdefault((layer, expert_name[expert.group(2)]), {})[int(expert.group(1))] = value
-            elif name == "mlp.experts.gate_up_proj":
-                w1, w3 = value.chunk(2, dim=1)
-                out[prefix + "moe.experts.w1"] = w1.contiguous()
-                out[prefix + "moe.experts.w3"] = w3.contiguous()
-            elif name == "mlp.experts.down_proj":
-                out[prefix + "moe.experts.w2"] = value.contiguous()
+            experts = experts_from_hf(layer, name, value, per_expert)
+            if experts is not None:
+                out.update(experts)
             elif name in ours_by_hf:
                 ours = ours_by_hf[name]
                 heads = self._heads(ours)
                 if heads is not None:
                     value = half_split_to_interleaved(value, heads)
-                out[prefix + ours] = value.contiguous()
+                out[f"layers.{layer}.{ours}"] = value.contiguous()
             else:
                 raise KeyError(f"Hugging Face tensor {hf_key!r} has no Qwen3 counterpart")
-        for (layer, name), per_expert in experts.items():
-            n = len(per_expert)
-            if sorted(per_expert) != list(range(n)):
-                raise ValueError(f"layer {layer} {name}: experts {sorted(per_expert)} are not 0..{n - 1}")
-            out[f"layers.{layer}.{name}"] = torch.stack([per_expert[j] for j in range(n)])
+        out.update(stack_experts(per_expert))
         if "output.weight" not in out and "tok_embeddings.weight" in out:
             emb = out["tok_embeddings.weight"]
             out["output.weight"] = emb if self.args.enable_weight_tying else emb.clone()
         if self.args.moe_enabled:
-            self._add_moe_buffers(out)
+            add_zero_expert_bias(out, self.args.moe_args.num_experts)
         return out
-
-    def _add_moe_buffers(self, out: dict[str, torch.Tensor]) -> None:
-        """A zero ``expert_bias`` (the MoE layer's one persistent buffer) for every layer
-        ``out`` has a tensor of. Cheap: the converters call ``from_hf`` key by key."""
-        layers = {m.group(1) for k in out if (m := _OURS_LAYER.match(k))}
-        for layer in layers:
-            out.setdefault(
-                f"layers.{layer}.moe.expert_bias", torch.zeros(self.args.moe_args.num_experts, dtype=torch.float32)
-            )
 
     def check(self, state: Mapping[str, torch.Tensor]) -> None:
         """Raise a one-line ValueError unless ``state`` has exactly this model's names and
