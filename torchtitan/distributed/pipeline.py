@@ -405,10 +405,12 @@ def _no_stats_in_metadata_inference(stage: Any) -> None:
     """On its first step torch runs each stage's forward once more, to infer the shapes it
     sends (later stages on uninitialised inputs). Modules that accumulate training
     statistics in forward say so with a ``collect_stats`` attribute (the MoE token counts
-    behind the expert-bias update): it is off during that extra forward."""
-    infer = getattr(stage, "_forward_metadata_inference", None)
-    if infer is None:
+    behind the expert-bias update): it is off during that extra forward. (torch 2.13 calls
+    it ``_forward_metadata_inference``, torch 2.11 ``_shape_inference``.)"""
+    name = next((n for n in ("_forward_metadata_inference", "_shape_inference") if hasattr(stage, n)), None)
+    if name is None:
         return
+    infer = getattr(stage, name)
 
     def without_stats(*args: Any, **kwargs: Any) -> Any:
         modules = [m for m in stage.submod.modules() if hasattr(m, "collect_stats")]
@@ -420,7 +422,7 @@ def _no_stats_in_metadata_inference(stage: Any) -> None:
             for m in modules:
                 m.collect_stats = True
 
-    stage._forward_metadata_inference = without_stats
+    setattr(stage, name, without_stats)
 
 
 def pipeline_step(
