@@ -35,7 +35,6 @@ returns the microbatch loss and the schedule's loss function passes it through.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -114,11 +113,23 @@ def _chunk_loss_and_grad(
     return total, logits
 
 
+# torch 2.11's CPU inductor sums the loss after its kernel wrote the gradient over the
+# logits (the gradient is right, the loss is not; measured 2026-12-03): there the CPU keeps
+# the eager blocks. CUDA and torch 2.13 are right (tests/gpu, tests/unit/test_chunked_loss.py).
+_CPU_INPLACE_LOSS_WRONG = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
 def compiled_chunk_fn(backend: str = "inductor", options: dict | None = None) -> Callable:
     """The chunk function with its loss and gradient compiled (one fused kernel per chunk);
     ``options``: inductor's, for measuring kernel choices (``scripts/benchmark_chunked_loss.py``)."""
     compiled = torch.compile(_overwrite_with_grad, backend=backend, options=options)
-    return functools.partial(_chunk_loss_and_grad, overwrite=compiled)
+
+    def chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hidden.device.type == "cpu" and _CPU_INPLACE_LOSS_WRONG and backend == "inductor":
+            return _chunk_loss_and_grad(hidden, weight, labels)
+        return _chunk_loss_and_grad(hidden, weight, labels, overwrite=compiled)
+
+    return chunk
 
 
 _FP32_OUT_MATMUL = True  # cleared when this torch's mm/addmm have no out_dtype variant

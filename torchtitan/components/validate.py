@@ -7,8 +7,9 @@ share its batches). A validation runs ``validation.steps`` batches per data-para
 same number of batches and no collective is left waiting), in eval mode and without
 gradients, through the same contexts as training: the context-parallel sequence split,
 loss parallel under TP, mixed precision, and, under PP, the pipeline schedule's
-forward-only ``eval`` (or, for the schedules whose ``eval`` keeps backward actions, the
-stages run forward in order with point-to-point sends: ``pipeline_forward``). The model is
+forward-only ``eval`` (or, for the schedules whose ``eval`` keeps backward actions and
+before the first training step, the stages run forward in order with point-to-point
+sends: ``pipeline_forward``). The model is
 put back in training mode afterwards (FSDP modules resharded), and the data starts from the
 beginning at every validation.
 
@@ -84,6 +85,18 @@ def _reshard(model: nn.Module) -> None:
 # fixed action list that keeps its backward actions under eval(), so the validator runs
 # their stages forward itself (``pipeline_forward``).
 _EVAL_SCHEDULES = ("ScheduleGPipe", "Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleLoopedBFS")
+
+
+def _eval_is_forward_only(schedule: Any) -> bool:
+    """Whether ``schedule.eval`` may run this validation: one of ``_EVAL_SCHEDULES``, and
+    not the schedule's first step. torch 2.11 prepares a stage's buffers once, on the first
+    step; a first step under ``eval`` prepares them without gradients and the training step
+    after it fails ("has gradients None"). Before the first training step the stages run
+    forward by hand (``pipeline_forward``)."""
+    if type(schedule).__name__ not in _EVAL_SCHEDULES:
+        return False
+    ready = getattr(schedule, "_stage_backward_initialized", getattr(schedule, "_stages_backward_initialized", True))
+    return bool(ready)
 _P2P_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -243,7 +256,7 @@ class Validator:
         )
         with self.train_context(cp), self.amp_context:
             if self.pp_schedule is not None:
-                if type(self.pp_schedule).__name__ in _EVAL_SCHEDULES:
+                if _eval_is_forward_only(self.pp_schedule):
                     loss = pipeline_eval(
                         self.pp_schedule, inputs, labels, self.pp_has_first_stage, self.pp_has_last_stage,
                         labels_to_stages=self.chunked_loss,
