@@ -33,3 +33,26 @@ def small_trainer_config(dump_folder: str | Path, *overrides: str):
     from torchtitan.config import ConfigManager
 
     return ConfigManager().parse_args(small_trainer_args(dump_folder, *overrides))
+
+
+def train_debug_toml(tmp_path: str | Path, toml: str, steps: int = 6):
+    """``train_configs/<toml>`` through the real Trainer on one CPU process, fp32, seq 64,
+    local batch 2, ``steps`` steps: (the closed trainer, its losses)."""
+    from torchtitan.config import ConfigManager
+    from torchtitan.trainer import Trainer
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = ConfigManager().parse_args(
+        ["--job.config_file", str(repo / "train_configs" / toml),
+         "--job.dump_folder", str(tmp_path), "--job.no-print_config",
+         "--model.tokenizer_path", str(repo / "tests/assets/test_tiktoken.model"),
+         "--training.mixed_precision_param", "float32", "--training.seq_len", "64",
+         "--training.local_batch_size", "2", "--training.steps", str(steps), "--lr_scheduler.warmup_steps", "2",
+         "--optimizer.lr", "3e-3", "--activation_checkpoint.mode", "none", "--comm.trace_buf_size", "0"]
+    )
+    trainer = Trainer(cfg)
+    try:
+        losses = trainer.train()
+    finally:
+        trainer.close()
+    return trainer, losses

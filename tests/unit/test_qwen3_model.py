@@ -552,34 +552,14 @@ def test_generate_script_selects_the_family(tmp_path, capsys):
 def test_trainer_trains_debugmodel_moe_from_its_toml(tmp_path, monkeypatch, tied):
     """train_configs/qwen3_debug_moe.toml through the real Trainer (one CPU process): the
     loss falls and the expert bias moves; a tied variant stays tied (one parameter)."""
-    import importlib.util
-    from pathlib import Path
+    from small_trainer import train_debug_toml
 
     if tied:
         flavor = copy.deepcopy(qwen3_configs["debugmodel_moe"])
         flavor.enable_weight_tying = True
         monkeypatch.setitem(qwen3_configs, "debugmodel_moe", flavor)
-
-    if importlib.util.find_spec("torchtitan.models.qwen3.parallelize") is None:
-        pytest.skip("torchtitan/models/qwen3/parallelize.py is not there yet")
-    from torchtitan.config import ConfigManager
-    from torchtitan.trainer import Trainer
-
-    repo = Path(__file__).resolve().parents[2]
-    cfg = ConfigManager().parse_args(
-        ["--job.config_file", str(repo / "train_configs" / "qwen3_debug_moe.toml"),
-         "--job.dump_folder", str(tmp_path), "--job.no-print_config",
-         "--model.tokenizer_path", str(repo / "tests/assets/test_tiktoken.model"),
-         "--training.mixed_precision_param", "float32", "--training.seq_len", "64",
-         "--training.local_batch_size", "2", "--training.steps", "6", "--lr_scheduler.warmup_steps", "2",
-         "--optimizer.lr", "3e-3", "--activation_checkpoint.mode", "none", "--comm.trace_buf_size", "0"]
-    )
-    assert (cfg.model.name, cfg.model.flavor) == ("qwen3", "debugmodel_moe")
-    trainer = Trainer(cfg)
-    try:
-        losses = trainer.train()
-    finally:
-        trainer.close()
+    trainer, losses = train_debug_toml(tmp_path, "qwen3_debug_moe.toml")
+    assert (trainer.job_config.model.name, trainer.job_config.model.flavor) == ("qwen3", "debugmodel_moe")
     assert losses[-1] < losses[0] - 0.5, losses
     model = trainer.model_parts[0]
     assert float(model.layers["0"].moe.expert_bias.abs().sum()) > 0
